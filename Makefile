@@ -1,0 +1,31 @@
+# Two commands do all set-up on a fresh machine:
+#   make demo   create .venv if missing, install, train the demo model, sample from it
+#   make test   create .venv if missing, install, run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_VERSION ?= 2.13.0
+
+.PHONY: install demo test clean-demo
+
+# torch goes in first, pinned: anything resolving a bare `torch` requirement before it would
+# pull multi-GB CUDA wheels. DeepSpeed compiles its ops lazily (DS_BUILD_OPS=0) and needs the
+# installed torch at build time, hence --no-build-isolation.
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==$(TORCH_VERSION)
+	$(PY) -m pip install -q -e ".[dev]"
+	DS_BUILD_OPS=0 $(PY) -m pip install -q --no-build-isolation "deepspeed>=0.14"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	$(PY) -m mmm.train +experiment=demo
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q
+
+clean-demo:
+	rm -rf runs/demo data/embedded

@@ -1,0 +1,96 @@
+"""Checkpoint folders (`config.json` + `model.safetensors` + `tokenizer.json`) and loading
+from them, from Lightning `.ckpt` files and from DeepSpeed checkpoint directories.
+
+The folder is self-contained: sampling never recomposes the training YAML, and
+`miditok.MMM.from_pretrained(folder)` / `MMM(params=folder/"tokenizer.json")` load its tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from miditok import MMM as MMMTokenizer
+from safetensors.torch import load_file, save_file
+
+from mmm.model import MMMTransformer, ModelConfig
+from mmm.tokenizer import TOKENIZER_FILE, load_tokenizer
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+FORMAT_VERSION = 1
+
+
+def save_pretrained(model: MMMTransformer, tokenizer: MMMTokenizer, folder: str | Path, extra: dict | None = None) -> Path:
+    """Write the folder atomically: built in a temp dir beside it, then renamed into place."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    config = {"mmm_format": FORMAT_VERSION, "model": model.config.to_dict(), **(extra or {})}
+    (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(tmp / WEIGHTS_FILE))
+    tokenizer.save(tmp / TOKENIZER_FILE)
+    if folder.exists():
+        old = folder.with_name(f".{folder.name}.old{os.getpid()}")
+        os.replace(folder, old)
+        os.replace(tmp, folder)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, folder)
+    return folder
+
+
+def _from_lightning_ckpt(path: Path) -> tuple[MMMTransformer, MMMTokenizer]:
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    hparams = ckpt.get("hyper_parameters", {})
+    if "model_config" not in hparams or not hparams.get("tokenizer_json"):
+        raise ValueError(f"{path}: not an mmm training checkpoint (no model config / tokenizer inside)")
+    state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    return _build(hparams["model_config"], state), _tokenizer_from_json(hparams["tokenizer_json"])
+
+
+def _from_deepspeed_dir(path: Path) -> tuple[MMMTransformer, MMMTokenizer]:
+    """A DeepSpeed (ZeRO) checkpoint directory: gather the fp32 weights with Lightning's tool."""
+    from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "fp32.ckpt"
+        convert_zero_checkpoint_to_fp32_state_dict(str(path), str(out))
+        return _from_lightning_ckpt(out)
+
+
+def _tokenizer_from_json(text: str) -> MMMTokenizer:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / TOKENIZER_FILE
+        path.write_text(text)
+        return load_tokenizer(path)
+
+
+def _build(model_config: dict[str, Any], state: dict[str, torch.Tensor]) -> MMMTransformer:
+    model = MMMTransformer(ModelConfig.from_dict(dict(model_config)))
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def load_pretrained(path: str | Path) -> tuple[MMMTransformer, MMMTokenizer]:
+    """Model and tokenizer from a checkpoint folder, a Lightning `.ckpt` or a DeepSpeed dir."""
+    path = Path(path)
+    if path.is_file() and path.suffix == ".ckpt":
+        return _from_lightning_ckpt(path)
+    if path.is_dir() and (path / CONFIG_FILE).is_file():
+        config = json.loads((path / CONFIG_FILE).read_text())
+        if "model" not in config:
+            raise ValueError(f"{path / CONFIG_FILE}: no 'model' section; not an mmm checkpoint folder")
+        return _build(config["model"], load_file(str(path / WEIGHTS_FILE))), load_tokenizer(path)
+    if path.is_dir() and (path / "latest").is_file():
+        return _from_deepspeed_dir(path)
+    raise FileNotFoundError(
+        f"{path}: expected a checkpoint folder (config.json, model.safetensors, tokenizer.json), "
+        "a Lightning .ckpt file or a DeepSpeed checkpoint directory"
+    )

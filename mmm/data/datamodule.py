@@ -1,0 +1,139 @@
+"""The MIDI LightningDataModule: token store -> training sequences built on the fly."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from mmm.data.sequences import IGNORE_INDEX, SequenceBuilder
+from mmm.data.store import Store
+from mmm.tokenizer import Vocab, load_tokenizer
+
+
+class SequenceDataset(Dataset):
+    """Item i of epoch e is a sample of chunk i drawn with a seed of (seed, e, i): runs are
+    reproducible, every epoch sees new samples, and a resumed run draws what it would have."""
+
+    def __init__(self, store_path: str | Path, split: str, tokenizer_path: str | Path, sequences: Mapping,
+                 max_seq_len: int, seed: int, vary_per_epoch: bool, length: int | None = None) -> None:
+        self.store_path, self.split = Path(store_path), split
+        self.tokenizer_path = Path(tokenizer_path)
+        self.sequences, self.max_seq_len = dict(sequences), max_seq_len
+        self.seed, self.vary_per_epoch = seed, vary_per_epoch
+        self.epoch = 0
+        self._store: Store | None = None
+        self._builder: SequenceBuilder | None = None
+        self._chunks = len(Store(self.store_path, split))
+        # An epoch may be longer than the store (small corpora): chunks are then revisited,
+        # each time with other random choices.
+        self._length = length if length and self._chunks else self._chunks
+
+    def _open(self) -> None:
+        # Opened lazily so that each loader worker memory-maps the store itself.
+        vocab = Vocab(load_tokenizer(self.tokenizer_path))
+        self._builder = SequenceBuilder(vocab, self.sequences, self.max_seq_len)
+        self._store = Store(self.store_path, self.split)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        if self._builder is None:
+            self._open()
+        epoch = self.epoch if self.vary_per_epoch else 0
+        rng = random.Random(f"{self.seed}-{epoch}-{i}")
+        ids, labels = self._builder(self._store[i % self._chunks], rng)
+        vocab = self._builder.vocab
+        notes = int(vocab.notes_per_model_id[ids[labels != IGNORE_INDEX]].sum())
+        return {"input_ids": ids, "labels": labels, "num_notes": notes}
+
+
+def collate(batch: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest sample: causal attention never looks at the padding."""
+    length = max(len(b["input_ids"]) for b in batch)
+    ids = np.full((len(batch), length), pad_id, dtype=np.int64)
+    labels = np.full((len(batch), length), IGNORE_INDEX, dtype=np.int64)
+    for row, b in enumerate(batch):
+        ids[row, : len(b["input_ids"])] = b["input_ids"]
+        labels[row, : len(b["labels"])] = b["labels"]
+    return {
+        "input_ids": torch.from_numpy(ids),
+        "labels": torch.from_numpy(labels),
+        "num_notes": torch.tensor([b["num_notes"] for b in batch]),
+    }
+
+
+class _Collate:
+    def __init__(self, pad_id: int) -> None:
+        self.pad_id = pad_id
+
+    def __call__(self, batch):
+        return collate(batch, self.pad_id)
+
+
+class MIDIDataModule(L.LightningDataModule):
+    """Train/valid/test loaders over a preprocessed store (see `mmm.preprocess`)."""
+
+    def __init__(self, *, name: str, dir: str, store: str, split: Mapping, preprocess: Mapping,
+                 max_seq_len: int, sequences: Mapping, loader: Mapping, source: Mapping,
+                 tokenizer_path: str, samples_per_epoch: int | None = None, seed: int = 0,
+                 path: str | None = None) -> None:
+        super().__init__()
+        del dir, split, preprocess, source, path  # used by preprocessing, not by loading
+        self.name = name
+        self.store = store
+        self.max_seq_len = max_seq_len
+        self.sequences = dict(sequences)
+        self.loader = dict(loader)
+        self.tokenizer_path = tokenizer_path
+        self.seed = seed
+        self.samples_per_epoch = samples_per_epoch
+        self.pad_id = Vocab(load_tokenizer(tokenizer_path)).pad
+        self.datasets: dict[str, SequenceDataset] = {}
+
+    def setup(self, stage: str | None = None) -> None:
+        for split in ("train", "valid", "test"):
+            if split not in self.datasets:
+                self.datasets[split] = SequenceDataset(
+                    self.store, split, self.tokenizer_path, self.sequences, self.max_seq_len,
+                    seed=self.seed, vary_per_epoch=split == "train",
+                    length=self.samples_per_epoch if split == "train" else None,
+                )
+        if len(self.datasets["train"]) == 0:
+            raise ValueError(f"the train split of {self.store} is empty: nothing to train on")
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        workers = int(self.loader["num_workers"])
+        return DataLoader(
+            self.datasets[split],
+            batch_size=int(self.loader["batch_size"]),
+            shuffle=shuffle,
+            num_workers=workers,
+            collate_fn=_Collate(self.pad_id),
+            pin_memory=bool(self.loader.get("pin_memory", False)),
+            persistent_workers=False,
+            drop_last=False,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        # Workers hold a copy of the dataset: the epoch reaches them through the sampler seed
+        # only, so we set it on the dataset before each epoch's loader is created.
+        epoch = self.trainer.current_epoch if self.trainer is not None else 0
+        self.datasets["train"].set_epoch(epoch)
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("valid", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)

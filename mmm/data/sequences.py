@@ -1,0 +1,252 @@
+"""Training sequences built at load time from a stored chunk, by slicing id arrays.
+
+Format (DESIGN.md §3), one sequence per sample, model (BPE) ids:
+
+    BOS
+    Track_Start Program_p [track ACs] Bar ... Track_End        one block per kept track
+    ...                                                        (shuffled order)
+  bar infill: the target track has its bars a..b-1 replaced by (b-a) x Infill_Bar, and after
+    all tracks comes  FillBar_Start <bars a..b-1, bar ACs inline> FillBar_End
+  new track: the target track comes last, with its track ACs and bar ACs on some bars.
+
+Attribute controls are given only for what the model must generate (the infilled bars, the
+target track), as at inference. Loss is masked on prompt-only tokens: Infill_Bar,
+FillBar_Start and every AC token, in model-id space (ACs never merge under our BPE).
+Augmentation works on ids: Pitch ids shift by a transposition (drums untouched, pitch-class
+ACs rotate with it), Velocity ids by a few bins.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from miditok.constants import MIDI_INSTRUMENTS
+
+from mmm.data.controls import pitch_class_rotation
+from mmm.tokenizer import Vocab
+
+IGNORE_INDEX = -100
+SEQUENCE_KEYS = {"infill_ratio", "tracks_ratio", "infill_bars_ratio", "track_acs_ratio", "bar_acs_ratio",
+                 "pitch_shift", "velocity_shift"}
+
+
+@dataclass
+class SampleSpec:
+    """Every random choice of one sample; the fast path and the reference path share it."""
+
+    task: str  # "infill" or "track"
+    tracks: list[int]  # chunk track indices, in sequence order (target included)
+    target: int
+    span: tuple[int, int] = (0, 0)  # bars [a, b) to infill
+    track_acs: list[int] = field(default_factory=list)  # positions in vocab.track_acs
+    bar_acs: list[int] = field(default_factory=list)  # positions in vocab.bar_acs
+    ac_bars: list[int] = field(default_factory=list)  # target bars given bar ACs
+    pitch_shift: int = 0
+    velocity_shift: int = 0
+
+
+@dataclass
+class TrackPart:
+    """One track ready for assembly: base ids per bar (augmented), ACs selected."""
+
+    program: int
+    bars: list[list[int]]
+    track_acs: list[int] = field(default_factory=list)
+    bar_acs: dict[int, list[int]] = field(default_factory=dict)  # bar -> AC ids
+
+
+def insert_bar_acs(bar: Sequence[int], acs: Sequence[int], vocab: Vocab) -> list[int]:
+    """Put bar ACs where miditok's REMI puts them: after `Bar TimeSig` and after a
+    `Position_0 Tempo` at the bar start; a note at tick 0 then needs its own `Position_0`."""
+    if not acs:
+        return list(bar)
+    i = 1
+    if i < len(bar) and vocab.is_time_sig[bar[i]]:
+        i += 1
+    tempo_first = i + 1 < len(bar) and bar[i] == vocab.position_zero and vocab.is_tempo[bar[i + 1]]
+    if tempo_first:
+        i += 2
+    out = [*bar[:i], *acs]
+    if tempo_first and i < len(bar) and vocab.is_note_start[bar[i]]:
+        out.append(vocab.position_zero)
+    return out + list(bar[i:])
+
+
+def assemble(spec: SampleSpec, parts: Mapping[int, TrackPart], vocab: Vocab) -> list[list[int]]:
+    """Words of base ids (one per bar, one per structural token); BPE never crosses words."""
+    words: list[list[int]] = [[vocab.bos]]
+    fill: list[list[int]] = []
+    for t in spec.tracks:
+        part = parts[t]
+        words.append([vocab.track_start])
+        words.append([vocab.program_id[part.program]])
+        is_target = t == spec.target
+        if is_target:
+            words.extend([a] for a in part.track_acs)
+        for b, bar in enumerate(part.bars):
+            bar = insert_bar_acs(bar, part.bar_acs.get(b, ()), vocab) if is_target else bar
+            if is_target and spec.task == "infill" and spec.span[0] <= b < spec.span[1]:
+                words.append([vocab.infill_bar])
+                fill.append(bar)
+            else:
+                words.append(bar)
+        words.append([vocab.track_end])
+    if spec.task == "infill":
+        words.append([vocab.fill_start])
+        words.extend(fill)
+        words.append([vocab.fill_end])
+    return words
+
+
+def encode_sample(words: Sequence[Sequence[int]], vocab: Vocab) -> tuple[np.ndarray, np.ndarray]:
+    """Model ids and labels (prompt-only tokens set to IGNORE_INDEX)."""
+    ids = np.asarray(vocab.encode_words(words), dtype=np.int64)
+    labels = ids.copy()
+    labels[vocab.prompt_only_model[ids]] = IGNORE_INDEX
+    return ids, labels
+
+
+class SequenceBuilder:
+    """Draws a `SampleSpec` for a stored chunk and builds its sequence from token ids."""
+
+    def __init__(self, vocab: Vocab, cfg: Mapping, max_seq_len: int) -> None:
+        unknown = set(cfg) - SEQUENCE_KEYS
+        if unknown:
+            raise ValueError(f"unknown data.sequences key(s): {sorted(unknown)}; allowed: {sorted(SEQUENCE_KEYS)}")
+        self.vocab = vocab
+        self.cfg = dict(cfg)
+        self.max_seq_len = max_seq_len
+        self.rotation = pitch_class_rotation(vocab)
+        lo, hi = (int(x) for x in np.flatnonzero(vocab.pitch_id >= 0)[[0, -1]])
+        self.pitch_range = (lo, hi)
+
+    # -- random choices -------------------------------------------------------------------
+    def draw_spec(self, chunk: Mapping, rng: random.Random) -> SampleSpec:
+        cfg, bars = self.cfg, chunk["bars"]
+        num_tracks, num_bars = len(bars), len(bars[0])
+        with_notes = [t for t in range(num_tracks) if any(self._has_notes(bar) for bar in bars[t])]
+        target = rng.choice(with_notes or list(range(num_tracks)))
+        keep = max(1, round(rng.uniform(*cfg["tracks_ratio"]) * num_tracks))
+        others = [t for t in range(num_tracks) if t != target]
+        rng.shuffle(others)
+        context = others[: keep - 1]
+        task = "infill" if rng.random() < cfg["infill_ratio"] else "track"
+        spec = SampleSpec(task=task, tracks=[], target=target)
+        if task == "infill":
+            spec.tracks = context + [target]
+            rng.shuffle(spec.tracks)
+            n = min(num_bars, max(1, round(rng.uniform(*cfg["infill_bars_ratio"]) * num_bars)))
+            a = rng.randrange(0, num_bars - n + 1)
+            spec.span = (a, a + n)
+            spec.ac_bars = list(range(a, a + n))
+        else:
+            spec.tracks = context + [target]
+            n = round(rng.uniform(*cfg["bar_acs_ratio"]) * num_bars)
+            spec.ac_bars = sorted(rng.sample(range(num_bars), n))
+        n_track_acs = len(self.vocab.track_acs)
+        spec.track_acs = sorted(rng.sample(range(n_track_acs), round(rng.uniform(*cfg["track_acs_ratio"]) * n_track_acs)))
+        n_bar_acs = len(self.vocab.bar_acs)
+        spec.bar_acs = sorted(rng.sample(range(n_bar_acs), round(rng.uniform(*cfg["bar_acs_ratio"]) * n_bar_acs)))
+        spec.pitch_shift = rng.choice(self._feasible_shifts(chunk, spec.tracks))
+        spec.velocity_shift = rng.randint(-cfg["velocity_shift"], cfg["velocity_shift"])
+        return spec
+
+    def _has_notes(self, bar: Sequence[int]) -> bool:
+        return any(self.vocab.is_note_start[t] for t in bar)
+
+    def _feasible_shifts(self, chunk: Mapping, tracks: Sequence[int]) -> list[int]:
+        """Transpositions within ±pitch_shift keeping every pitched note inside the tokenizer
+        range and inside the instrument's tessitura (or its own range, if already wider)."""
+        k = self.cfg["pitch_shift"]
+        lo_shift, hi_shift = -k, k
+        for t in tracks:
+            program = chunk["programs"][t]
+            if program < 0:
+                continue
+            pitches = self.vocab.pitch_of[np.fromiter((i for bar in chunk["bars"][t] for i in bar), dtype=np.int64)]
+            pitches = pitches[pitches >= 0]
+            if len(pitches) == 0:
+                continue
+            low, high = int(pitches.min()), int(pitches.max())
+            tess = MIDI_INSTRUMENTS[program]["pitch_range"]
+            floor = max(self.pitch_range[0], min(tess.start, low))
+            ceil = min(self.pitch_range[1], max(tess.stop - 1, high))
+            lo_shift, hi_shift = max(lo_shift, floor - low), min(hi_shift, ceil - high)
+        return list(range(lo_shift, hi_shift + 1)) if lo_shift <= hi_shift else [0]
+
+    # -- fast path: token ids ------------------------------------------------------------
+    def augment_bar(self, bar: Sequence[int], spec: SampleSpec, drums: bool) -> list[int]:
+        ids = np.asarray(bar, dtype=np.int64)
+        v = self.vocab
+        if spec.pitch_shift and not drums:
+            pitch = v.pitch_of[ids]
+            is_pitch = pitch >= 0
+            ids[is_pitch] = v.pitch_id[pitch[is_pitch] + spec.pitch_shift]
+        if spec.velocity_shift:
+            vel = v.velocity_index_of[ids]
+            is_vel = vel >= 0
+            ids[is_vel] = v.velocity_ids[np.clip(vel[is_vel] + spec.velocity_shift, 0, len(v.velocity_ids) - 1)]
+        return ids.tolist()
+
+    def parts(self, chunk: Mapping, spec: SampleSpec) -> dict[int, TrackPart]:
+        parts = {}
+        for t in spec.tracks:
+            drums = chunk["programs"][t] < 0
+            part = TrackPart(program=chunk["programs"][t], bars=[self.augment_bar(b, spec, drums) for b in chunk["bars"][t]])
+            if t == spec.target:
+                part.track_acs = [i for f in spec.track_acs for i in chunk["track_acs"][t][f]]
+                rotate = self.rotation.get(spec.pitch_shift % 12, {}) if not drums else {}
+                for b in spec.ac_bars:
+                    acs = [i for f in spec.bar_acs for i in self._rotated(chunk["bar_acs"][t][b][f], rotate)]
+                    if acs:
+                        part.bar_acs[b] = acs
+            parts[t] = part
+        return parts
+
+    @staticmethod
+    def _rotated(ids: Sequence[int], rotate: Mapping[int, int]) -> list[int]:
+        if not rotate or not ids or ids[0] not in rotate:
+            return list(ids)
+        return sorted(rotate[i] for i in ids)  # miditok lists pitch classes in ascending order
+
+    # -- length budget -------------------------------------------------------------------
+    def fit(self, chunk: Mapping, spec: SampleSpec, rng: random.Random) -> tuple[np.ndarray, np.ndarray]:
+        """Build the sample, dropping context tracks (then ACs, then outer bars) until it
+        fits `max_seq_len`. A bar is never cut and every track keeps its Track_End."""
+        while True:
+            words = assemble(spec, self.parts(chunk, spec), self.vocab)
+            ids, labels = encode_sample(words, self.vocab)
+            if len(ids) <= self.max_seq_len:
+                return ids, labels
+            if len(spec.tracks) > 1:
+                context = [t for t in spec.tracks if t != spec.target]
+                spec.tracks.remove(rng.choice(context))
+            elif spec.track_acs or spec.bar_acs:
+                spec.track_acs, spec.bar_acs = [], []
+            else:
+                chunk = self._crop(chunk, spec, len(ids))
+
+    def _crop(self, chunk: Mapping, spec: SampleSpec, length: int) -> dict:
+        """Drop one bar at the edge farthest from the infill span (the span is kept)."""
+        num_bars = len(chunk["bars"][0])
+        a, b = spec.span if spec.task == "infill" else (0, 0)
+        if num_bars <= 1 or (spec.task == "infill" and b - a == num_bars):
+            raise ValueError(
+                f"a single track's infill span needs {length} tokens > max_seq_len={self.max_seq_len}: "
+                "lower data.preprocess.chunk_max_track_tokens"
+            )
+        drop_first = spec.task == "infill" and a > num_bars - b
+        sl = slice(1, None) if drop_first else slice(None, -1)
+        chunk = {**chunk, "bars": [bars[sl] for bars in chunk["bars"]], "bar_acs": [bars[sl] for bars in chunk["bar_acs"]]}
+        if drop_first:
+            spec.span = (a - 1, b - 1)
+            spec.ac_bars = [x - 1 for x in spec.ac_bars if x > 0]
+        else:
+            spec.ac_bars = [x for x in spec.ac_bars if x < num_bars - 1]
+        return chunk
+
+    def __call__(self, chunk: Mapping, rng: random.Random) -> tuple[np.ndarray, np.ndarray]:
+        return self.fit(chunk, self.draw_spec(chunk, rng), rng)

@@ -1,0 +1,90 @@
+"""LightningModule: next-token training of `MMMTransformer` with AdamW and warmup + cosine."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+from torch.optim.lr_scheduler import LambdaLR
+from torchmetrics import SumMetric
+
+from mmm.data.sequences import IGNORE_INDEX
+from mmm.model import MMMTransformer, ModelConfig
+
+OPTIM_KEYS = {"optimizer", "warmup_steps", "min_lr_ratio", "weight_decay"}
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
+    """LR multiplier: linear warmup, then cosine decay to `min_lr_ratio` at `total_steps`."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class MMMLitModule(L.LightningModule):
+    """Holds the model config (saved in every .ckpt) and the optimisation settings."""
+
+    def __init__(self, model_config: Mapping[str, Any], optim: Mapping[str, Any], tokenizer_json: str | None = None) -> None:
+        super().__init__()
+        unknown = set(optim) - OPTIM_KEYS
+        if unknown:
+            raise ValueError(f"unknown optim key(s) {sorted(unknown)}; allowed: {sorted(OPTIM_KEYS)}")
+        # The tokenizer travels inside every .ckpt so a checkpoint alone can be sampled from.
+        self.save_hyperparameters()
+        self.config = ModelConfig.from_dict(dict(model_config))
+        self.model = MMMTransformer(self.config)
+        self.val_nll, self.val_tokens, self.val_notes = SumMetric(), SumMetric(), SumMetric()
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids)
+
+    def _nll(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.model(batch["input_ids"][:, :-1])
+        targets = batch["labels"][:, 1:]
+        nll = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+        return nll, (targets != IGNORE_INDEX).sum()
+
+    def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        nll, count = self._nll(batch)
+        loss = nll / count.clamp(min=1)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        self.log("train/tokens", count.float(), reduce_fx="sum", batch_size=1)
+        return loss
+
+    def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> None:
+        nll, count = self._nll(batch)
+        self.val_nll.update(nll)
+        self.val_tokens.update(count)
+        self.val_notes.update(batch["num_notes"].sum())
+
+    def on_validation_epoch_end(self) -> None:
+        nll, tokens, notes = self.val_nll.compute(), self.val_tokens.compute(), self.val_notes.compute()
+        self.log("val/loss", nll / tokens.clamp(min=1), prog_bar=True, sync_dist=False)
+        # Per note (nats/note) is comparable across tokenizations, unlike per token.
+        self.log("val/loss_per_note", nll / notes.clamp(min=1), sync_dist=False)
+        for metric in (self.val_nll, self.val_tokens, self.val_notes):
+            metric.reset()
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        optim = self.hparams.optim
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            # Norm gains and embeddings are not shrunk towards zero (standard GPT practice).
+            (decay if p.ndim >= 2 and "embed" not in name else no_decay).append(p)
+        groups = [
+            {"params": decay, "weight_decay": optim["weight_decay"]},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+        optimizer = instantiate(optim["optimizer"])(groups)
+        total = int(self.trainer.estimated_stepping_batches)
+        schedule = LambdaLR(
+            optimizer,
+            lambda step: warmup_cosine(step, optim["warmup_steps"], total, optim["min_lr_ratio"]),
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

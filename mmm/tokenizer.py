@@ -1,0 +1,265 @@
+"""The miditok MMM tokenizer: built from `configs/tokenizer/*.yaml`, BPE-trained, and the
+id tables that the fast paths (sequence builder, grammar, generation) need.
+
+Two id spaces exist. *Base ids* index `tokenizer.vocab` (one id per REMI token: Pitch_60,
+Bar_None, ...); the store keeps base ids. *Model ids* are what the transformer sees: BPE ids
+when the tokenizer is trained, base ids otherwise. `Vocab` converts between the two.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import json
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from miditok import MMM, TokenizerConfig
+from miditok.attribute_controls import BarAttributeControl
+from miditok.constants import CHR_ID_START
+
+from mmm.config import plain
+
+TOKENIZER_FILE = "tokenizer.json"
+# Keys accepted in configs/tokenizer/*.yaml: every miditok.TokenizerConfig argument, plus
+# the base tokenizer that miditok reads from `additional_params`.
+_CONFIG_KEYS = {
+    name
+    for name, p in inspect.signature(TokenizerConfig.__init__).parameters.items()
+    if p.kind is p.POSITIONAL_OR_KEYWORD and name != "self"
+} | {"base_tokenizer"}
+# Tokens the sequence format needs beyond REMI's.
+REQUIRED_SPECIAL_TOKENS = ("PAD", "BOS", "EOS", "Infill_Bar", "FillBar_Start", "FillBar_End")
+
+
+def _parse_programs(value: Any) -> list[int]:
+    if isinstance(value, str):
+        first, sep, last = value.partition("..")
+        if not sep:
+            raise ValueError(f"tokenizer.programs: expected a range 'a..b' or a list of ints, got {value!r}")
+        return list(range(int(first), int(last) + 1))
+    return [int(v) for v in value]
+
+
+def _parse_beat_res(value: Mapping) -> dict[tuple[int, int], int]:
+    beat_res = {}
+    for key, res in value.items():
+        try:
+            start, end = (int(x) for x in str(key).split("_"))
+        except ValueError:
+            raise ValueError(
+                f"tokenizer.beat_res: key {key!r} must be 'start_end' in beats, e.g. '0_1'"
+            ) from None
+        beat_res[(start, end)] = int(res)
+    return beat_res
+
+
+def tokenizer_config(cfg: Mapping) -> TokenizerConfig:
+    """Validate a tokenizer config mapping and turn it into a `miditok.TokenizerConfig`.
+
+    Unknown keys are an error (miditok would silently keep a misspelled key and ignore it).
+    """
+    cfg = dict(plain(cfg))
+    unknown = sorted(set(cfg) - _CONFIG_KEYS)
+    if unknown:
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, _CONFIG_KEYS, n=1)
+            hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise ValueError(
+            f"tokenizer config: unknown key(s) {', '.join(hints)}. "
+            "Allowed keys are the arguments of miditok.TokenizerConfig plus 'base_tokenizer'."
+        )
+    if cfg.get("base_tokenizer", "REMI") != "REMI":
+        raise ValueError(
+            f"tokenizer.base_tokenizer: only 'REMI' is supported (got {cfg['base_tokenizer']!r}): "
+            "the sequence builder and the grammar rely on REMI's Bar/Position layout"
+        )
+    cfg["base_tokenizer"] = "REMI"
+    missing = [t for t in REQUIRED_SPECIAL_TOKENS if t not in cfg.get("special_tokens", [])]
+    if missing:
+        raise ValueError(f"tokenizer.special_tokens must contain {missing} (used by the MMM sequence format)")
+    if "programs" in cfg:
+        cfg["programs"] = _parse_programs(cfg["programs"])
+    if "beat_res" in cfg:
+        cfg["beat_res"] = _parse_beat_res(cfg["beat_res"])
+    for key in ("pitch_range", "tempo_range", "drums_pitch_range", "pitch_bend_range"):
+        if key in cfg:
+            cfg[key] = tuple(cfg[key])
+    for flag in ("use_programs", "use_time_signatures"):
+        if cfg.get(flag) is False:
+            raise ValueError(f"tokenizer.{flag} must be true for MMM (got false)")
+    return TokenizerConfig(**cfg)
+
+
+def build_tokenizer(cfg: Mapping) -> MMM:
+    """A fresh (untrained) MMM tokenizer from a validated config mapping."""
+    return MMM(tokenizer_config(cfg))
+
+
+def load_tokenizer(path: str | Path) -> MMM:
+    """Load a tokenizer from a `tokenizer.json` file or a folder holding one."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / TOKENIZER_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no tokenizer file at {path}: run `python -m mmm.train_tokenizer` first")
+    return MMM(params=path)
+
+
+def save_tokenizer(tokenizer: MMM, path: str | Path) -> Path:
+    """Write `tokenizer.json` atomically (a killed run never leaves a truncated file)."""
+    path = Path(path)
+    if path.suffix != ".json":
+        path = path / TOKENIZER_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tokenizer.save(tmp)
+    os.replace(tmp, path)
+    return path
+
+
+class _Words:
+    """Sized iterable of BPE training words (the HF trainer wants `len`)."""
+
+    def __init__(self, words: Sequence[str]) -> None:
+        self.words = words
+
+    def __len__(self) -> int:
+        return len(self.words)
+
+    def __iter__(self):
+        return iter(self.words)
+
+
+def train_bpe(tokenizer: MMM, bars: Iterable[Sequence[int]], vocab_size: int) -> None:
+    """Learn BPE merges in place from bars of base ids (one bar = one word).
+
+    We train our own HF BPE model without miditok's Metaspace pre-tokenizer: with it, every
+    word boundary costs a "▁" token that decodes to nothing. Bars are given without
+    attribute controls, so no merge ever contains an AC token: each AC keeps its own id
+    after encoding, which keeps the loss mask exact in BPE space.
+    """
+    from tokenizers import models
+
+    if vocab_size <= len(tokenizer.vocab):
+        raise ValueError(
+            f"tokenizer.vocab_size ({vocab_size}) must exceed the {len(tokenizer.vocab)} base tokens"
+        )
+    table = _id_chars(tokenizer)
+    words = _Words(["".join(table[i] for i in bar) for bar in bars if len(bar) > 0])
+    if len(words) == 0:
+        raise ValueError("no bars to train BPE on: the training split is empty")
+    alphabet = {table[i]: i for i in range(len(tokenizer.vocab))}
+    model = models.BPE(vocab=alphabet, merges=[], continuing_subword_prefix="", end_of_word_suffix="")
+    tokenizer.train(vocab_size=vocab_size, model=model, iterator=words)
+    tokenizer._model.pre_tokenizer = None
+    tokenizer._model.decoder = None
+
+
+def _id_chars(tokenizer: MMM) -> list[str]:
+    return [chr(i + CHR_ID_START) for i in range(len(tokenizer.vocab))]
+
+
+class Vocab:
+    """Id facts of a tokenizer, computed once: special ids, Pitch/Velocity/Program tables,
+    attribute-control ids, and the base <-> model (BPE) id conversions."""
+
+    def __init__(self, tokenizer: MMM) -> None:
+        self.tokenizer = tokenizer
+        vocab: dict[str, int] = tokenizer.vocab
+        self.base_size = len(vocab)
+        self.token_of = {i: t for t, i in vocab.items()}
+        self.pad = vocab["PAD_None"]
+        self.bos = vocab["BOS_None"]
+        self.eos = vocab["EOS_None"]
+        self.infill_bar = vocab["Infill_Bar"]
+        self.fill_start = vocab["FillBar_Start"]
+        self.fill_end = vocab["FillBar_End"]
+        self.track_start = vocab["Track_Start"]
+        self.track_end = vocab["Track_End"]
+        self.bar = vocab["Bar_None"]
+        # value tables (index = value, entry = base id or -1)
+        self.pitch_id = self._table(vocab, "Pitch", 128)
+        self.pitch_drum_id = self._table(vocab, "PitchDrum", 128)
+        self.program_id = {int(t.split("_")[1]): i for t, i in vocab.items() if t.startswith("Program_")}
+        velocities = sorted((int(t.split("_")[1]), i) for t, i in vocab.items() if t.startswith("Velocity_"))
+        self.velocity_values = np.array([v for v, _ in velocities])
+        self.velocity_ids = np.array([i for _, i in velocities])
+        # base id -> pitch value (for Pitch tokens) / velocity index, -1 elsewhere
+        self.pitch_of = np.full(self.base_size, -1, dtype=np.int64)
+        for pitch, i in enumerate(self.pitch_id):
+            if i >= 0:
+                self.pitch_of[i] = pitch
+        self.velocity_index_of = np.full(self.base_size, -1, dtype=np.int64)
+        self.velocity_index_of[self.velocity_ids] = np.arange(len(self.velocity_ids))
+        self.is_tempo = np.array([self.token_of[i].startswith("Tempo_") for i in range(self.base_size)])
+        self.is_time_sig = np.array([self.token_of[i].startswith("TimeSig_") for i in range(self.base_size)])
+        self.is_note_start = np.array([self.token_of[i].startswith(("Pitch_", "PitchDrum_")) for i in range(self.base_size)])
+        self.position_zero = vocab["Position_0"]
+        self.is_ac = np.array([self.token_of[i].startswith("AC") for i in range(self.base_size)])
+        self.bar_acs = [i for i, ac in enumerate(tokenizer.attribute_controls) if isinstance(ac, BarAttributeControl)]
+        self.track_acs = [i for i, ac in enumerate(tokenizer.attribute_controls) if i not in self.bar_acs]
+        # model (BPE) ids
+        self._chars = _id_chars(tokenizer)
+        if tokenizer.is_trained:
+            model = tokenizer._model
+            self.size = model.get_vocab_size()
+            learned = tokenizer._vocab_learned_bytes_to_tokens
+            self.model_to_base = [
+                tuple(vocab[t] for t in learned[model.id_to_token(i)]) for i in range(self.size)
+            ]
+        else:
+            self.size = self.base_size
+            self.model_to_base = [(i,) for i in range(self.size)]
+        # The special/AC/structure tokens keep their base id in model space (they never merge);
+        # checked here because the loss mask and the grammar rely on it.
+        for i in (self.pad, self.bos, self.eos, self.infill_bar, self.fill_start, self.fill_end,
+                  self.track_start, self.track_end):
+            if self.model_to_base[i] != (i,):
+                raise ValueError(f"tokenizer: special token {self.token_of[i]} lost its id after BPE")
+        self.is_ac_model = np.array([len(b) == 1 and self.is_ac[b[0]] for b in self.model_to_base])
+        # Notes carried by each model id (a BPE token may hold several): for loss per note.
+        self.notes_per_model_id = np.array([sum(int(self.is_note_start[b]) for b in bases) for bases in self.model_to_base])
+        # Tokens that only ever appear in prompts: never a training target.
+        self.prompt_only_model = self.is_ac_model.copy()
+        self.prompt_only_model[[self.pad, self.infill_bar, self.fill_start]] = True
+
+    @staticmethod
+    def _table(vocab: Mapping[str, int], kind: str, n: int) -> np.ndarray:
+        table = np.full(n, -1, dtype=np.int64)
+        for token, i in vocab.items():
+            k, _, v = token.partition("_")
+            if k == kind:
+                table[int(v)] = i
+        return table
+
+    def ac_id(self, token: str) -> int:
+        return self.tokenizer.vocab[token]
+
+    def encode_words(self, words: Sequence[Sequence[int]]) -> list[int]:
+        """Base-id words -> model ids; BPE never merges across words."""
+        if not self.tokenizer.is_trained:
+            return [i for w in words for i in w]
+        chars = self._chars
+        strings = ["".join(chars[i] for i in w) for w in words if len(w)]
+        return self.tokenizer._model.encode(strings, is_pretokenized=True).ids
+
+    def to_base(self, ids: Iterable[int]) -> list[int]:
+        """Model ids -> base ids (decoding BPE ids directly: never through `.tokens`)."""
+        table = self.model_to_base
+        return [b for i in ids for b in table[i]]
+
+    def describe(self) -> dict[str, Any]:
+        return {"base_vocab_size": self.base_size, "vocab_size": self.size, "bpe": self.tokenizer.is_trained}
+
+
+def vocab_fingerprint(tokenizer: MMM) -> str:
+    """Hash of the base vocabulary: a store made with another base vocab is incompatible."""
+    import hashlib
+
+    payload = json.dumps(sorted(tokenizer.vocab.items(), key=lambda kv: kv[1]))
+    return hashlib.sha1(payload.encode()).hexdigest()[:16]

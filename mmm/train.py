@@ -1,0 +1,112 @@
+"""`python -m mmm.train +experiment=demo`: train MMM, then write a `from_pretrained` folder.
+
+Missing inputs are built first (token store by `mmm.preprocess`, BPE by
+`mmm.train_tokenizer`), so one command runs the whole pipeline on a fresh clone.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from mmm.checkpoint import save_pretrained
+from mmm.config import plain
+from mmm.lit_module import MMMLitModule
+from mmm.model import PRESETS, model_config_from_preset
+from mmm.tokenizer import Vocab, load_tokenizer
+from mmm.train_tokenizer import check_tokenizer_cfg, train_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Fail before any work on settings that cannot run, naming the key and the fix."""
+    check_tokenizer_cfg(plain(cfg.tokenizer))
+    if cfg.model.preset not in PRESETS:
+        raise ValueError(f"model.preset={cfg.model.preset!r} is not one of {sorted(PRESETS)}")
+    if cfg.data.max_seq_len > cfg.model.max_seq_len:
+        raise ValueError(
+            f"data.max_seq_len={cfg.data.max_seq_len} exceeds the model context model.max_seq_len="
+            f"{cfg.model.max_seq_len}: lower data.max_seq_len or raise model.max_seq_len"
+        )
+    strategy = OmegaConf.select(cfg, "trainer.strategy")
+    uses_deepspeed = "DeepSpeed" in str(strategy.get("_target_", "") if isinstance(strategy, Mapping) else strategy)
+    if uses_deepspeed and not torch.cuda.is_available():
+        raise ValueError(
+            "trainer=deepspeed needs CUDA GPUs (DeepSpeed is only supported on CUDA) and none is visible: "
+            "use trainer=cpu or trainer=gpu, or run on a GPU node"
+        )
+    accelerator = OmegaConf.select(cfg, "trainer.accelerator")
+    if accelerator == "gpu" and not torch.cuda.is_available():
+        raise ValueError("trainer.accelerator=gpu but no CUDA GPU is visible: use trainer=cpu")
+
+
+def ensure_data(cfg: DictConfig) -> Path:
+    """Preprocess and train the tokenizer when their outputs are missing; return the tokenizer path."""
+    tokenizer_path = Path(cfg.tokenizer.path)
+    if not tokenizer_path.is_file():
+        log.info("no tokenizer at %s: preprocessing and training it first", tokenizer_path)
+        train_tokenizer(cfg.data, cfg.tokenizer)
+    return tokenizer_path
+
+
+def _resume_path(cfg: DictConfig) -> str | None:
+    if cfg.ckpt_path == "last":
+        last = Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
+        return str(last) if last.exists() else None
+    return cfg.ckpt_path
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Train as configured; returns the final metrics (and writes `export_dir`)."""
+    check_config(cfg)
+    L.seed_everything(cfg.seed, workers=True)
+    tokenizer_path = ensure_data(cfg)
+    tokenizer = load_tokenizer(tokenizer_path)
+    vocab = Vocab(tokenizer)
+    model_config = model_config_from_preset(
+        cfg.model.preset, vocab_size=vocab.size, max_seq_len=cfg.model.max_seq_len, **plain(cfg.model.overrides)
+    )
+    datamodule = instantiate(cfg.data, tokenizer_path=str(tokenizer_path), seed=cfg.seed, _recursive_=False, _convert_="all")
+    module = MMMLitModule(model_config.to_dict(), optim=plain(cfg.optim), tokenizer_json=tokenizer_path.read_text())
+    callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
+    loggers = [instantiate(c) for c in cfg.get("logger", {}).values() if c is not None]
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    log.info("model: %s parameters, vocab %d, context %d", f"{module.model.num_parameters():,}", vocab.size, model_config.max_seq_len)
+
+    metrics: dict[str, Any] = {}
+    resume = _resume_path(cfg)
+    if cfg.validate_before_training and resume is None:
+        initial = trainer.validate(module, datamodule=datamodule, verbose=False)
+        metrics.update({f"initial_{k.replace('/', '_')}": v for k, v in initial[0].items()})
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
+    metrics.update({k.replace("/", "_"): float(v) for k, v in trainer.callback_metrics.items()})
+    metrics["global_step"] = trainer.global_step
+    if trainer.is_global_zero:
+        save_pretrained(module.model, tokenizer, cfg.export_dir, extra={"training": {"experiment": cfg.experiment_name, **metrics}})
+        metrics["export_dir"] = str(cfg.export_dir)
+        log.info("checkpoint folder: %s", cfg.export_dir)
+    return metrics
+
+
+def main() -> None:
+    import hydra
+
+    @hydra.main(config_path="../configs", config_name="train", version_base="1.3")
+    def _run(cfg: DictConfig) -> float | None:
+        metrics = train(cfg)
+        print({k: v for k, v in metrics.items()})
+        return metrics.get("val_loss")  # the value a Hydra sweeper optimises
+
+    _run()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""`python -m mmm.train_tokenizer data=<source> tokenizer.vocab_size=N`: learn BPE, write tokenizer.json.
+
+BPE is learned on the bars of the *train* split of the token store (preprocessed first if
+missing), so files rejected by preprocessing never reach it and valid/test stay unseen.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+from mmm.config import plain, require_keys
+from mmm.data.store import Store
+from mmm.preprocess import preprocess
+from mmm.tokenizer import Vocab, build_tokenizer, save_tokenizer, train_bpe
+
+log = logging.getLogger(__name__)
+TOKENIZER_KEYS = {"vocab_size", "path", "params"}
+
+
+def check_tokenizer_cfg(tokenizer_cfg: Mapping) -> None:
+    require_keys("tokenizer", tokenizer_cfg, TOKENIZER_KEYS)
+    size = tokenizer_cfg["vocab_size"]
+    if size is not None and (not isinstance(size, int) or size < 0):
+        raise ValueError(f"tokenizer.vocab_size must be null or a positive int, got {size!r}")
+
+
+def ensure_store(data_cfg: Mapping, tokenizer_cfg: Mapping) -> Store:
+    """The train split of the store, preprocessing first when it is missing or incomplete."""
+    store = Path(data_cfg["store"])
+    if not (store / "report.json").is_file():
+        preprocess(data_cfg, tokenizer_cfg)
+    return Store(store, "train")
+
+
+def train_tokenizer(data_cfg: Mapping, tokenizer_cfg: Mapping) -> dict:
+    """Train BPE as configured and write it to `tokenizer.path`; returns a summary."""
+    data_cfg, tokenizer_cfg = plain(data_cfg), plain(tokenizer_cfg)
+    check_tokenizer_cfg(tokenizer_cfg)
+    tokenizer = build_tokenizer(tokenizer_cfg["params"])
+    store = ensure_store(data_cfg, tokenizer_cfg)
+    start = time.perf_counter()
+    bars = [bar for i in range(len(store)) for track in store[i]["bars"] for bar in track]
+    if tokenizer_cfg["vocab_size"]:
+        train_bpe(tokenizer, bars, tokenizer_cfg["vocab_size"])
+    path = save_tokenizer(tokenizer, tokenizer_cfg["path"])
+    vocab = Vocab(tokenizer)
+    encoded = sum(len(vocab.encode_words([b])) for b in bars[:20000])
+    result = {
+        "path": str(path),
+        **vocab.describe(),
+        "train_bars": len(bars),
+        "base_tokens_per_model_token": round(sum(len(b) for b in bars[:20000]) / max(encoded, 1), 3),
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+    log.info("tokenizer: %s", result)
+    return result
+
+
+def main() -> None:
+    import hydra
+
+    @hydra.main(config_path="../configs", config_name="tokenizer", version_base="1.3")
+    def _run(cfg) -> None:
+        print(train_tokenizer(cfg.data, cfg.tokenizer))
+
+    _run()
+
+
+if __name__ == "__main__":
+    main()
