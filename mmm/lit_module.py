@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
 from torch.optim.lr_scheduler import LambdaLR
-from torchmetrics import SumMetric
 
 from mmm.data.sequences import IGNORE_INDEX
 from mmm.model import MMMTransformer, ModelConfig
@@ -39,7 +38,7 @@ class MMMLitModule(L.LightningModule):
         self.save_hyperparameters()
         self.config = ModelConfig.from_dict(dict(model_config))
         self.model = MMMTransformer(self.config)
-        self.val_nll, self.val_tokens, self.val_notes = SumMetric(), SumMetric(), SumMetric()
+        self._val_sums: list[torch.Tensor] = []  # per batch: (nll, tokens, notes)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids)
@@ -59,17 +58,16 @@ class MMMLitModule(L.LightningModule):
 
     def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> None:
         nll, count = self._nll(batch)
-        self.val_nll.update(nll)
-        self.val_tokens.update(count)
-        self.val_notes.update(batch["num_notes"].sum())
+        self._val_sums.append(torch.stack([nll.float(), count.float(), batch["num_notes"].sum().float()]))
 
     def on_validation_epoch_end(self) -> None:
-        nll, tokens, notes = self.val_nll.compute(), self.val_tokens.compute(), self.val_notes.compute()
-        self.log("val/loss", nll / tokens.clamp(min=1), prog_bar=True, sync_dist=False)
+        # Sums over all batches and ranks, then ratios: exact, unlike a mean of batch means.
+        local = torch.stack(self._val_sums).sum(0) if self._val_sums else torch.zeros(3, device=self.device)
+        nll, tokens, notes = self.trainer.strategy.reduce(local, reduce_op="sum")
+        self._val_sums.clear()
+        self.log("val/loss", nll / tokens.clamp(min=1), prog_bar=True)
         # Per note (nats/note) is comparable across tokenizations, unlike per token.
-        self.log("val/loss_per_note", nll / notes.clamp(min=1), sync_dist=False)
-        for metric in (self.val_nll, self.val_tokens, self.val_notes):
-            metric.reset()
+        self.log("val/loss_per_note", nll / notes.clamp(min=1))
 
     def configure_optimizers(self) -> dict[str, Any]:
         optim = self.hparams.optim

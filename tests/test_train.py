@@ -1,0 +1,178 @@
+"""`mmm.train`: the real configs composed and shrunk, end-to-end CPU training, resume,
+experiment configs, DeepSpeed config, and a real multirun sweep with submitit's local launcher."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from lightning.pytorch.strategies import DeepSpeedStrategy
+
+from conftest import REPO, write_synthetic_midi
+from mmm.checkpoint import load_pretrained
+from mmm.data.sequences import IGNORE_INDEX
+from mmm.train import check_config, train
+
+CONFIGS = REPO / "configs"
+EXPERIMENTS = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))
+
+
+def small_overrides(corpus: Path, root: Path) -> list[str]:
+    """The real train config, shrunk to seconds on a CPU."""
+    return [
+        "data=folder",
+        f"data.path={corpus}",
+        f"paths.data_dir={root / 'data'}",
+        f"run_dir={root / 'run'}",
+        "data.split.valid=0.3",
+        "data.split.test=0.1",
+        "data.max_seq_len=256",
+        "data.loader.batch_size=2",
+        "data.loader.num_workers=0",
+        "data.preprocess.num_workers=1",
+        "data.preprocess.min_notes=16",
+        "tokenizer.vocab_size=800",
+        "++model.overrides={hidden_size: 32, num_layers: 2, num_heads: 2, num_kv_heads: 1, intermediate_size: 64}",
+        "trainer=cpu",
+        "trainer.precision=32",
+        "trainer.max_steps=6",
+        "trainer.val_check_interval=3",
+        "trainer.limit_val_batches=2",
+        "callbacks.model_checkpoint.every_n_train_steps=3",
+        "callbacks.progress_bar=null",
+        "optim.warmup_steps=2",
+    ]
+
+
+def compose_train(overrides: list[str]):
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        return compose("train", overrides=overrides)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("corpus")
+    for seed in range(10):
+        write_synthetic_midi(root / f"piece_{seed}.mid", seed, 12)
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(corpus, tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    cfg = compose_train(small_overrides(corpus, root))
+    return root, cfg, train(cfg)
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes_and_instantiates(experiment, tmp_path):
+    cfg = compose_train([f"+experiment={experiment}", f"run_dir={tmp_path}", f"paths.data_dir={tmp_path}/data"])
+    assert cfg.experiment_name == experiment
+    callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
+    assert callbacks
+    strategy = cfg.trainer.get("strategy")
+    if strategy is not None and "DeepSpeed" in strategy._target_:
+        ds = instantiate(strategy)
+        assert isinstance(ds, DeepSpeedStrategy)
+        assert ds.config["zero_optimization"]["stage"] == 2
+        if not torch.cuda.is_available():
+            with pytest.raises(ValueError, match="deepspeed needs CUDA"):
+                check_config(cfg)
+    else:
+        check_config(cfg)
+        trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=False)
+        assert trainer.max_steps == cfg.trainer.max_steps
+
+
+def test_gigamidi_is_the_published_setup(tmp_path):
+    cfg = compose_train(["+experiment=gigamidi", f"run_dir={tmp_path}"])
+    assert cfg.model.preset == "base" and cfg.tokenizer.vocab_size == 16000
+    assert cfg.trainer.precision == "bf16-mixed" and cfg.data.source.name == "gigamidi"
+
+
+def test_bad_configs_fail_before_work(corpus, tmp_path):
+    base = small_overrides(corpus, tmp_path)
+    with pytest.raises(ValueError, match="exceeds the model context"):
+        check_config(compose_train(base + ["model.max_seq_len=128"]))
+    with pytest.raises(ValueError, match="model.preset"):
+        check_config(compose_train(base + ["model.preset=huge"]))
+    with pytest.raises(ValueError, match="tokenizer.vocab_siz"):
+        check_config(compose_train(base + ["+tokenizer.vocab_siz=3"]))
+    assert not (tmp_path / "data").exists()
+
+
+def test_train_writes_a_loadable_checkpoint_folder(trained):
+    root, cfg, metrics = trained
+    assert metrics["global_step"] == 6
+    assert metrics["val_loss"] > 0 and metrics["val_loss_per_note"] > metrics["val_loss"]
+    model, tokenizer = load_pretrained(cfg.export_dir)
+    ids = torch.tensor([[0, 1, 2]])
+    assert model(ids).shape == (1, 3, len(tokenizer))
+    assert (Path(cfg.run_dir) / "checkpoints" / "last.ckpt").is_file()
+    assert list((Path(cfg.run_dir) / "tensorboard").glob("events.out.tfevents.*"))
+    # the Lightning checkpoint alone is enough to sample from (model config + tokenizer inside)
+    model2, tokenizer2 = load_pretrained(Path(cfg.run_dir) / "checkpoints" / "last.ckpt")
+    torch.testing.assert_close(model2(ids), model(ids))
+    assert tokenizer2.vocab_model == tokenizer.vocab_model
+
+
+def test_resume_continues_step_and_schedule(trained, corpus):
+    root, cfg, _ = trained
+    resumed = compose_train(small_overrides(corpus, root) + ["trainer.max_steps=9", "ckpt_path=last"])
+    metrics = train(resumed)
+    assert metrics["global_step"] == 9
+    ckpt = torch.load(Path(resumed.run_dir) / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["global_step"] == 9
+    assert ckpt["lr_schedulers"][0]["last_epoch"] == 9  # the schedule went on, not restarted
+    assert "initial_val_loss" not in metrics  # no step-0 validation on resume
+
+
+def test_batches_mask_prompt_only_tokens(trained):
+    root, cfg, _ = trained
+    from mmm.tokenizer import Vocab, load_tokenizer
+
+    vocab = Vocab(load_tokenizer(cfg.tokenizer.path))
+    dm = instantiate(cfg.data, tokenizer_path=cfg.tokenizer.path, seed=0, _recursive_=False, _convert_="all")
+    dm.setup("fit")
+    batch = next(iter(dm.val_dataloader()))
+    ids, labels = batch["input_ids"], batch["labels"]
+    prompt_only = torch.from_numpy(vocab.prompt_only_model)[ids]
+    assert torch.equal(labels == IGNORE_INDEX, prompt_only | (ids == vocab.pad))
+    assert (batch["num_notes"] > 0).all()
+
+
+def test_wandb_logger_works_offline(corpus, tmp_path):
+    pytest.importorskip("wandb")
+    cfg = compose_train(
+        small_overrides(corpus, tmp_path)
+        + ["logger=wandb", "logger.wandb.offline=true", "trainer.max_steps=2", "validate_before_training=false"]
+    )
+    os.environ["WANDB_SILENT"] = "true"
+    metrics = train(cfg)
+    assert metrics["global_step"] == 2
+    assert list((Path(cfg.run_dir) / "wandb").glob("offline-run-*"))
+
+
+@pytest.mark.slow
+def test_multirun_sweep_with_submitit_local_launcher(corpus, tmp_path):
+    overrides = [o for o in small_overrides(corpus, tmp_path) if not o.startswith("run_dir=")]
+    env = {**os.environ, "MMM_RUNS_DIR": str(tmp_path / "runs"), "WANDB_MODE": "disabled"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "mmm.train", "-m", "hydra/launcher=local", "experiment_name=sweep",
+         *overrides, "trainer.max_steps=2", "validate_before_training=false", "optim.optimizer.lr=0.001,0.002"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    exports = sorted((tmp_path / "runs" / "sweep_sweep").glob("*/model/config.json"))
+    assert len(exports) == 2, list((tmp_path / "runs").rglob("*"))[:50]
+    lrs = set()
+    for export in exports:
+        overrides = (export.parent.parent / ".hydra" / "overrides.yaml").read_text()
+        lrs |= {lr for lr in ("optim.optimizer.lr=0.001", "optim.optimizer.lr=0.002") if lr in overrides}
+    assert lrs == {"optim.optimizer.lr=0.001", "optim.optimizer.lr=0.002"}
