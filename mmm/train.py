@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.callbacks import LearningRateMonitor
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -57,11 +58,14 @@ def ensure_data(cfg: DictConfig) -> Path:
     return tokenizer_path
 
 
-def _resume_path(cfg: DictConfig) -> str | None:
-    if cfg.ckpt_path == "last":
-        last = Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
-        return str(last) if last.exists() else None
-    return cfg.ckpt_path
+def resume_path(cfg: DictConfig) -> str | None:
+    """`ckpt_path=last`: the newest of checkpoints/last.ckpt and the hpc_ckpt_*.ckpt that
+    Lightning writes when Slurm signals a requeue; None (a fresh start) when there is none."""
+    if cfg.ckpt_path != "last":
+        return cfg.ckpt_path
+    run_dir = Path(cfg.run_dir)
+    candidates = [p for p in [run_dir / "checkpoints" / "last.ckpt", *run_dir.glob("hpc_ckpt_*.ckpt")] if p.exists()]
+    return str(max(candidates, key=lambda p: p.stat().st_mtime_ns)) if candidates else None
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -78,11 +82,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     module = MMMLitModule(model_config.to_dict(), optim=plain(cfg.optim), tokenizer_json=tokenizer_path.read_text())
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
     loggers = [instantiate(c) for c in cfg.get("logger", {}).values() if c is not None]
+    if not loggers:  # logger=none: the LR monitor has nowhere to write
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     log.info("model: %s parameters, vocab %d, context %d", f"{module.model.num_parameters():,}", vocab.size, model_config.max_seq_len)
 
     metrics: dict[str, Any] = {}
-    resume = _resume_path(cfg)
+    resume = resume_path(cfg)
     if cfg.validate_before_training and resume is None:
         initial = trainer.validate(module, datamodule=datamodule, verbose=False)
         metrics.update({f"initial_{k.replace('/', '_')}": v for k, v in initial[0].items()})

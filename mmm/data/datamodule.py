@@ -10,7 +10,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from mmm.data.sequences import IGNORE_INDEX, SequenceBuilder
 from mmm.data.store import Store
@@ -73,6 +73,27 @@ def collate(batch: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]
     }
 
 
+class ResumableSampler(Sampler[int]):
+    """Random order fixed by (seed, epoch), split across ranks, able to start mid-epoch: a
+    resumed run sees the rest of the interrupted epoch, not the epoch again from its start."""
+
+    def __init__(self, num_samples: int, seed: int, epoch: int, start: int = 0, rank: int = 0, world_size: int = 1) -> None:
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        order = torch.randperm(num_samples, generator=generator).tolist()
+        per_rank = -(-num_samples // world_size)  # every rank gets as many samples (wraps around)
+        order = (order * (1 + world_size))[: per_rank * world_size]
+        mine = order[rank::world_size]
+        # The epoch's remaining samples come first. The loader keeps its full length because
+        # Lightning counts the batches of a resumed epoch itself and stops it at that length.
+        self.indices = mine[start:] + mine[:start]
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
 class _Collate:
     def __init__(self, pad_id: int) -> None:
         self.pad_id = pad_id
@@ -100,6 +121,7 @@ class MIDIDataModule(L.LightningDataModule):
         self.samples_per_epoch = samples_per_epoch
         self.pad_id = Vocab(load_tokenizer(tokenizer_path)).pad
         self.datasets: dict[str, SequenceDataset] = {}
+        self._resume: dict[str, int] | None = None
 
     def setup(self, stage: str | None = None) -> None:
         for split in ("train", "valid", "test"):
@@ -112,12 +134,12 @@ class MIDIDataModule(L.LightningDataModule):
         if len(self.datasets["train"]) == 0:
             raise ValueError(f"the train split of {self.store} is empty: nothing to train on")
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+    def _loader(self, split: str, sampler: Sampler | None = None) -> DataLoader:
         workers = int(self.loader["num_workers"])
         return DataLoader(
             self.datasets[split],
             batch_size=int(self.loader["batch_size"]),
-            shuffle=shuffle,
+            sampler=sampler,
             num_workers=workers,
             collate_fn=_Collate(self.pad_id),
             pin_memory=bool(self.loader.get("pin_memory", False)),
@@ -126,14 +148,35 @@ class MIDIDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        # Workers hold a copy of the dataset: the epoch reaches them through the sampler seed
-        # only, so we set it on the dataset before each epoch's loader is created.
-        epoch = self.trainer.current_epoch if self.trainer is not None else 0
-        self.datasets["train"].set_epoch(epoch)
-        return self._loader("train", shuffle=True)
+        # Called at every epoch (reload_dataloaders_every_n_epochs=1): loader workers copy the
+        # dataset, so the epoch is set on it before the loader is made.
+        trainer = self.trainer
+        epoch = trainer.current_epoch if trainer is not None else 0
+        start = 0
+        if self._resume is not None and self._resume["epoch"] == epoch:
+            start = self._resume["samples_done"]
+        self._resume = None
+        dataset = self.datasets["train"]
+        dataset.set_epoch(epoch)
+        sampler = ResumableSampler(
+            len(dataset), self.seed, epoch, start,
+            rank=trainer.global_rank if trainer else 0, world_size=trainer.world_size if trainer else 1,
+        )
+        return self._loader("train", sampler)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("valid", shuffle=False)
+        return self._loader("valid")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+        return self._loader("test")
+
+    def state_dict(self) -> dict[str, int]:
+        """Saved in every checkpoint: where in the epoch the training loader stands."""
+        trainer = self.trainer
+        if trainer is None:
+            return {}
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return {"epoch": trainer.current_epoch, "samples_done": done * int(self.loader["batch_size"])}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._resume = dict(state) if state else None
