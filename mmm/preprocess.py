@@ -22,6 +22,7 @@ from typing import Any
 from tqdm import tqdm
 
 from mmm.config import plain, require_keys
+from mmm.data.checks import check_midi_header, check_score
 from mmm.data.pieces import Rejected, tokenize_score
 from mmm.data.sources import build_source
 from mmm.data.store import SPLITS, atomic_write_json, done_shards, shard_paths, write_shard
@@ -30,8 +31,9 @@ from mmm.tokenizer import Vocab, build_tokenizer, vocab_fingerprint
 log = logging.getLogger(__name__)
 
 PREPROCESS_KEYS = {
-    "num_workers", "shard_size", "min_bars", "min_notes", "max_notes", "max_tracks",
-    "chunk_max_tokens", "chunk_max_track_tokens", "chunk_min_bars", "file_timeout",
+    "num_workers", "shard_size", "min_bars", "min_notes", "max_notes", "max_tracks", "max_bars",
+    "tempo_limits", "allow_drums_only", "chunk_max_tokens", "chunk_max_track_tokens", "chunk_min_bars",
+    "file_timeout",
 }
 
 
@@ -77,7 +79,10 @@ def _process_shard(job: tuple[int, range]) -> tuple[int, dict]:
             name = item.name
             signal.alarm(int(settings.file_timeout))
             try:
+                if item.fmt == "midi":
+                    check_midi_header(item.data)
                 score = item.load()
+                check_score(score, vars(settings))
                 chunks = tokenize_score(score, _W["tokenizer"], _W["vocab"], settings)
             finally:
                 signal.alarm(0)

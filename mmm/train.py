@@ -18,8 +18,9 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from mmm.checkpoint import save_pretrained
-from mmm.config import plain
-from mmm.lit_module import MMMLitModule
+from mmm.config import plain, require_keys
+from mmm.data.sequences import SEQUENCE_KEYS
+from mmm.lit_module import OPTIM_KEYS, MMMLitModule
 from mmm.model import PRESETS, model_config_from_preset
 from mmm.tokenizer import Vocab, load_tokenizer
 from mmm.train_tokenizer import check_tokenizer_cfg, train_tokenizer
@@ -27,9 +28,49 @@ from mmm.train_tokenizer import check_tokenizer_cfg, train_tokenizer
 log = logging.getLogger(__name__)
 
 
+# Keys whose type Hydra cannot check (the YAML has no schema): key -> (type, minimum).
+_TYPED_KEYS = {
+    "seed": (int, 0),
+    "data.max_seq_len": (int, 16),
+    "data.loader.batch_size": (int, 1),
+    "data.loader.num_workers": (int, 0),
+    "model.max_seq_len": (int, 16),
+    "trainer.max_steps": (int, 1),
+    "trainer.val_check_interval": (int, 1),
+    "optim.optimizer.lr": (float, 0.0),
+    "optim.warmup_steps": (int, 0),
+    "optim.min_lr_ratio": (float, 0.0),
+    "optim.weight_decay": (float, 0.0),
+}
+
+
+def _check_types(cfg: DictConfig) -> None:
+    for key, (kind, minimum) in _TYPED_KEYS.items():
+        value = OmegaConf.select(cfg, key)
+        ok = isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool)
+        if not ok or value < minimum:
+            raise ValueError(f"{key}={value!r}: expected {kind.__name__} >= {minimum}")
+    for key, value in plain(cfg.data.sequences).items():
+        if key.endswith("_ratio") and isinstance(value, list) and not (len(value) == 2 and 0 <= value[0] <= value[1] <= 1):
+            raise ValueError(f"data.sequences.{key}={value}: expected [low, high] with 0 <= low <= high <= 1")
+
+
 def check_config(cfg: DictConfig) -> None:
     """Fail before any work on settings that cannot run, naming the key and the fix."""
+    _check_types(cfg)
+    require_keys("data.sequences", cfg.data.sequences, SEQUENCE_KEYS)
+    require_keys("data.loader", cfg.data.loader, {"batch_size", "num_workers", "pin_memory"}, required={"batch_size", "num_workers"})
+    require_keys("optim", cfg.optim, OPTIM_KEYS)
     check_tokenizer_cfg(plain(cfg.tokenizer))
+    tokenizer_path = Path(cfg.tokenizer.path)
+    if tokenizer_path.is_file():
+        trained = Vocab(load_tokenizer(tokenizer_path))
+        expected = cfg.tokenizer.vocab_size or trained.base_size
+        if trained.size != expected:
+            raise ValueError(
+                f"the tokenizer at {tokenizer_path} has {trained.size} tokens but tokenizer.vocab_size={expected}: "
+                "delete that file to retrain it, or set tokenizer.vocab_size to match"
+            )
     if cfg.model.preset not in PRESETS:
         raise ValueError(f"model.preset={cfg.model.preset!r} is not one of {sorted(PRESETS)}")
     if cfg.data.max_seq_len > cfg.model.max_seq_len:

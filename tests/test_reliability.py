@@ -94,3 +94,220 @@ def test_sigkill_resumes_from_the_last_periodic_checkpoint(corpus, tmp_path, uni
     metrics = train(compose_train(overrides + ["ckpt_path=last"]))
     assert metrics["global_step"] == 10
     assert_same_weights(final_weights(tmp_path), uninterrupted)
+
+
+# -- bad MIDI ------------------------------------------------------------------------------
+def _midi_bytes(score) -> bytes:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "x.mid"
+        score.dump_midi(path)
+        return path.read_bytes()
+
+
+def bad_files(root: Path) -> dict[str, str]:
+    """Write one file per kind of breakage; returns {file name: expected reason}."""
+    from symusic import Note, Score, Tempo, TimeSignature, Track
+
+    from conftest import synthetic_score
+
+    good = _midi_bytes(synthetic_score(0, 12))
+    files: dict[str, tuple[bytes, str]] = {
+        "truncated.mid": (good[: len(good) // 2], "unreadable"),
+        "wrong_header.mid": (b"MTxx" + good[4:], "not_midi"),
+        "zero_tpq.mid": (good[:12] + b"\x00\x00" + good[14:], "bad_ticks_per_quarter"),
+        "smpte_tpq.mid": (good[:12] + b"\xe7\x28" + good[14:], "bad_ticks_per_quarter"),
+        "type2.mid": (good[:8] + b"\x00\x02" + good[10:], "midi_type_2"),
+        "empty.mid": (b"", "not_midi"),
+        "png_named_mid.mid": (b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4, "not_midi"),
+    }
+    drums = Score(480)
+    drums.tracks.append(Track("kit", 0, True))
+    drums.tracks[0].notes.extend(Note(i * 240, 120, 36, 100) for i in range(200))
+    meta = Score(480)
+    meta.tempos.append(Tempo(0, 120.0))
+    meta.time_signatures.append(TimeSignature(0, 4, 4))
+    meta.tracks.append(Track("empty", 0, False))
+    fast = synthetic_score(1, 12)
+    fast.tempos.append(Tempo(480 * 8, 5000.0))
+    odd = synthetic_score(2, 12)
+    odd.time_signatures.append(TimeSignature(480 * 8, 100, 4))
+    huge = synthetic_score(3, 12)
+    huge.tracks[0].notes.append(Note(480 * 4 * 6000, 480, 60, 90))  # a note 6000 bars later
+    files |= {
+        "only_drums.mid": (_midi_bytes(drums), "drums_only"),
+        "only_meta.mid": (_midi_bytes(meta), "no_notes"),
+        "absurd_tempo.mid": (_midi_bytes(fast), "absurd_tempo"),
+        "absurd_time_signature.mid": (_midi_bytes(odd), "absurd_time_signature"),
+        "gigantic.mid": (_midi_bytes(huge), "too_long"),
+    }
+    root.mkdir(parents=True, exist_ok=True)
+    for name, (data, _) in files.items():
+        (root / name).write_bytes(data)
+    return {name: reason for name, (_, reason) in files.items()}
+
+
+def test_every_kind_of_bad_midi_is_skipped_with_its_reason(tmp_path):
+    from test_preprocess import data_cfg, tok_cfg
+
+    from mmm.preprocess import preprocess
+
+    expected = bad_files(tmp_path / "bad")
+    write_synthetic_midi(tmp_path / "bad" / "fine.mid", 5, 12)
+    report = preprocess(data_cfg(tmp_path / "bad", tmp_path / "store", num_workers=2), tok_cfg())
+    got = {r["name"]: r["reason"] for r in report["rejected_files"]}
+    assert got == expected
+    assert report["kept"] == 1
+
+
+@pytest.mark.slow
+def test_fuzzed_midi_never_crashes_or_hangs_preprocessing(tmp_path, request):
+    """Hundreds of mutated real files (byte flips, truncations, splices) through preprocessing
+    with 2 workers: every file ends up kept or rejected with a reason."""
+    import random
+
+    from test_preprocess import data_cfg, tok_cfg
+
+    from mmm.preprocess import preprocess
+
+    root = os.environ.get("MMM_TEST_MIDI")
+    seeds = sorted(Path(root, "multitrack").glob("*.mid"))[:4] if root else []
+    if not seeds:
+        seeds = [write_synthetic_midi(tmp_path / f"seed_{i}.mid", i, 16) for i in range(4)]
+    originals = [p.read_bytes() for p in seeds]
+    rng = random.Random(1234)
+    fuzz = tmp_path / "fuzz"
+    fuzz.mkdir()
+    n = 240
+    for i in range(n):
+        data = bytearray(rng.choice(originals))
+        kind = i % 4
+        if kind == 0:  # random byte flips, header included
+            for _ in range(rng.randint(1, 40)):
+                data[rng.randrange(len(data))] = rng.randrange(256)
+        elif kind == 1:  # truncation
+            data = data[: rng.randrange(1, len(data))]
+        elif kind == 2:  # splice two files
+            other = rng.choice(originals)
+            cut = rng.randrange(14, len(data))
+            data = data[:cut] + other[rng.randrange(14, len(other)):]
+        else:  # flips inside the track data only (keeps a valid header)
+            for _ in range(rng.randint(1, 10)):
+                data[rng.randrange(22, len(data))] = rng.randrange(256)
+        (fuzz / f"mutant_{i:03d}.mid").write_bytes(bytes(data))
+    report = preprocess(data_cfg(fuzz, tmp_path / "store", num_workers=2, shard_size=16, file_timeout=20), tok_cfg())
+    assert report["files"] == n
+    assert report["kept"] + report["rejected"] == n
+    assert all(r["reason"] for r in report["rejected_files"])
+    print(f"fuzz: {report['kept']} kept, rejected by reason {report['rejected_by_reason']}")
+
+
+def test_sampling_side_check_refuses_bad_scores():
+    from symusic import Score
+
+    from mmm.data.checks import check_score
+    from mmm.data.pieces import Rejected
+
+    with pytest.raises(Rejected, match="no_notes"):
+        check_score(Score(480))
+
+
+# -- atomic writes -------------------------------------------------------------------------
+def test_store_shard_write_is_atomic(tmp_path, monkeypatch):
+    from mmm.data import store as store_module
+
+    target = tmp_path / "x.arrow"
+    store_module.atomic_write_bytes(target, b"old")
+
+    def boom(fd):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(store_module.os, "fsync", boom)
+    with pytest.raises(OSError):
+        store_module.atomic_write_bytes(target, b"new content")
+    assert target.read_bytes() == b"old"
+
+
+def test_checkpoint_folder_write_is_atomic(tmp_path, monkeypatch):
+    from mmm.checkpoint import load_pretrained, save_pretrained
+    from mmm.model import MMMTransformer, model_config_from_preset
+    from mmm.tokenizer import build_tokenizer
+
+    from conftest import tokenizer_params
+
+    tokenizer = build_tokenizer(tokenizer_params())
+    model = MMMTransformer(model_config_from_preset("tiny", vocab_size=len(tokenizer), max_seq_len=64))
+    folder = save_pretrained(model, tokenizer, tmp_path / "model")
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+
+    def boom(self, path):
+        Path(path).write_text("{ half a json")
+        raise KeyboardInterrupt  # killed mid-write
+
+    monkeypatch.setattr(type(tokenizer), "save", boom)
+    with pytest.raises(KeyboardInterrupt):
+        save_pretrained(MMMTransformer(model.config), tokenizer, folder)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    load_pretrained(folder)
+
+
+def test_lightning_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    """Lightning writes .ckpt through an fsspec transaction: a write that dies midway leaves
+    the previous checkpoint, never a truncated one that loads as valid."""
+    from fsspec.implementations.local import LocalFileOpener
+    from lightning.fabric.utilities.cloud_io import _atomic_save
+
+    target = tmp_path / "last.ckpt"
+    _atomic_save({"step": 1, "w": torch.zeros(1000)}, target)
+    real_write = LocalFileOpener.write
+
+    def half_write(self, data):
+        real_write(self, bytes(data)[: len(data) // 2])
+        raise OSError("killed")
+
+    monkeypatch.setattr(LocalFileOpener, "write", half_write)
+    with pytest.raises(OSError):
+        _atomic_save({"step": 2, "w": torch.ones(1000)}, target)
+    monkeypatch.undo()
+    assert torch.load(target, weights_only=False)["step"] == 1
+
+
+# -- bad configuration ---------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("data.loader.batch_size=abc", "data.loader.batch_size='abc': expected int"),
+        ("trainer.max_steps=0", "trainer.max_steps=0: expected int >= 1"),
+        ("optim.optimizer.lr=-1.0", "optim.optimizer.lr=-1.0: expected float"),
+        ("data.sequences.tracks_ratio=[0.5,0.2]", r"data.sequences.tracks_ratio=\[0.5, 0.2\]"),
+        ("+data.sequences.infil_ratio=0.5", "did you mean data.sequences.infill_ratio"),
+        ("+data.loader.batchsize=4", "did you mean data.loader.batch_size"),
+        ("+optim.warmup=10", "optim.warmup"),
+        ("model.max_seq_len=64", "exceeds the model context"),
+        ("trainer=deepspeed", "deepspeed needs CUDA"),
+        ("trainer=gpu", "no CUDA GPU"),
+    ],
+)
+def test_bad_config_fails_before_any_work(override, message, corpus, tmp_path):
+    if "CUDA" in message and torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    cfg = compose_train(small_overrides(corpus, tmp_path) + [override])
+    with pytest.raises(ValueError, match=message):
+        train(cfg)
+    assert not (tmp_path / "data").exists(), "nothing was preprocessed"
+
+
+def test_unknown_key_is_refused_by_hydra(corpus, tmp_path):
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException, match="max_step"):
+        compose_train(small_overrides(corpus, tmp_path) + ["trainer.max_step=3"])
+
+
+def test_tokenizer_vocab_size_mismatch_fails_before_training(corpus, tmp_path):
+    cfg = compose_train(small_overrides(corpus, tmp_path) + ["trainer.max_steps=1", "validate_before_training=false"])
+    train(cfg)  # builds the store and a tokenizer of 800
+    bad = compose_train(small_overrides(corpus, tmp_path) + [f"tokenizer.path={cfg.tokenizer.path}", "tokenizer.vocab_size=900"])
+    with pytest.raises(ValueError, match="has 800 tokens but tokenizer.vocab_size=900"):
+        train(bad)
