@@ -196,6 +196,28 @@ def test_fuzzed_midi_never_crashes_or_hangs_preprocessing(tmp_path, request):
             for _ in range(rng.randint(1, 10)):
                 data[rng.randrange(22, len(data))] = rng.randrange(256)
         (fuzz / f"mutant_{i:03d}.mid").write_bytes(bytes(data))
+    # Mutations that still parse: the tokenizer meets odd but readable content.
+    from symusic import Note, Score, Tempo, TimeSignature
+
+    n_bytes, n = n, n + 120
+    for i in range(n_bytes, n):
+        score = Score.from_midi(rng.choice(originals))
+        for track in score.tracks:
+            notes = list(track.notes)
+            for note in rng.sample(notes, k=min(len(notes), rng.randint(0, 30))):
+                note.time = max(0, note.time + rng.choice([-1, 1]) * rng.randint(0, 10**rng.randint(1, 5)))
+                note.duration = rng.choice([0, 1, note.duration * 50, rng.randint(0, 10**5)])
+                note.pitch = rng.choice([0, 127, note.pitch])
+                note.velocity = rng.choice([1, 127, note.velocity])
+            if rng.random() < 0.3:
+                track.notes.append(Note(rng.randint(0, 10**6), rng.randint(0, 10**4), rng.randint(0, 127), 64))
+        if rng.random() < 0.5:
+            score.tempos.append(Tempo(rng.randint(0, 10**5), rng.choice([4.0, 30.0, 300.0, 999.0])))
+        if rng.random() < 0.5:
+            score.time_signatures.append(TimeSignature(rng.randint(0, 10**5), rng.choice([1, 3, 5, 7, 13]), rng.choice([2, 4, 8, 16])))
+        if rng.random() < 0.2:
+            score.tracks = score.tracks[: rng.randint(0, len(score.tracks))]
+        score.dump_midi(fuzz / f"mutant_{i:03d}.mid")
     report = preprocess(data_cfg(fuzz, tmp_path / "store", num_workers=2, shard_size=16, file_timeout=20), tok_cfg())
     assert report["files"] == n
     assert report["kept"] + report["rejected"] == n
