@@ -70,6 +70,47 @@ def _chunk_bounds(bar_lengths: np.ndarray, max_tokens: int, max_track_tokens: in
     return bounds
 
 
+@dataclass
+class ScoreBars:
+    """A whole score as base ids, bar-aligned across tracks (no filtering, no chunking)."""
+
+    score: Score  # the tokenizer-preprocessed score the ids describe
+    programs: list[int]  # per track, -1 for drums
+    bars: list[list[list[int]]]  # track -> bar -> base ids (each bar starts with Bar_None)
+    bar_ticks: list[int]  # start tick of each bar, in `score` ticks
+
+
+def score_to_bars(score: Score, tokenizer: MMM, vocab: Vocab, preprocessed: bool = False) -> ScoreBars:
+    """Tokenize every track and align them on bars. Raises `Rejected` when miditok fails."""
+    if not preprocessed:
+        try:
+            score = tokenizer.preprocess_score(score)
+        except Exception as err:  # miditok raises many types on odd data
+            raise Rejected("preprocess_failed", f"{type(err).__name__}: {err}") from None
+        if len(score.tracks) == 0:
+            raise Rejected("no_notes", "no note left in the tokenizer's pitch range")
+    try:
+        seqs = tokenizer.encode(score, encode_ids=False, no_preprocess_score=True, concatenate_track_sequences=False)
+    except Exception as err:
+        raise Rejected("tokenize_failed", f"{type(err).__name__}: {err}") from None
+    programs, track_bars = [], []
+    for seq in seqs:
+        header, bars = split_bars(seq.ids, vocab)
+        programs.append(int(vocab.token_of[header[0]].split("_")[1]))
+        track_bars.append(bars)
+    num_bars = max(len(b) for b in track_bars)
+    # Tracks that end early get empty bars (Bar_None + that bar's TimeSig) so that every
+    # track has the same bars: infilling addresses bar i of any track.
+    longest = max(track_bars, key=len)
+    empty_bars = [[t for t in bar[:2] if t == vocab.bar or vocab.is_time_sig[t]] for bar in longest]
+    for bars in track_bars:
+        bars.extend(empty_bars[len(bars):])
+    bar_ticks = list(get_bars_ticks(score, only_notes_onsets=True))[:num_bars]
+    if len(bar_ticks) < num_bars:
+        raise Rejected("tokenize_failed", f"{num_bars} bars in tokens but {len(bar_ticks)} bar ticks")
+    return ScoreBars(score=score, programs=programs, bars=track_bars, bar_ticks=bar_ticks)
+
+
 def tokenize_score(score: Score, tokenizer: MMM, vocab: Vocab, cfg) -> list[Chunk]:
     """Filter and tokenize one score. Raises `Rejected` with a reason for files we skip.
 
@@ -81,40 +122,17 @@ def tokenize_score(score: Score, tokenizer: MMM, vocab: Vocab, cfg) -> list[Chun
         raise Rejected("no_notes")
     if raw_notes > cfg.max_notes:
         raise Rejected("too_many_notes", f"{raw_notes} notes > max_notes={cfg.max_notes}")
-    try:
-        score = tokenizer.preprocess_score(score)
-    except Exception as err:  # miditok raises many types on odd data
-        raise Rejected("preprocess_failed", f"{type(err).__name__}: {err}") from None
-    if len(score.tracks) == 0:
-        raise Rejected("no_notes", "no note left in the tokenizer's pitch range")
+    piece = score_to_bars(score, tokenizer, vocab)
+    score = piece.score
     if len(score.tracks) > cfg.max_tracks:
         raise Rejected("too_many_tracks", f"{len(score.tracks)} tracks > max_tracks={cfg.max_tracks}")
     num_notes = sum(len(t.notes) for t in score.tracks)
     if num_notes < cfg.min_notes:
         raise Rejected("too_few_notes", f"{num_notes} notes < min_notes={cfg.min_notes}")
-    try:
-        seqs = tokenizer.encode(score, encode_ids=False, no_preprocess_score=True, concatenate_track_sequences=False)
-    except Exception as err:
-        raise Rejected("tokenize_failed", f"{type(err).__name__}: {err}") from None
-
-    programs, track_bars = [], []
-    for seq in seqs:
-        header, bars = split_bars(seq.ids, vocab)
-        programs.append(int(vocab.token_of[header[0]].split("_")[1]))
-        track_bars.append(bars)
-    num_bars = max(len(b) for b in track_bars)
+    programs, track_bars, bar_ticks = piece.programs, piece.bars, piece.bar_ticks
+    num_bars = len(bar_ticks)
     if num_bars < cfg.min_bars:
         raise Rejected("too_few_bars", f"{num_bars} bars < min_bars={cfg.min_bars}")
-    # Tracks that end early get empty bars (Bar_None + that bar's TimeSig) so that every
-    # track has the same bars: infilling addresses bar i of any track.
-    longest = max(track_bars, key=len)
-    empty_bars = [[t for t in bar[:2] if t == vocab.bar or vocab.token_of[t].startswith("TimeSig")] for bar in longest]
-    for bars in track_bars:
-        bars.extend(empty_bars[len(bars):])
-
-    bar_ticks = list(get_bars_ticks(score, only_notes_onsets=True))[:num_bars]
-    if len(bar_ticks) < num_bars:
-        raise Rejected("tokenize_failed", f"{num_bars} bars in tokens but {len(bar_ticks)} bar ticks")
     # ACs describe what the tokens hold: the notes only. symusic's pianoroll (TrackRepetition)
     # spans up to `Track.end()`, which also counts control changes, pitch bends, pedals and
     # lyrics that are not tokenized.
