@@ -44,7 +44,14 @@ def _parse_programs(value: Any) -> list[int]:
     return [int(v) for v in value]
 
 
-def _parse_beat_res(value: Mapping) -> dict[tuple[int, int], int]:
+def _parse_beat_res(value: Any) -> dict[tuple[int, int], int]:
+    """`{"0_1": 12, "1_2": 4, ...}` -> `{(0, 1): 12, ...}`: contiguous beat ranges from 0,
+    each with a positive number of positions per beat."""
+    if not isinstance(value, Mapping) or not value:
+        raise ValueError(
+            "tokenizer.beat_res: expected a non-empty mapping 'start_end' (beats) -> positions per "
+            f"beat, e.g. {{'0_4': 8, '4_12': 4}}; got {value!r}"
+        )
     beat_res = {}
     for key, res in value.items():
         try:
@@ -53,7 +60,17 @@ def _parse_beat_res(value: Mapping) -> dict[tuple[int, int], int]:
             raise ValueError(
                 f"tokenizer.beat_res: key {key!r} must be 'start_end' in beats, e.g. '0_1'"
             ) from None
-        beat_res[(start, end)] = int(res)
+        if isinstance(res, bool) or not isinstance(res, int) or res <= 0:
+            raise ValueError(f"tokenizer.beat_res[{key!r}]: positions per beat must be a positive int, got {res!r}")
+        beat_res[(start, end)] = res
+    expected_start = 0
+    for start, end in sorted(beat_res):
+        if start != expected_start or end <= start:
+            raise ValueError(
+                "tokenizer.beat_res: ranges must cover beats from 0 without gaps or overlaps, "
+                f"each with start < end (e.g. '0_1', '1_2', '2_4'); got {sorted(value)}"
+            )
+        expected_start = end
     return beat_res
 
 

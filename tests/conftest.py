@@ -14,7 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
-from symusic import Note, Score, Tempo, TimeSignature, Track
+from symusic import ControlChange, Note, PitchBend, Score, Tempo, TimeSignature, Track
 
 from mmm.data.pieces import tokenize_score
 from mmm.tokenizer import Vocab, build_tokenizer, train_bpe
@@ -55,7 +55,8 @@ def synthetic_score(seed: int = 0, num_bars: int = 12, tpq: int = TPQ) -> Score:
     a flute holding exactly one note per bar (single-note bars), a guitar that stops after
     bar 4 (tracks ending early get empty bars) and strings entering at bar 3 (leading empty
     bars). Two tempo changes (one at a bar start, one mid-bar). Onsets and durations are
-    off the tokenizer's grid on purpose: quantization is part of what is compared.
+    off the tokenizer's grid on purpose: quantization is part of what is compared. Control
+    changes and a pitch bend (not tokenized), one long after the guitar's last note.
     """
     rng = random.Random(seed)
     bar = 4 * tpq
@@ -102,10 +103,17 @@ def synthetic_score(seed: int = 0, num_bars: int = 12, tpq: int = TPQ) -> Score:
         if b % 3 != 2:  # and some empty bars
             start = b * bar + (0 if b % 2 == 0 else rng.randint(1, 3) * tpq)
             flute.notes.append(Note(start, rng.randint(tpq // 2, 3 * tpq), rng.randint(72, 96), vel()))
-    guitar = track("guitar", 25)
+    guitar = track("guitar", 25)  # the same riff in bars 0-3, then silent
+    riff = [rng.randint(52, 70) for _ in range(4)]
     for b in range(min(4, num_bars)):
-        for k in range(4):
-            guitar.notes.append(Note(b * bar + k * tpq + rng.randint(0, jitter), tpq // 2, rng.randint(52, 70), vel()))
+        for k, pitch in enumerate(riff):
+            guitar.notes.append(Note(b * bar + k * tpq, tpq // 2, pitch, vel()))
+    # Events that are not tokenized: they must change nothing (not even the ACs).
+    for b in range(num_bars):
+        piano.controls.append(ControlChange(b * bar, 64, 127))  # sustain pedal
+        piano.controls.append(ControlChange(b * bar + 3 * tpq, 64, 0))
+    guitar.controls.append(ControlChange((num_bars - 1) * bar + tpq, 7, 90))  # long after its last note
+    guitar.pitch_bends.append(PitchBend((num_bars - 1) * bar + 2 * tpq, 512))
     strings = track("strings", 48)
     for b in range(3, num_bars):
         strings.notes.append(Note(b * bar, bar, rng.randint(55, 67), vel()))
@@ -206,3 +214,20 @@ def bpe_tokenizer(synthetic_chunks):
 @pytest.fixture(scope="session")
 def bpe_vocab(bpe_tokenizer):
     return Vocab(bpe_tokenizer)
+
+
+REAL_FOLDERS = ("multitrack", "single_track", "abc")
+
+
+@pytest.fixture(scope="session")
+def real_files(midi_dir) -> list[Path]:
+    files = sorted(p for folder in REAL_FOLDERS for p in (midi_dir / folder).iterdir() if p.is_file())
+    assert len(files) >= 30, f"expected the shared test MIDI under {midi_dir}"
+    return files
+
+
+@pytest.fixture(scope="session")
+def real_pieces(real_files, tokenizer, vocab) -> dict:
+    """path -> (score, chunks) for every real file, with the store's default settings."""
+    settings = preprocess_settings()
+    return {path: (score := Score(path), tokenize_score(score, tokenizer, vocab, settings)) for path in real_files}
