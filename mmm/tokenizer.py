@@ -261,9 +261,10 @@ class Vocab:
         """Base-id words -> model ids; BPE never merges across words."""
         if not self.tokenizer.is_trained:
             return [i for w in words for i in w]
-        chars = self._chars
-        strings = ["".join(chars[i] for i in w) for w in words if len(w)]
-        return self.tokenizer._model.encode(strings, is_pretokenized=True).ids
+        # The BPE model itself, word by word: same ids as `Tokenizer.encode(words,
+        # is_pretokenized=True)` (tested) without its pipeline, ~7x faster.
+        chars, bpe = self._chars, self.tokenizer._model.model
+        return [t.id for w in words if len(w) for t in bpe.tokenize("".join(map(chars.__getitem__, w)))]
 
     def to_base(self, ids: Iterable[int]) -> list[int]:
         """Model ids -> base ids (decoding BPE ids directly: never through `.tokens`)."""

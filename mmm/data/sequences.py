@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Mapping, Sequence
+from itertools import accumulate, chain
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -120,6 +121,7 @@ class SequenceBuilder:
         self.cfg = dict(cfg)
         self.max_seq_len = max_seq_len
         self.rotation = pitch_class_rotation(vocab)
+        self._tables: dict[tuple[int, int], np.ndarray] = {}
         lo, hi = (int(x) for x in np.flatnonzero(vocab.pitch_id >= 0)[[0, -1]])
         self.pitch_range = (lo, hi)
 
@@ -166,7 +168,7 @@ class SequenceBuilder:
             program = chunk["programs"][t]
             if program < 0:
                 continue
-            pitches = self.vocab.pitch_of[np.fromiter((i for bar in chunk["bars"][t] for i in bar), dtype=np.int64)]
+            pitches = self.vocab.pitch_of[np.fromiter(chain.from_iterable(chunk["bars"][t]), dtype=np.int64)]
             pitches = pitches[pitches >= 0]
             if len(pitches) == 0:
                 continue
@@ -178,24 +180,38 @@ class SequenceBuilder:
         return list(range(lo_shift, hi_shift + 1)) if lo_shift <= hi_shift else [0]
 
     # -- fast path: token ids ------------------------------------------------------------
-    def augment_bar(self, bar: Sequence[int], spec: SampleSpec, drums: bool) -> list[int]:
-        ids = np.asarray(bar, dtype=np.int64)
-        v = self.vocab
-        if spec.pitch_shift and not drums:
-            pitch = v.pitch_of[ids]
+    def _augmentation_table(self, spec: SampleSpec, drums: bool) -> np.ndarray | None:
+        """base id -> augmented base id for this sample's shifts (cached: few combinations)."""
+        key = (0 if drums else spec.pitch_shift, spec.velocity_shift)
+        if key == (0, 0):
+            return None
+        if key not in self._tables:
+            v = self.vocab
+            table = np.arange(v.base_size)
+            pitch = v.pitch_of[table]
             is_pitch = pitch >= 0
-            ids[is_pitch] = v.pitch_id[pitch[is_pitch] + spec.pitch_shift]
-        if spec.velocity_shift:
-            vel = v.velocity_index_of[ids]
+            table[is_pitch] = v.pitch_id[np.clip(pitch[is_pitch] + key[0], 0, 127)]
+            vel = v.velocity_index_of[table]
             is_vel = vel >= 0
-            ids[is_vel] = v.velocity_ids[np.clip(vel[is_vel] + spec.velocity_shift, 0, len(v.velocity_ids) - 1)]
-        return ids.tolist()
+            table[is_vel] = v.velocity_ids[np.clip(vel[is_vel] + key[1], 0, len(v.velocity_ids) - 1)]
+            self._tables[key] = table
+        return self._tables[key]
+
+    def augment_bars(self, bars: Sequence[Sequence[int]], spec: SampleSpec, drums: bool) -> list[list[int]]:
+        """Pitch (not drums) and velocity shifts on ids: one table lookup for the whole track."""
+        table = self._augmentation_table(spec, drums)
+        if table is None:
+            return [list(bar) for bar in bars]
+        lengths = [len(bar) for bar in bars]
+        flat = table[np.fromiter(chain.from_iterable(bars), dtype=np.int64, count=sum(lengths))].tolist()
+        ends = list(accumulate(lengths))
+        return [flat[end - n : end] for end, n in zip(ends, lengths)]
 
     def parts(self, chunk: Mapping, spec: SampleSpec) -> dict[int, TrackPart]:
         parts = {}
         for t in spec.tracks:
             drums = chunk["programs"][t] < 0
-            part = TrackPart(program=chunk["programs"][t], bars=[self.augment_bar(b, spec, drums) for b in chunk["bars"][t]])
+            part = TrackPart(program=chunk["programs"][t], bars=self.augment_bars(chunk["bars"][t], spec, drums))
             if t == spec.target:
                 part.track_acs = [i for f in spec.track_acs for i in chunk["track_acs"][t][f]]
                 rotate = self.rotation.get(spec.pitch_shift % 12, {}) if not drums else {}
