@@ -104,15 +104,15 @@ def _process_shard(job: tuple[int, range]) -> tuple[int, dict]:
     return shard, report
 
 
-def _manifest(source, tokenizer, data_cfg: Mapping) -> dict:
+def _manifest(source, tokenizer, data_cfg: Mapping, shard_size: int) -> dict:
     return {
         "source": source.description,
         "source_fingerprint": source.fingerprint(),
         "num_files": len(source),
         "vocab_fingerprint": vocab_fingerprint(tokenizer),
-        "shard_size": data_cfg["preprocess"]["shard_size"],
+        "shard_size": shard_size,
         "split": dict(data_cfg["split"]),
-        "filters": {k: v for k, v in data_cfg["preprocess"].items() if k not in ("num_workers",)},
+        "filters": {k: v for k, v in data_cfg["preprocess"].items() if k not in ("num_workers", "shard_size")},
     }
 
 
@@ -122,14 +122,19 @@ def preprocess(data_cfg: Mapping, tokenizer_cfg: Mapping) -> dict:
     settings = dict(data_cfg["preprocess"])
     require_keys("data.preprocess", settings, PREPROCESS_KEYS)
     require_keys("data.split", data_cfg["split"], {"valid", "test"})
-    if settings["num_workers"] < 1 or settings["shard_size"] < 1:
-        raise ValueError("data.preprocess.num_workers and data.preprocess.shard_size must be >= 1")
+    if settings["num_workers"] < 1 or (settings["shard_size"] is not None and settings["shard_size"] < 1):
+        raise ValueError("data.preprocess.num_workers must be >= 1 and data.preprocess.shard_size null or >= 1")
     store = Path(data_cfg["store"])
     settings["store"] = str(store)
     params = tokenizer_cfg["params"]
     tokenizer = build_tokenizer(params)  # validates the tokenizer config before any work
     source = build_source(data_cfg["source"])
-    manifest = _manifest(source, tokenizer, data_cfg)
+    if settings["shard_size"] is None:
+        # About 64 shards, 1 to 256 files each: small corpora still spread over every worker,
+        # large ones do not drown the store in files. It depends on the corpus only, so the
+        # same store can be resumed with another number of workers.
+        settings["shard_size"] = max(1, min(256, -(-len(source) // 64)))
+    manifest = _manifest(source, tokenizer, data_cfg, settings["shard_size"])
     manifest_path = store / "manifest.json"
     if manifest_path.is_file():
         previous = json.loads(manifest_path.read_text())
