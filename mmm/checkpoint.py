@@ -94,3 +94,20 @@ def load_pretrained(path: str | Path) -> tuple[MMMTransformer, MMMTokenizer]:
         f"{path}: expected a checkpoint folder (config.json, model.safetensors, tokenizer.json), "
         "a Lightning .ckpt file or a DeepSpeed checkpoint directory"
     )
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m mmm.checkpoint <.ckpt | DeepSpeed dir> <out folder>`: export a training
+    checkpoint to the `from_pretrained` folder format."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m mmm.checkpoint", description=main.__doc__)
+    parser.add_argument("checkpoint", type=Path, help="Lightning .ckpt file or DeepSpeed checkpoint directory")
+    parser.add_argument("out", type=Path, help="folder to write (config.json, model.safetensors, tokenizer.json)")
+    args = parser.parse_args(argv)
+    model, tokenizer = load_pretrained(args.checkpoint)
+    print(save_pretrained(model, tokenizer, args.out, extra={"exported_from": str(args.checkpoint)}))
+
+
+if __name__ == "__main__":
+    main()

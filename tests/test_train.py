@@ -176,3 +176,14 @@ def test_multirun_sweep_with_submitit_local_launcher(corpus, tmp_path):
         overrides = (export.parent.parent / ".hydra" / "overrides.yaml").read_text()
         lrs |= {lr for lr in ("optim.optimizer.lr=0.001", "optim.optimizer.lr=0.002") if lr in overrides}
     assert lrs == {"optim.optimizer.lr=0.001", "optim.optimizer.lr=0.002"}
+
+
+def test_export_cli_turns_a_ckpt_into_a_folder(trained, tmp_path):
+    root, cfg, _ = trained
+    from mmm.checkpoint import main as export
+
+    export([str(Path(cfg.run_dir) / "checkpoints" / "last.ckpt"), str(tmp_path / "exported")])
+    model, _ = load_pretrained(tmp_path / "exported")
+    reference, _ = load_pretrained(Path(cfg.run_dir) / "checkpoints" / "last.ckpt")
+    for (k, a), (_, b) in zip(model.state_dict().items(), reference.state_dict().items()):
+        assert torch.equal(a, b), k
