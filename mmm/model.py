@@ -426,8 +426,9 @@ class MMMTransformer(nn.Module):
 
         return KVCache(zeros(), zeros())
 
-    def forward(self, input_ids: Tensor, cache: KVCache | None = None) -> Tensor:
-        """Logits ``[B, T, vocab]`` for ``input_ids [B, T]``.
+    def forward(self, input_ids: Tensor, cache: KVCache | None = None, last_only: bool = False) -> Tensor:
+        """Logits ``[B, T, vocab]`` for ``input_ids [B, T]`` (``[B, 1, vocab]`` with ``last_only``,
+        which spares a prompt prefill the vocabulary projection of every other position).
 
         Without a cache the tokens sit at positions 0..T-1. No attention mask is taken: training
         batches are right-padded, and with causal attention padding at the end can never influence
@@ -457,6 +458,8 @@ class MMMTransformer(nn.Module):
             h = layer(h, cos, sin, backend, mask, is_causal, cache)
         if cache is not None:
             cache.length = start + T
+        if last_only:
+            h = h[:, -1:]
         return self.lm_head(self.norm(h))
 
     def _backend(self, device: torch.device, dtype: torch.dtype) -> str:

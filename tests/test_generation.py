@@ -20,6 +20,7 @@ grammar can make the structure hold):
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 from collections import Counter
@@ -30,7 +31,7 @@ import pytest
 import torch
 from miditok import MMM as MiditokMMM
 from miditok.utils import get_bars_ticks
-from symusic import Score, Track
+from symusic import Note, Score, Tempo, TimeSignature, Track
 
 from conftest import preprocess_settings, synthetic_score
 from mmm.api import MMM, Controls, _piece_from_score
@@ -146,6 +147,12 @@ def test_grammar_walks_always_well_formed(which, vocab, bpe_vocab):
         v.tokenizer.decode([v.track_start, program, *body, v.track_end])  # always decodes
     with pytest.raises(ValueError, match="budget"):
         BarGrammar(tables, BarPlan(ts_ids[:1] * 4, [[]] * 4, v.fill_end, False), 3)
+    bounded = GrammarTables(v)  # a bounded mask cache evicts and still gives the same masks
+    bounded.max_cached = 8
+    plan = BarPlan(ts_ids[:3], [[], [], []], v.fill_end, False)
+    ids = _walk(bounded, plan, 200, random.Random(1), "random")
+    check_generated(v.to_base(ids), v, ts_ids[:3], False, "FillBar_End")
+    assert len(bounded._masks) <= 8
 
 
 def test_grammar_rejects_what_it_does_not_allow(bpe_vocab):
@@ -229,9 +236,14 @@ def test_kv_cache_loop_matches_full_recompute(bpe_vocab):
     prompt = list(range(5, 40))
     out = generate_ids(model, prompt, 20, sampling=SamplingConfig(temperature=0.0), num_threads=1)
     ids = list(prompt)
-    with torch.no_grad():
-        for _ in range(20):
-            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            for _ in range(20):
+                ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    finally:
+        torch.set_num_threads(threads)
     assert out.ids[0] == ids[len(prompt):]
     assert out.steps == 19 and out.prompt_len == len(prompt) and out.new_tokens == 20
 
@@ -242,7 +254,7 @@ def test_seed_reproduces_and_variations_differ(bpe_vocab):
 
     def run(seed):
         return generate_ids(model, prompt, 30, num_variations=3, generator=make_generator(seed, torch.device("cpu")),
-                            sampling=SamplingConfig(1.0, None, None)).ids
+                            sampling=SamplingConfig(1.0, None, None), num_threads=1).ids
 
     first = run(0)
     assert first == run(0)
@@ -277,10 +289,12 @@ def assert_infill_ok(mmm: MMM, score: Score, out: Score, t: int, a: int, b: int,
             assert len(tokens) > 0
             check_generated(tokens, v, piece.time_sigs[s.bars[0]:s.bars[1]], piece.programs[t] < 0, "FillBar_End")
             assert s.prompt_tokens + s.budget <= mmm.model.config.max_seq_len
-            assert len(v.encode_words([[i] for i in tokens])) <= s.budget
             assert s.window[0] <= s.bars[0] and s.bars[1] <= s.window[1]
+        assert s.timings["new_tokens"] <= s.budget * len(s.variations)  # model ids, every row within budget
         generated.append((s.bars, s.tokens[0]))
     assert len(out.tracks) == len(score.tracks)
+    if all(f"TimeSig_{ts.numerator}/{ts.denominator}" in v.tokenizer.vocab for ts in score.time_signatures):
+        assert _span_ticks(mmm, score, a, b)[0] == list(get_bars_ticks(score))[a]  # the score's own bar a
     assert list(out.tempos) == list(score.tempos) and list(out.time_signatures) == list(score.time_signatures)
     start, end = _span_ticks(mmm, score, a, b)
     for i, (old, new) in enumerate(zip(score.tracks, out.tracks)):
@@ -298,8 +312,9 @@ def assert_infill_ok(mmm: MMM, score: Score, out: Score, t: int, a: int, b: int,
             dec = mmm.tokenizer.decode([v.track_start, v.program_id[piece.programs[t]], *body, v.track_end])
             offset = round(piece.bar_ticks[s_a] * score.tpq / piece.tpq)
             for note in (dec.tracks[0].notes if dec.tracks else []):
-                expected[(round(note.time * score.tpq / dec.tpq) + offset, note.pitch)] += 1
-        assert Counter((int(x[0]), int(x[2])) for x in n[inside_n]) == expected
+                duration = max(1, round(note.duration * score.tpq / dec.tpq))
+                expected[(round(note.time * score.tpq / dec.tpq) + offset, duration, note.pitch, note.velocity)] += 1
+        assert Counter(tuple(int(x) for x in row) for row in n[inside_n]) == expected
     Score.from_midi(out.dumps_midi())  # writes and reads back
 
 
@@ -318,7 +333,7 @@ def assert_new_track_ok(mmm: MMM, score: Score, out: Score, program: int) -> Non
         end = "Track_End" if k == 0 else "FillBar_End"
         for tokens in s.tokens:
             check_generated(tokens, v, piece.time_sigs[s.bars[0]:s.bars[1]], program < 0, end)
-            assert len(v.encode_words([[i] for i in tokens])) <= s.budget
+        assert s.timings["new_tokens"] <= s.budget * len(s.variations)
         assert s.prompt_tokens + s.budget <= mmm.model.config.max_seq_len
         assert s.track == len(score.tracks)
     if len(new.notes):
@@ -353,7 +368,9 @@ def _check_piece(mmm: MMM, score: Score, seed: int) -> None:
 
 def test_synthetic_piece_infill_and_new_track(mmm):
     score = synthetic_score(0, 12)
+    before = [_notes(t).copy() for t in score.tracks]
     _check_piece(mmm, score, seed=0)
+    assert all(np.array_equal(b, _notes(t)) for b, t in zip(before, score.tracks))  # the input is not modified
     # the bars the API counts are the score's bars
     piece = _piece_from_score(score, mmm.tokenizer, mmm.vocab)
     assert [round(t * score.tpq / piece.tpq) for t in piece.bar_ticks] == list(get_bars_ticks(score))[: piece.num_bars]
@@ -367,6 +384,38 @@ def test_every_multitrack_file(path, mmm):
     if path is None:
         pytest.skip("MMM_TEST_MIDI is not set")
     _check_piece(mmm, Score(str(path)), seed=0)
+
+
+def mixed_meter_score() -> Score:
+    """3 bars of 3/4, 4 bars of 6/8, 3 bars of 4/4; a melody and drums."""
+    tpq = 480
+    score = Score(tpq)
+    score.tempos.append(Tempo(0, 100.0))
+    lengths = [3 * tpq] * 3 + [3 * tpq] * 4 + [4 * tpq] * 3
+    score.time_signatures.append(TimeSignature(0, 3, 4))
+    score.time_signatures.append(TimeSignature(sum(lengths[:3]), 6, 8))
+    score.time_signatures.append(TimeSignature(sum(lengths[:7]), 4, 4))
+    melody, drums = Track("melody", 0, False), Track("drums", 0, True)
+    start = 0
+    rng = random.Random(0)
+    for length in lengths:
+        for k in range(0, length, tpq // 2):
+            melody.notes.append(Note(start + k, tpq // 2, rng.randint(60, 72), 80))
+            drums.notes.append(Note(start + k, tpq // 4, 42, 90))
+        start += length
+    score.tracks.extend([melody, drums])
+    return score
+
+
+def test_mixed_time_signatures(mmm):
+    score = mixed_meter_score()
+    piece = _piece_from_score(score, mmm.tokenizer, mmm.vocab)
+    assert [mmm.vocab.token_of[i][8:] for i in piece.time_sigs] == ["3/4"] * 3 + ["6/8"] * 4 + ["4/4"] * 3
+    for t, (a, b) in ((0, (2, 5)), (1, (6, 8)), (0, (7, 10))):
+        out = mmm.infill(score, track=t, bars=(a, b), seed=0)
+        assert_infill_ok(mmm, score, out, t, a, b)
+    out = mmm.add_track(score, program=33, seed=0, max_bar_tokens=8)
+    assert_new_track_ok(mmm, score, out, 33)
 
 
 def test_base_tokenizer_without_bpe(mmm_base):
@@ -397,8 +446,6 @@ def _with_other_spans(score: Score, out: Score, t: int, a: int, b: int, mmm: MMM
     old, new = score.tracks[t].notes.numpy(), out.tracks[t].notes.numpy()
     keep_new = (new["time"] < start) | (new["time"] >= end)
     take_old = (old["time"] >= start) & (old["time"] < end)
-    from symusic import Note
-
     merged = {k: np.concatenate([new[k][keep_new], old[k][take_old]]) for k in ("time", "duration", "pitch", "velocity")}
     order = np.argsort(merged["time"], kind="stable")
     mixed.tracks[t].notes = Note.from_numpy(**{k: x[order] for k, x in merged.items()})
@@ -446,8 +493,6 @@ def test_variations_differ_and_seed_reproduces(mmm):
 
 
 def _one(step, tokens):
-    import dataclasses
-
     return dataclasses.replace(step, tokens=[tokens])
 
 
@@ -592,6 +637,12 @@ def test_controls_valid_values_accepted(mmm):
 
 
 # -- bad requests ---------------------------------------------------------------------------
+def _silent() -> Score:
+    score = Score(480)
+    score.tracks.append(Track("silent", 0, False))
+    return score
+
+
 @pytest.mark.parametrize("call, message", [
     (lambda m, s: m.infill(s, track=9, bars=(1, 2)), "unknown track 9: the score has 6 track"),
     (lambda m, s: m.infill(s, track=-1, bars=(1, 2)), "unknown track -1"),
@@ -611,6 +662,8 @@ def test_controls_valid_values_accepted(mmm):
     (lambda m, s: m.generate([0], num_bars=4, time_signature="7/8"), "time_signature '7/8'.*valid"),
     (lambda m, s: m.generate([0], num_bars=4, controls=[{}, {}]), "one mapping per program"),
     (lambda m, s: m.infill(Score(480), track=0, bars=(0, 1)), "unknown track 0"),
+    (lambda m, s: m.infill(_silent(), track=0, bars=(0, 1)), "no note the tokenizer can represent"),
+    (lambda m, s: m.generate([0], num_bars=4, tempo=0), "tempo"),
 ])
 def test_bad_requests(mmm, call, message):
     with pytest.raises(ValueError, match=message):
@@ -643,7 +696,16 @@ def test_save_and_load_pretrained(mmm, tmp_path, monkeypatch):
     assert tok.vocab == mmm.tokenizer.vocab and tok.is_trained
     assert tok._model.get_vocab_size() == mmm.vocab.size
     score = synthetic_score(0, 6)
-    assert [s.ids for s in tok.encode(score)] == [s.ids for s in mmm.tokenizer.encode(score)]
+    assert tok.encode(score).ids == mmm.tokenizer.encode(score).ids
+    # a Lightning .ckpt (what training writes) loads too
+    ckpt = tmp_path / "last.ckpt"
+    torch.save({"hyper_parameters": {"model_config": mmm.model.config.to_dict(),
+                                     "tokenizer_json": (folder / "tokenizer.json").read_text()},
+                "state_dict": {f"model.{k}": t for k, t in mmm.model.state_dict().items()}}, ckpt)
+    from_ckpt = MMM.from_pretrained(ckpt)
+    with torch.no_grad():
+        torch.testing.assert_close(from_ckpt.model(ids), mmm.model(ids))
+    assert from_ckpt.vocab.size == mmm.vocab.size
     # a hub id goes through snapshot_download
     import huggingface_hub
 
@@ -682,6 +744,9 @@ def test_import_mmm_is_light():
     import subprocess
     import sys
 
-    code = "import sys, mmm; assert 'torch' not in sys.modules and 'mmm.api' not in sys.modules; print(mmm.MMM.__name__)"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert result.stdout.strip() == "MMM"
+    import mmm as package
+    import mmm.api
+
+    code = "import sys, mmm; assert 'torch' not in sys.modules and 'mmm.api' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+    assert package.MMM is mmm.api.MMM

@@ -270,3 +270,14 @@ def test_tiny_model_overfits_one_batch():
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_last_only_gives_the_last_position_logits():
+    cfg = model_config_from_preset("tiny", vocab_size=50, max_seq_len=32)
+    model = MMMTransformer(cfg).eval()
+    ids = torch.randint(0, 50, (2, 12))
+    full = model(ids)
+    cache = model.new_cache(2, 32)
+    last = model(ids, cache, last_only=True)
+    assert last.shape == (2, 1, 50)
+    torch.testing.assert_close(last[:, 0], full[:, -1], atol=1e-5, rtol=1e-5)

@@ -151,7 +151,7 @@ def tokenize_score(score: Score, tokenizer: MMM, vocab: Vocab, cfg) -> list[Chun
         chunk_bars = [[list(bar) for bar in bars[first:last]] for bars in track_bars]
         if first > 0:
             for bars, chunk in zip(track_bars, chunk_bars):
-                _carry_tempo(bars[:first], chunk[0], vocab)
+                carry_tempo(bars[:first], chunk[0], vocab)
         track_acs, bar_acs, n = [], [], 0
         for track in note_tracks:
             clipped = track.clip(start, end, clip_end=False).shift_time(-start)
@@ -173,7 +173,7 @@ def tokenize_score(score: Score, tokenizer: MMM, vocab: Vocab, cfg) -> list[Chun
     return chunks
 
 
-def _carry_tempo(previous_bars: list[list[int]], bar: list[int], vocab: Vocab) -> None:
+def carry_tempo(previous_bars: list[list[int]], bar: list[int], vocab: Vocab) -> None:
     """Give a chunk's first bar the tempo in force (REMI writes tempos only where they change),
     laid out as REMI would: `Bar TimeSig Position_0 Tempo ...`."""
     i = 2 if len(bar) > 1 and vocab.token_of[bar[1]].startswith("TimeSig") else 1

@@ -1,0 +1,731 @@
+"""`MMM`: load a checkpoint, then infill bars, add a track or write a piece from scratch.
+
+    from mmm import MMM
+    model = MMM.from_pretrained("runs/demo/model")          # folder, .ckpt or hub id
+    out = model.infill("song.mid", track=1, bars=(8, 12), controls={"note_density": 6})
+    out = model.add_track(out, program=33, track_controls={"repetition": 0.5})
+    out = model.generate(programs=[0, 33, -1], num_bars=16, seed=0)
+
+Prompts are built exactly like training samples (`mmm.data.sequences.assemble`): the target
+bars become `Infill_Bar` and the model writes them after `FillBar_Start`; a new track is
+written after `Track_Start Program [track ACs]`. The grammar (`mmm.grammar`) makes every
+output well formed. The result is the *input* score with the generated notes spliced in: the
+target track's notes whose onset lies in the span are replaced, everything else is left
+untouched (no re-rendering from tokens).
+
+Bars are counted as the tokenizer sees the piece (bar 0 starts at tick 0), spans are
+`(start, end)` with `end` excluded. When a prompt would not fit the model context, a window
+of bars around the span is kept (`bars_before` / `bars_after`, then shrunk automatically) and
+context tracks are dropped if still needed; long spans and long new tracks are generated in
+several segments, each seeing the previous ones.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from miditok import MMM as MMMTokenizer
+from miditok.constants import MIDI_INSTRUMENTS
+from miditok.utils import get_bars_ticks
+from symusic import Note, Score, Tempo, TimeSignature, Track
+
+from mmm.checkpoint import load_pretrained, save_pretrained
+from mmm.data.pieces import Rejected, carry_tempo, score_to_bars
+from mmm.data.sequences import SampleSpec, TrackPart, assemble
+from mmm.generation import SamplingConfig, generate_ids, make_generator
+from mmm.grammar import BarPlan, GrammarTables, make_grammar, time_signature_of
+from mmm.model import MMMTransformer
+from mmm.tokenizer import Vocab
+
+DEFAULT_MAX_BAR_TOKENS = 64
+
+
+# --- request checks (usable without a model) -------------------------------------------------
+def read_score(score: Score | str | Path) -> Score:
+    """A `symusic.Score` from a Score or a MIDI/ABC path, with clear errors."""
+    if isinstance(score, Score):
+        return score
+    if not isinstance(score, (str, Path)):
+        raise TypeError(f"score must be a symusic.Score or a file path, got {type(score).__name__}")
+    path = Path(score)
+    if not path.is_file():
+        raise FileNotFoundError(f"input file not found: {path}")
+    try:
+        return Score(str(path))
+    except Exception as err:  # symusic raises RuntimeError/ValueError on corrupt files
+        raise ValueError(f"cannot read {path} as MIDI/ABC: {err}") from None
+
+
+def describe_tracks(score: Score) -> str:
+    return ", ".join(
+        f"{i}: {t.name or '?'!r} ({'drums' if t.is_drum else f'program {t.program}'}, {len(t.notes)} notes)"
+        for i, t in enumerate(score.tracks)
+    )
+
+
+def check_tracks(track: int | Sequence[int], score: Score) -> list[int]:
+    tracks = [track] if isinstance(track, (int, np.integer)) else list(track)
+    if not tracks:
+        raise ValueError("track: give a track index or a non-empty list of them")
+    n = len(score.tracks)
+    for t in tracks:
+        if isinstance(t, bool) or not isinstance(t, (int, np.integer)) or not 0 <= t < n:
+            raise ValueError(
+                f"unknown track {t!r}: the score has {n} track(s), valid indices 0..{n - 1} ({describe_tracks(score)})"
+            )
+    if len(set(tracks)) != len(tracks):
+        raise ValueError(f"track: duplicated index in {tracks}")
+    return [int(t) for t in tracks]
+
+
+def check_spans(bars: Sequence, num_bars: int) -> list[tuple[int, int]]:
+    """`(start, end)` or a list of them -> validated, non-overlapping spans."""
+    if isinstance(bars, Sequence) and len(bars) == 2 and all(isinstance(x, (int, np.integer)) for x in bars):
+        spans = [tuple(bars)]
+    elif isinstance(bars, Sequence) and len(bars) > 0 and all(isinstance(s, Sequence) and len(s) == 2 for s in bars):
+        spans = [tuple(s) for s in bars]
+    else:
+        raise ValueError(f"bars must be (start, end) or a list of (start, end) spans, got {bars!r}")
+    out = []
+    for a, b in spans:
+        if any(isinstance(x, bool) or not isinstance(x, (int, np.integer)) for x in (a, b)) or not 0 <= a < b <= num_bars:
+            raise ValueError(
+                f"bars ({a}, {b}) out of range: the piece has {num_bars} bars; a span is (start, end) "
+                f"with 0 <= start < end <= {num_bars} (end excluded)"
+            )
+        out.append((int(a), int(b)))
+    ordered = sorted(out)
+    for (a1, b1), (a2, _) in zip(ordered, ordered[1:]):
+        if a2 < b1:
+            raise ValueError(f"bars: spans {ordered} overlap")
+    return out
+
+
+def check_program(program: Any, tokenizer: MMMTokenizer | None = None) -> int:
+    allowed = tokenizer.config.programs if tokenizer is not None else range(-1, 128)
+    if isinstance(program, bool) or not isinstance(program, (int, np.integer)) or program not in allowed:
+        raise ValueError(f"program {program!r} is not valid: use -1 (drums) or a General MIDI program 0..127")
+    return int(program)
+
+
+def count_bars(score: Score, tokenizer: MMMTokenizer | None = None) -> int:
+    """Bars of the piece as the API counts them (with the tokenizer: exactly; without: the score's
+    bars up to its last onset, which can differ by a few bars)."""
+    if sum(len(t.notes) for t in score.tracks) == 0:
+        return 0
+    if tokenizer is None:
+        return len(get_bars_ticks(score, only_notes_onsets=True))
+    try:
+        return _piece_from_score(score, tokenizer, Vocab(tokenizer)).num_bars
+    except ValueError:
+        return 0
+
+
+# --- attribute controls ----------------------------------------------------------------------
+_DURATIONS = {"Whole": "whole", "Half": "half", "Quarter": "quarter", "Eight": "eighth",
+              "Sixteenth": "sixteenth", "ThirtySecond": "thirty_second"}
+_CONTROL_NAMES = {
+    "ACBarOnsetPolyphonyMin": "polyphony_min", "ACBarOnsetPolyphonyMax": "polyphony_max",
+    "ACBarPitchClass": "pitch_classes", "ACBarNoteDensity": "note_density", "ACBarNoteDuration": "note_durations",
+    "ACTrackOnsetPolyphonyMin": "polyphony_min", "ACTrackOnsetPolyphonyMax": "polyphony_max",
+    "ACTrackNoteDensityMin": "note_density_min", "ACTrackNoteDensityMax": "note_density_max",
+    "ACTrackNoteDuration": "note_durations", "ACTrackRepetition": "repetition",
+}
+
+
+@dataclass
+class _Control:
+    name: str
+    family: int  # order of emission
+    kind: str  # "int" | "set" | "durations" | "float"
+    values: dict = field(default_factory=dict)  # value -> base id ("durations": name -> [id_0, id_1])
+    order: int = 0  # order inside the family (min before max)
+    at_least: bool = False  # the top int value means "this many or more" (e.g. note density 18+)
+
+    def describe(self) -> str:
+        if self.kind == "int":
+            lo, hi = min(self.values), max(self.values)
+            return f"{self.name}: int {lo}..{hi}" + (f" ({hi} means {hi} or more)" if self.at_least else "")
+        if self.kind == "set":
+            return f"{self.name}: list of ints among {sorted(self.values)}"
+        if self.kind == "durations":
+            return f"{self.name}: list among {list(self.values)}"
+        return f"{self.name}: float in [0, 1] (snapped to {sorted(self.values)})"
+
+
+class Controls:
+    """Attribute controls by name, validated against the tokenizer's AC families.
+
+    Bar level (``controls=``): polyphony_min, polyphony_max (onset polyphony), pitch_classes
+    (list of 0..11), note_density (notes in the bar), note_durations (list of whole, half,
+    quarter, eighth, sixteenth: the durations present). Track level (``track_controls=``):
+    polyphony_min, polyphony_max, note_density_min, note_density_max (notes per bar),
+    note_durations, repetition (0..1, snapped to the tokenizer's bins).
+    """
+
+    def __init__(self, tokenizer: MMMTokenizer, vocab: Vocab) -> None:
+        self.vocab = vocab
+        self.bar: dict[str, _Control] = {}
+        self.track: dict[str, _Control] = {}
+        for family, ac in enumerate(tokenizer.attribute_controls):
+            level = self.bar if family in vocab.bar_acs else self.track
+            computed = getattr(ac, "factors", None)
+            for token in ac.tokens:
+                type_, value = token.split("_", 1)
+                base_id = tokenizer.vocab[token]
+                duration = next((d for d in _DURATIONS if type_.endswith("NoteDuration" + d)), None)
+                if duration is not None:
+                    durations = list(_DURATIONS)[: len(computed) if computed is not None else len(_DURATIONS)]
+                    if duration not in durations:
+                        continue  # miditok never computes it: the model never saw it set
+                    prefix = type_[: -len(duration)]
+                    ctl = level.setdefault(_CONTROL_NAMES[prefix], _Control(_CONTROL_NAMES[prefix], family, "durations"))
+                    ctl.values.setdefault(_DURATIONS[duration], [None, None])[int(value)] = base_id
+                    continue
+                name = _CONTROL_NAMES.get(type_)
+                if name is None:
+                    continue
+                kind = "set" if type_ == "ACBarPitchClass" else "float" if type_ == "ACTrackRepetition" else "int"
+                ctl = level.setdefault(name, _Control(name, family, kind, order=int(type_.endswith("Max"))))
+                if kind == "float":
+                    ctl.values[float(value)] = base_id
+                else:
+                    ctl.values[int(value.rstrip("+"))] = base_id
+                    ctl.at_least |= value.endswith("+")
+
+    def describe(self, level: str) -> str:
+        table = self.bar if level == "bar" else self.track
+        return "; ".join(c.describe() for c in table.values()) or "(none: this tokenizer has no attribute controls)"
+
+    def _ids(self, level: str, controls: Mapping[str, Any]) -> list[int]:
+        table = self.bar if level == "bar" else self.track
+        arg = "controls" if level == "bar" else "track_controls"
+        if not isinstance(controls, Mapping):
+            raise ValueError(f"{arg} must be a mapping of control name -> value, got {controls!r}")
+        out: list[tuple[int, int, int, int]] = []  # (family, order, rank, id)
+        for name, value in controls.items():
+            ctl = table.get(name)
+            if ctl is None:
+                raise ValueError(f"{arg}: unknown control {name!r}; valid {level}-level controls: {self.describe(level)}")
+            bad = ValueError(f"{arg}: invalid value {value!r} for {ctl.describe()}")
+            if ctl.kind == "int":
+                if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or int(value) not in ctl.values:
+                    raise bad
+                out.append((ctl.family, ctl.order, 0, ctl.values[int(value)]))
+            elif ctl.kind == "float":
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+                    raise bad
+                nearest = min(ctl.values, key=lambda b: abs(b - value))
+                out.append((ctl.family, ctl.order, 0, ctl.values[nearest]))
+            elif ctl.kind == "set":
+                if isinstance(value, (str, Mapping)) or not isinstance(value, (Sequence, set, frozenset)):
+                    raise bad
+                items = list(value)
+                if not items or any(isinstance(x, bool) or not isinstance(x, (int, np.integer)) or int(x) not in ctl.values for x in items):
+                    raise bad
+                out.extend((ctl.family, ctl.order, int(x), ctl.values[int(x)]) for x in sorted(set(int(x) for x in items)))
+            else:  # durations: emit every family token, 1 for the listed durations
+                if isinstance(value, (str, Mapping)) or not isinstance(value, (Sequence, set, frozenset)):
+                    raise bad
+                if any(x not in ctl.values for x in value):
+                    raise bad
+                for rank, (dname, ids) in enumerate(ctl.values.items()):
+                    out.append((ctl.family, ctl.order, rank, ids[int(dname in value)]))
+        return [i for *_, i in sorted(out)]
+
+    def track_ids(self, track_controls: Mapping[str, Any] | None) -> list[int]:
+        """Base ids of the track ACs, in the order training sequences hold them."""
+        return self._ids("track", track_controls) if track_controls else []
+
+    def bar_ids(self, controls: Mapping | None, bars: Sequence[int]) -> dict[int, list[int]]:
+        """Base ids of the bar ACs of each bar in `bars` (absolute indices). `controls` is one
+        mapping for every bar, or ``{bar_index: mapping}``."""
+        if not controls:
+            return {}
+        if not isinstance(controls, Mapping):
+            raise ValueError(f"controls must be a mapping, got {controls!r}")
+        keys = list(controls)
+        per_bar = all(isinstance(k, (int, np.integer)) and not isinstance(k, bool) for k in keys)
+        if per_bar:
+            outside = sorted(set(int(k) for k in keys) - set(bars))
+            if outside:
+                raise ValueError(f"controls given for bar(s) {outside} that are not generated (generated bars: {list(bars)})")
+            return {int(k): self._ids("bar", v) for k, v in controls.items() if v}
+        if any(isinstance(k, (int, np.integer)) for k in keys):
+            raise ValueError("controls: give either one mapping of controls, or {bar_index: mapping}, not both")
+        ids = self._ids("bar", controls)
+        return {b: ids for b in bars}
+
+
+# --- the piece being worked on -----------------------------------------------------------
+@dataclass
+class _Piece:
+    """Bars of base ids for every track (input order), kept in sync with the output score."""
+
+    programs: list[int]
+    bars: list[list[list[int]]]
+    empty: list[bool]  # no notes: left out of the context unless targeted
+    source: list[int]  # output score track index of each track
+    time_sigs: list[int]  # TimeSig base id of each bar
+    bar_ticks: list[int]  # start tick of each bar, in `tpq`
+    tpq: int
+    _lengths: dict = field(default_factory=dict)  # track -> cumulative model-id lengths
+
+    @property
+    def num_bars(self) -> int:
+        return len(self.time_sigs)
+
+    def copy(self) -> _Piece:
+        return _Piece(list(self.programs), [[list(b) for b in t] for t in self.bars], list(self.empty),
+                      list(self.source), list(self.time_sigs), list(self.bar_ticks), self.tpq)
+
+    def cumlen(self, t: int, vocab: Vocab) -> np.ndarray:
+        c = self._lengths.get(t)
+        if c is None:
+            lengths = [len(vocab.encode_words([bar])) for bar in self.bars[t]]
+            c = self._lengths[t] = np.concatenate([[0], np.cumsum(lengths)])
+        return c
+
+    def set_bars(self, t: int, start: int, bars: list[list[int]]) -> None:
+        self.bars[t][start:start + len(bars)] = bars
+        self._lengths.pop(t, None)
+
+
+def _empty_bar(ts: int, vocab: Vocab) -> list[int]:
+    return [vocab.bar, ts]
+
+
+def _ticks_per_bar(ts_token: str, tpq: int) -> int:
+    num, den = time_signature_of(ts_token)
+    return num * tpq * 4 // den
+
+
+def _piece_from_score(score: Score, tokenizer: MMMTokenizer, vocab: Vocab) -> _Piece:
+    marked = score.copy()
+    for i, track in enumerate(marked.tracks):
+        track.name = str(i)  # survives preprocessing: maps tokenized tracks to input tracks
+    try:
+        sb = score_to_bars(marked, tokenizer, vocab)
+    except Rejected as err:
+        if err.reason == "no_notes":
+            raise ValueError("the score has no note the tokenizer can represent: "
+                             "use MMM.generate to start from scratch") from None
+        raise ValueError(f"cannot tokenize the score: {err}") from None
+    origin = [int(t.name) for t in sb.score.tracks]
+    if len(origin) != len(sb.bars):
+        raise RuntimeError("score_to_bars must return one bar list per preprocessed track")
+    time_sigs = [next(i for i in bar if vocab.is_time_sig[i]) for bar in sb.bars[0]]
+    by_input = dict(zip(origin, range(len(origin))))
+    programs, bars, empty = [], [], []
+    for i, track in enumerate(score.tracks):
+        j = by_input.get(i)
+        if j is None:  # preprocessing dropped it (no note in range): still addressable
+            programs.append(-1 if track.is_drum else int(track.program))
+            bars.append([_empty_bar(ts, vocab) for ts in time_sigs])
+            empty.append(True)
+        else:
+            programs.append(sb.programs[j])
+            bars.append(sb.bars[j])
+            empty.append(False)
+    return _Piece(programs, bars, empty, list(range(len(score.tracks))), time_sigs, list(sb.bar_ticks), sb.score.tpq)
+
+
+# --- report ------------------------------------------------------------------------------
+@dataclass
+class GenerationStep:
+    task: str  # "infill" | "track"
+    track: int  # output score track index
+    bars: tuple[int, int]
+    program: int
+    variations: list[int]  # which variations this run produced
+    prompt_tokens: int
+    budget: int
+    window: tuple[int, int]  # bars of context kept
+    context_tracks: list[int]  # output track indices in the prompt (target excluded)
+    tokens: list[list[int]]  # per variation: generated base ids (bar ACs and end token included)
+    timings: dict
+    prompt: list[int] = field(repr=False, default_factory=list)  # model ids
+
+
+@dataclass
+class GenerationReport:
+    steps: list[GenerationStep] = field(default_factory=list)
+    regions: list[list[tuple[int, int, int]]] = field(default_factory=list)  # per variation: (track, start, end) ticks
+
+    def summary(self) -> dict:
+        prefill = sum(s.timings["prefill_s"] for s in self.steps)
+        decode = sum(s.timings["decode_s"] for s in self.steps)
+        tokens = sum(s.timings["new_tokens"] for s in self.steps)
+        return {"generations": len(self.steps), "prefill_s": round(prefill, 4), "decode_s": round(decode, 4),
+                "new_tokens": tokens, "tokens_per_s": round(tokens / decode, 1) if decode > 0 else None}
+
+
+# --- the model -----------------------------------------------------------------------------
+class MMM:
+    """A trained MMM model with its tokenizer, ready to generate."""
+
+    def __init__(self, model: MMMTransformer, tokenizer: MMMTokenizer, device: str | torch.device | None = None,
+                 max_bar_tokens: int = DEFAULT_MAX_BAR_TOKENS, num_threads: int | None = None) -> None:
+        """`max_bar_tokens`: generation budget per bar (model ids); `num_threads`: torch CPU
+        threads while sampling (None: torch's setting)."""
+        self.tokenizer = tokenizer
+        self.vocab = Vocab(tokenizer)
+        if model.config.vocab_size < self.vocab.size:
+            raise ValueError(f"model vocab_size {model.config.vocab_size} < tokenizer vocab size {self.vocab.size}")
+        self.model = model.to(device) if device is not None else model
+        self.model.eval()
+        self.controls = Controls(tokenizer, self.vocab)
+        self.max_bar_tokens = max_bar_tokens
+        self.num_threads = num_threads
+        self.tables = GrammarTables.of(self.vocab)
+        self.last_report: GenerationReport | None = None
+
+    # -- loading / saving ------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path_or_hub_id: str | Path, device: str | torch.device | None = None,
+                        revision: str | None = None, cache_dir: str | Path | None = None,
+                        token: str | None = None, **kwargs: Any) -> MMM:
+        """From a checkpoint folder, a Lightning `.ckpt`, a DeepSpeed dir, or a Hugging Face hub
+        repo id (downloaded with `huggingface_hub.snapshot_download`)."""
+        path = Path(path_or_hub_id)
+        if not path.exists():
+            text = str(path_or_hub_id)
+            if text.count("/") != 1 or text.startswith((".", "/", "~")) or text.endswith((".ckpt", ".json")):
+                raise FileNotFoundError(f"{text}: no such checkpoint folder/file, and not a hub repo id ('owner/name')")
+            from huggingface_hub import snapshot_download
+
+            path = Path(snapshot_download(repo_id=text, revision=revision, cache_dir=cache_dir, token=token))
+        model, tokenizer = load_pretrained(path)
+        return cls(model, tokenizer, device=device, **kwargs)
+
+    def save_pretrained(self, folder: str | Path) -> Path:
+        """Write `config.json` + `model.safetensors` + `tokenizer.json` (loadable by `from_pretrained`
+        and by `miditok.MMM.from_pretrained(folder)`)."""
+        return save_pretrained(self.model, self.tokenizer, folder)
+
+    def push_to_hub(self, repo_id: str, private: bool | None = None, token: str | None = None,
+                    commit_message: str = "Upload MMM model") -> str:
+        """Upload the checkpoint folder to the Hugging Face hub; returns the commit URL."""
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = self.save_pretrained(Path(tmp) / "model")
+            return str(api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message))
+
+    # -- public tasks ----------------------------------------------------------------------
+    def infill(self, score: Score | str | Path, track: int | Sequence[int], bars: Sequence,
+               controls: Mapping | Sequence[Mapping] | None = None,
+               track_controls: Mapping | Sequence[Mapping] | None = None, *,
+               temperature: float = 1.0, top_k: int | None = None, top_p: float | None = 0.95,
+               seed: int | None = None, num_variations: int = 1, bars_before: int | None = None,
+               bars_after: int | None = None, max_bar_tokens: int | None = None) -> Score | list[Score]:
+        """Rewrite bars `bars` (`(start, end)`, end excluded, or a list of spans) of track(s)
+        `track` (index into `score.tracks`). Several tracks/spans are generated one after the
+        other, each seeing the previous results. `controls` / `track_controls` may be a list
+        with one entry per track."""
+        score = read_score(score)
+        tracks = check_tracks(track, score)
+        self._check_window(bars_before, bars_after)
+        bar_ctl, track_ctl = self._per_track(controls, len(tracks), "tracks"), self._per_track(track_controls, len(tracks), "tracks")
+        piece = _piece_from_score(score, self.tokenizer, self.vocab)
+        spans = check_spans(bars, piece.num_bars)
+        run = self._run(score, piece, temperature, top_k, top_p, seed, num_variations, max_bar_tokens)
+        jobs = []
+        for k, t in enumerate(tracks):
+            generated = [b for a, e in spans for b in range(a, e)]
+            acs = self.controls.bar_ids(bar_ctl[k], generated)
+            tacs = self.controls.track_ids(track_ctl[k])
+            jobs.extend((t, a, e, acs, tacs) for a, e in spans)
+        for t, a, e, acs, tacs in jobs:
+            run.infill(t, a, e, acs, tacs, bars_before, bars_after)
+        return run.finish()
+
+    def add_track(self, score: Score | str | Path, program: int,
+                  controls: Mapping | None = None, track_controls: Mapping | None = None, *,
+                  temperature: float = 1.0, top_k: int | None = None, top_p: float | None = 0.95,
+                  seed: int | None = None, num_variations: int = 1,
+                  max_bar_tokens: int | None = None) -> Score | list[Score]:
+        """Write a new track (`program`, -1 = drums) over every bar of `score`; it is appended
+        as the last track of the output."""
+        score = read_score(score)
+        program = check_program(program, self.tokenizer)
+        piece = _piece_from_score(score, self.tokenizer, self.vocab)
+        acs = self.controls.bar_ids(controls, range(piece.num_bars))
+        tacs = self.controls.track_ids(track_controls)
+        run = self._run(score, piece, temperature, top_k, top_p, seed, num_variations, max_bar_tokens)
+        run.new_track(program, acs, tacs)
+        return run.finish()
+
+    def generate(self, programs: Sequence[int], num_bars: int,
+                 controls: Mapping | Sequence[Mapping] | None = None,
+                 track_controls: Mapping | Sequence[Mapping] | None = None, *,
+                 time_signature: str | tuple[int, int] = (4, 4), tempo: float = 120.0, tpq: int = 480,
+                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = 0.95,
+                 seed: int | None = None, num_variations: int = 1,
+                 max_bar_tokens: int | None = None) -> Score | list[Score]:
+        """Write a piece from scratch: one track per program (-1 = drums), in order, each seeing
+        the previous ones; `num_bars` bars in `time_signature` at `tempo`."""
+        if isinstance(programs, (int, np.integer)) or not programs:
+            raise ValueError("programs must be a non-empty list of programs (-1 = drums)")
+        programs = [check_program(p, self.tokenizer) for p in programs]
+        if isinstance(num_bars, bool) or not isinstance(num_bars, (int, np.integer)) or num_bars < 1:
+            raise ValueError(f"num_bars must be a positive integer, got {num_bars!r}")
+        ts = self._time_signature(time_signature)
+        if isinstance(tempo, bool) or not isinstance(tempo, (int, float)) or tempo <= 0:
+            raise ValueError(f"tempo must be a positive number of quarter notes per minute, got {tempo!r}")
+        if isinstance(tpq, bool) or not isinstance(tpq, (int, np.integer)) or tpq < 1:
+            raise ValueError(f"tpq must be a positive integer (ticks per quarter note), got {tpq!r}")
+        bar_ctl, track_ctl = self._per_track(controls, len(programs), "programs"), self._per_track(track_controls, len(programs), "programs")
+        acs = [self.controls.bar_ids(c, range(num_bars)) for c in bar_ctl]
+        tacs = [self.controls.track_ids(c) for c in track_ctl]
+        score = Score(tpq)
+        num, den = time_signature_of(self.vocab.token_of[ts])
+        score.time_signatures.append(TimeSignature(0, num, den))
+        score.tempos.append(Tempo(0, float(tempo)))
+        per_bar = _ticks_per_bar(self.vocab.token_of[ts], tpq)
+        piece = _Piece([], [], [], [], [ts] * num_bars, [b * per_bar for b in range(num_bars)], tpq)
+        run = self._run(score, piece, temperature, top_k, top_p, seed, num_variations, max_bar_tokens)
+        for program, a, ta in zip(programs, acs, tacs):
+            run.new_track(program, a, ta)
+        return run.finish()
+
+    # -- helpers ---------------------------------------------------------------------------
+    def _time_signature(self, ts: str | tuple[int, int]) -> int:
+        text = ts if isinstance(ts, str) else "/".join(str(x) for x in ts)
+        base = self.tokenizer.vocab.get(f"TimeSig_{text}")
+        if base is None:
+            valid = sorted(t.split("_", 1)[1] for t in self.tokenizer.vocab if t.startswith("TimeSig_"))
+            raise ValueError(f"time_signature {text!r} is not in the tokenizer's vocabulary; valid: {valid}")
+        return base
+
+    @staticmethod
+    def _per_track(value: Any, n: int, what: str) -> list:
+        if isinstance(value, (list, tuple)):
+            if len(value) != n:
+                raise ValueError(f"a list of controls needs one mapping per {what[:-1]} ({n}), got {len(value)}")
+            return list(value)
+        return [value] * n
+
+    @staticmethod
+    def _check_window(bars_before: Any, bars_after: Any) -> None:
+        for name, v in (("bars_before", bars_before), ("bars_after", bars_after)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0):
+                raise ValueError(f"{name} must be None or an integer >= 0, got {v!r}")
+
+    def _run(self, score: Score, piece: _Piece, temperature: float, top_k: int | None, top_p: float | None,
+             seed: int | None, num_variations: int, max_bar_tokens: int | None) -> _Run:
+        if isinstance(num_variations, bool) or not isinstance(num_variations, (int, np.integer)) or num_variations < 1:
+            raise ValueError(f"num_variations must be a positive integer, got {num_variations!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
+            raise ValueError(f"seed must be an integer or None, got {seed!r}")
+        bar_tokens = self.max_bar_tokens if max_bar_tokens is None else max_bar_tokens
+        if isinstance(bar_tokens, bool) or not isinstance(bar_tokens, (int, np.integer)) or bar_tokens < 4:
+            raise ValueError(f"max_bar_tokens must be an integer >= 4, got {bar_tokens!r}")
+        sampling = SamplingConfig(temperature, top_k, top_p)
+        sampling.validate()
+        device = self.model.embed_tokens.weight.device
+        return _Run(self, score, piece, sampling, make_generator(seed, device), int(num_variations), int(bar_tokens))
+
+
+class _Run:
+    """One API call: per-variation pieces and output scores, updated after each generation."""
+
+    def __init__(self, mmm: MMM, score: Score, piece: _Piece, sampling: SamplingConfig,
+                 generator: torch.Generator, num_variations: int, max_bar_tokens: int) -> None:
+        self.mmm, self.vocab, self.tables = mmm, mmm.vocab, mmm.tables
+        self.max_len = mmm.model.config.max_seq_len
+        self.sampling, self.generator, self.n = sampling, generator, num_variations
+        self.max_bar_tokens = max_bar_tokens
+        self.pieces = [piece] + [piece.copy() for _ in range(num_variations - 1)]
+        self.scores = [score.copy() for _ in range(num_variations)]
+        self.report = GenerationReport(regions=[[] for _ in range(num_variations)])
+        self.diverged = False  # once True, each variation has its own prompt
+
+    # -- sizes -----------------------------------------------------------------------------
+    def max_span(self) -> int:
+        """Bars per generation: their budget takes at most half the context."""
+        return max(1, (self.max_len // 2) // self.max_bar_tokens)
+
+    def budget(self, num_bars: int, acs: int, min_prompt: int) -> int:
+        want = num_bars * self.max_bar_tokens + acs + 2
+        return min(want, self.max_len - min_prompt)
+
+    # -- tasks -----------------------------------------------------------------------------
+    def infill(self, t: int, a: int, b: int, acs: dict[int, list[int]], tacs: list[int],
+               bars_before: int | None, bars_after: int | None) -> None:
+        step = self.max_span()
+        for s in range(a, b, step):
+            self._generate("infill", t, s, min(b, s + step), acs, tacs, bars_before, bars_after)
+
+    def new_track(self, program: int, acs: dict[int, list[int]], tacs: list[int]) -> None:
+        for v in range(self.n):
+            piece, score = self.pieces[v], self.scores[v]
+            name = "Drums" if program < 0 else MIDI_INSTRUMENTS[program]["name"]
+            score.tracks.append(Track(name, max(program, 0), program < 0))
+            piece.programs.append(program)
+            piece.bars.append([_empty_bar(ts, self.vocab) for ts in piece.time_sigs])
+            piece.empty.append(True)
+            piece.source.append(len(score.tracks) - 1)
+        t = len(self.pieces[0].programs) - 1
+        nb = self.pieces[0].num_bars
+        first = min(nb, self.max_span())
+        self._generate("track", t, 0, first, acs, tacs, None, None)
+        step = self.max_span()
+        for s in range(first, nb, step):  # the rest: infill the new track, no bars after the span
+            self._generate("infill", t, s, min(nb, s + step), acs, tacs, None, 0)
+
+    # -- one generation (batched over variations while their prompts are equal) -------------
+    def _generate(self, task: str, t: int, a: int, b: int, acs: dict[int, list[int]], tacs: list[int],
+                  bars_before: int | None, bars_after: int | None) -> None:
+        groups = [list(range(self.n))] if not self.diverged else [[v] for v in range(self.n)]
+        for group in groups:
+            piece = self.pieces[group[0]]
+            bar_acs = [[self.tables.model_id(i) for i in acs.get(bar, [])] for bar in range(a, b)]
+            n_acs = sum(len(x) for x in bar_acs)
+            header = 1 + 3 + len(tacs) + (b - a + 1 if task == "infill" else 0)
+            budget = self.budget(b - a, n_acs, header)
+            prompt, window, context = self._prompt(task, piece, t, a, b, tacs, self.max_len - budget,
+                                                   bars_before, bars_after)
+            end_id = self.vocab.fill_end if task == "infill" else self.vocab.track_end
+            plan = BarPlan(piece.time_sigs[a:b], bar_acs, end_id, piece.programs[t] < 0)
+            grammars = [make_grammar(self.vocab, plan, budget) for _ in group]
+            out = generate_ids(self.mmm.model, prompt, budget, grammars, len(group), self.sampling, self.generator,
+                               num_threads=self.mmm.num_threads)
+            tokens = out.base_ids(self.vocab)
+            for v, base in zip(group, tokens):
+                self._apply(v, t, a, b, base)
+            self.report.steps.append(GenerationStep(
+                task, piece.source[t], (a, b), piece.programs[t], group, len(prompt), budget,
+                window, [piece.source[k] for k in context], tokens, out.timings(), prompt))
+        if self.n > 1:
+            self.diverged = True
+
+    def _prompt(self, task: str, piece: _Piece, t: int, a: int, b: int, tacs: list[int], limit: int,
+                bars_before: int | None, bars_after: int | None) -> tuple[list[int], tuple[int, int], list[int]]:
+        """Model ids of the prompt, fitted under `limit` (window of bars, then fewer tracks)."""
+        vocab = self.vocab
+        nb = piece.num_bars
+        if task == "infill":
+            lo = 0 if bars_before is None else max(0, a - bars_before)
+            hi = nb if bars_after is None else min(nb, b + bars_after)
+        else:
+            lo, hi = a, b
+        context = [k for k in range(len(piece.programs)) if k != t and not piece.empty[k]]
+
+        def estimate() -> int:
+            total = 1 + (1 if task == "infill" else 0) + len(tacs)
+            for k in context + [t]:
+                c = piece.cumlen(k, vocab)
+                if k == t and task == "infill":
+                    total += 3 + int(c[a] - c[lo] + c[hi] - c[b]) + (b - a)
+                elif k == t:
+                    total += 2
+                else:
+                    total += 3 + int(c[hi] - c[lo])
+            return total
+
+        def biggest_context_track() -> int:
+            return max(context, key=lambda k: piece.cumlen(k, vocab)[hi] - piece.cumlen(k, vocab)[lo])
+
+        while True:
+            if estimate() <= limit:
+                ids = vocab.encode_words(self._words(task, piece, t, a, b, lo, hi, context, tacs))
+                if len(ids) <= limit:
+                    return ids, (lo, hi), context
+            if lo < a or hi > b:
+                if lo < a and (a - lo >= hi - b):
+                    lo += 1
+                else:
+                    hi -= 1
+            elif context:
+                context.remove(biggest_context_track())
+            else:
+                raise ValueError(
+                    f"bars {a}..{b} of track {piece.source[t]} do not fit the model context "
+                    f"({self.max_len} tokens) even without context: lower max_bar_tokens"
+                )
+
+    def _words(self, task: str, piece: _Piece, t: int, a: int, b: int, lo: int, hi: int,
+               context: list[int], tacs: list[int]) -> list[list[int]]:
+        def window(k: int) -> list[list[int]]:
+            bars = [list(bar) for bar in piece.bars[k][lo:hi]]
+            if lo > 0 and bars:
+                carry_tempo(piece.bars[k][:lo], bars[0], self.vocab)
+            return bars
+
+        order = sorted(context + [t]) if task == "infill" else sorted(context) + [t]
+        parts = {k: TrackPart(program=piece.programs[k], bars=window(k) if (k != t or task == "infill") else [])
+                 for k in order}
+        parts[t].track_acs = list(tacs)
+        spec = SampleSpec(task=task, tracks=order, target=t, span=(a - lo, b - lo))
+        words = assemble(spec, parts, self.vocab)
+        if task == "infill":
+            return words[: words.index([self.vocab.fill_start]) + 1]
+        return words[:-1]  # drop the new track's Track_End: the model writes its bars
+
+    # -- results ---------------------------------------------------------------------------
+    def _apply(self, v: int, t: int, a: int, b: int, base: list[int]) -> None:
+        vocab = self.vocab
+        bars: list[list[int]] = []
+        for i in base[:-1]:  # without the end token
+            if i == vocab.bar:
+                bars.append([i])
+            elif not vocab.is_ac[i]:
+                bars[-1].append(i)
+        if len(bars) != b - a:
+            raise RuntimeError(f"{len(bars)} bars generated for {b - a} requested (grammar bug)")
+        piece, score = self.pieces[v], self.scores[v]
+        piece.set_bars(t, a, bars)
+        piece.empty[t] = piece.empty[t] and not any(vocab.is_note_start[i] for bar in bars for i in bar)
+        ids = [vocab.track_start, vocab.program_id[piece.programs[t]], *(i for bar in bars for i in bar), vocab.track_end]
+        decoded = self.mmm.tokenizer.decode(ids)
+        start = _to_ticks(piece.bar_ticks[a], piece.tpq, score.tpq)
+        end = _to_ticks(piece.bar_ticks[b], piece.tpq, score.tpq) if b < piece.num_bars else None
+        notes = decoded.tracks[0].notes.numpy() if decoded.tracks else None
+        _splice(score.tracks[piece.source[t]], start, end, notes, decoded.tpq, score.tpq)
+        if end is None:
+            last = piece.bar_ticks[-1] + _ticks_per_bar(vocab.token_of[piece.time_sigs[-1]], piece.tpq)
+            end = _to_ticks(last, piece.tpq, score.tpq)
+        self.report.regions[v].append((piece.source[t], start, end))
+
+    def finish(self) -> Score | list[Score]:
+        self.mmm.last_report = self.report
+        return self.scores[0] if self.n == 1 else self.scores
+
+
+def _to_ticks(ticks: int, from_tpq: int, to_tpq: int) -> int:
+    return int(round(ticks * to_tpq / from_tpq))
+
+
+def _splice(track: Track, start: int, end: int | None, notes: dict | None, notes_tpq: int, tpq: int) -> None:
+    """Replace the notes of `track` whose onset is in [start, end) by `notes` (relative to
+    `start`, in `notes_tpq` ticks); every other note is kept as it is."""
+    old = track.notes.numpy()
+    keep = old["time"] < start
+    if end is not None:
+        keep |= old["time"] >= end
+    fields = ("time", "duration", "pitch", "velocity")
+    parts = {k: [old[k][keep]] for k in fields}
+    if notes is not None and len(notes["time"]):
+        time = np.rint(notes["time"] * tpq / notes_tpq).astype(np.int64) + start
+        if end is not None:
+            time = np.minimum(time, end - 1)
+        duration = np.maximum(1, np.rint(notes["duration"] * tpq / notes_tpq)).astype(np.int64)
+        parts["time"].append(time)
+        parts["duration"].append(duration)
+        parts["pitch"].append(notes["pitch"])
+        parts["velocity"].append(notes["velocity"])
+    arrays = {k: np.concatenate([np.asarray(x, dtype=np.int64) for x in parts[k]]) for k in fields}
+    order = np.argsort(arrays["time"], kind="stable")
+    track.notes = Note.from_numpy(
+        time=arrays["time"][order].astype(np.int32), duration=arrays["duration"][order].astype(np.int32),
+        pitch=arrays["pitch"][order].astype(np.int8), velocity=arrays["velocity"][order].astype(np.int8),
+    )

@@ -1,0 +1,196 @@
+"""The sampling loop: prefill once, N variations in one batch, grammar mask, KV cache.
+
+`generate_ids` prefills the prompt with batch size 1, repeats the cache for the variations,
+then per step: one forward of the last sampled ids, logits masked by the grammar's cached mask,
+temperature / top-k / top-p, one draw from a seeded `torch.Generator`. A row stops when its
+grammar reaches its end token; finished rows are dropped from the batch (and the cache), so
+the remaining rows do not pay for them. Nothing is re-decoded per step: the grammar advances
+on the sampled id alone.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from mmm.grammar import BarGrammar
+from mmm.model import KVCache, MMMTransformer
+from mmm.tokenizer import Vocab
+
+
+@dataclass
+class SamplingConfig:
+    temperature: float = 1.0  # 0 = greedy
+    top_k: int | None = None
+    top_p: float | None = 0.95
+
+    def validate(self) -> None:
+        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) or self.temperature < 0:
+            raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got {self.temperature!r}")
+        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1):
+            raise ValueError(f"top_k must be a positive integer or None, got {self.top_k!r}")
+        if self.top_p is not None and (isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1):
+            raise ValueError(f"top_p must be in (0, 1] or None, got {self.top_p!r}")
+
+
+@dataclass
+class GenerationOutput:
+    """Generated model ids per row (forced and end tokens included) and timings."""
+
+    ids: list[list[int]]
+    prompt_len: int
+    prefill_s: float
+    decode_s: float
+    steps: int  # forward passes after the prefill
+    new_tokens: int = field(init=False)  # sum over rows
+
+    def __post_init__(self) -> None:
+        self.new_tokens = sum(len(r) for r in self.ids)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.decode_s if self.decode_s > 0 else float("inf")
+
+    def base_ids(self, vocab: Vocab) -> list[list[int]]:
+        """The generated ids of each row as base ids (BPE ids expanded)."""
+        return [vocab.to_base(row) for row in self.ids]
+
+    def timings(self) -> dict:
+        return {"prompt_tokens": self.prompt_len, "new_tokens": self.new_tokens, "steps": self.steps,
+                "prefill_s": round(self.prefill_s, 6), "decode_s": round(self.decode_s, 6),
+                "tokens_per_s": round(self.tokens_per_s, 2)}
+
+
+def sample_next(logits: Tensor, cfg: SamplingConfig, generator: torch.Generator | None) -> Tensor:
+    """Draw one id per row from float logits ``[B, V]`` (already masked)."""
+    if cfg.temperature == 0:
+        return logits.argmax(-1)
+    if cfg.temperature != 1:
+        logits = logits / cfg.temperature
+    top_p = cfg.top_p if cfg.top_p is not None and cfg.top_p < 1 else None
+    top_k = cfg.top_k if cfg.top_k is not None and cfg.top_k < logits.shape[-1] else None
+    if top_k is None and top_p is None:
+        return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+    # Work on the candidates sorted by logit: the top k, or all of them for top-p alone.
+    values, order = torch.topk(logits, top_k, dim=-1) if top_k is not None else torch.sort(logits, dim=-1, descending=True)
+    probs = values.softmax(-1)
+    if top_p is not None:  # drop a candidate when those ranked above it already hold top_p of the mass
+        probs = probs.masked_fill(probs.cumsum(-1) - probs > top_p, 0.0)
+    return order.gather(-1, torch.multinomial(probs, 1, generator=generator)).squeeze(-1)
+
+
+def _select_rows(cache: KVCache, rows: Tensor) -> KVCache:
+    return KVCache([k.index_select(0, rows) for k in cache.keys], [v.index_select(0, rows) for v in cache.values], cache.length)
+
+
+def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
+    gen = torch.Generator(device=device)
+    if seed is None:
+        gen.seed()
+    else:
+        gen.manual_seed(int(seed))
+    return gen
+
+
+def generate_ids(
+    model: MMMTransformer,
+    prompt: Sequence[int],
+    max_new_tokens: int,
+    grammars: Sequence[BarGrammar] | None = None,
+    num_variations: int = 1,
+    sampling: SamplingConfig | None = None,
+    generator: torch.Generator | None = None,
+    num_threads: int | None = None,
+) -> GenerationOutput:
+    """Sample `num_variations` continuations of `prompt` (model ids).
+
+    With `grammars` (one per variation) each row follows its grammar and stops at its end
+    token; the budget `max_new_tokens` must be the one the grammars were built with. Without
+    grammars every row runs exactly `max_new_tokens` steps (the unconstrained baseline of the
+    benchmark).
+    `num_threads` sets torch's CPU threads for the call (1 is fastest for small models on a
+    busy machine: multi-threaded tiny matmuls spin-wait) and restores them afterwards.
+    """
+    if num_threads is None:
+        return _generate(model, prompt, max_new_tokens, grammars, num_variations, sampling, generator)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(num_threads)
+    try:
+        return _generate(model, prompt, max_new_tokens, grammars, num_variations, sampling, generator)
+    finally:
+        torch.set_num_threads(previous)
+
+
+@torch.inference_mode()
+def _generate(
+    model: MMMTransformer,
+    prompt: Sequence[int],
+    max_new_tokens: int,
+    grammars: Sequence[BarGrammar] | None,
+    num_variations: int,
+    sampling: SamplingConfig | None,
+    generator: torch.Generator | None,
+) -> GenerationOutput:
+    sampling = sampling or SamplingConfig()
+    sampling.validate()
+    if grammars is not None and len(grammars) != num_variations:
+        raise ValueError(f"{len(grammars)} grammars for {num_variations} variations")
+    if len(prompt) == 0:
+        raise ValueError("empty prompt")
+    device = model.embed_tokens.weight.device
+    vocab_size = model.config.vocab_size
+    total = len(prompt) + max_new_tokens
+    if total > model.config.max_seq_len:
+        raise ValueError(f"prompt ({len(prompt)}) + budget ({max_new_tokens}) exceeds the model context {model.config.max_seq_len}")
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    t0 = time.perf_counter()
+    cache = model.new_cache(1, max_len=total)
+    logits = model(torch.tensor([list(prompt)], device=device), cache, last_only=True)[:, -1].float()
+    sync()
+    prefill_s = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    n = num_variations
+    if n > 1:
+        cache = cache.repeat(n)
+        logits = logits.expand(n, -1)
+    out: list[list[int]] = [[] for _ in range(n)]
+    rows = list(range(n))  # variation of each batch row
+    steps = 0
+    for step in range(max_new_tokens):
+        if grammars is not None:
+            if len(rows) == 1:
+                blocked = grammars[rows[0]].blocked(vocab_size, device)
+            else:
+                blocked = torch.stack([grammars[r].blocked(vocab_size, device) for r in rows])
+            logits = logits.masked_fill(blocked, float("-inf"))
+        next_ids = sample_next(logits, sampling, generator)
+        ids = next_ids.tolist()
+        finished = []
+        for j, (r, i) in enumerate(zip(rows, ids)):
+            out[r].append(i)
+            if grammars is not None:
+                grammars[r].advance(i)
+                if grammars[r].done:
+                    finished.append(j)
+        if finished:
+            keep = [j for j in range(len(rows)) if j not in finished]
+            if not keep:
+                break
+            index = torch.tensor(keep, device=device)
+            cache, next_ids = _select_rows(cache, index), next_ids.index_select(0, index)
+            rows = [rows[j] for j in keep]
+        if step + 1 == max_new_tokens:
+            break
+        logits = model(next_ids[:, None], cache)[:, -1].float()
+        steps += 1
+    sync()
+    decode_s = time.perf_counter() - t0
+    if grammars is not None and not all(g.done for g in grammars):
+        raise RuntimeError("a row ran out of budget before its end token (grammar bug)")
+    return GenerationOutput(out, len(prompt), prefill_s, decode_s, steps)
