@@ -1,5 +1,5 @@
 # Two commands do all set-up on a fresh machine:
-#   make demo   create .venv if missing, install, train the demo model, sample from it
+#   make demo   create .venv if missing, install, train the demo model, then infill and add a track with it
 #   make test   create .venv if missing, install, run the test suite
 PYTHON ?= python3
 VENV ?= .venv
@@ -21,8 +21,12 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
+DEMO_PIECE ?= data/music21_midi/bach/bwv1.6.mid
+
 demo: $(VENV)/.installed
 	$(PY) -m mmm.train +experiment=demo
+	$(PY) -m mmm.sample ckpt=runs/demo/model input=$(DEMO_PIECE) task=infill track=1 bars=[4,8] out_dir=runs/demo/samples/infill
+	$(PY) -m mmm.sample ckpt=runs/demo/model input=$(DEMO_PIECE) task=add_track program=33 out_dir=runs/demo/samples/add_track
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
