@@ -355,6 +355,42 @@ def test_embedded_programs():
     assert [(t.name, t.program) for t in chorale.tracks] == [("Soprano", 40), ("Alto", 41), ("Tenor", 42), ("Bass", 43)]
     quartet = symusic.Score.from_midi(convert_to_midi(works["haydn/opus74no1/movement3.mid"]))
     assert [t.program for t in quartet.tracks] == [40, 40, 41, 42]
+    # An ABC file holding one tune per voice becomes one multi-track work.
+    josquin = symusic.Score.from_midi(convert_to_midi(works["josquin/oVenusBant.mid"]))
+    assert len(josquin.tracks) == 3 and all(len(t.notes) > 50 for t in josquin.tracks)
+
+
+def music21_part(name: str, inst: str | None, pitches: list[int]):
+    from music21 import instrument, note, stream
+
+    part = stream.Part()
+    if inst is not None:
+        part.insert(0, getattr(instrument, inst)())
+    part.partName = name
+    for p in pitches:
+        part.append(note.Note(p))
+    return part
+
+
+@pytest.mark.parametrize(
+    ("name", "inst", "pitches", "program"),
+    [
+        ("Soprano", None, [72], 40),
+        ("Bassus", None, [72], 43),  # the name tells the voice, whatever the notes
+        ("Canto", "Piano", [48], 40),  # Monteverdi: singers encoded as pianos
+        ("Quinto", "Piano", [55, 57, 60], 42),  # a voice without a range in its name: by register
+        ("Violin I", "StringInstrument", [70], 40),  # the name beats a placeholder "String Ensemble"
+        ("Horn 2", None, [60], 60),
+        ("Piano", None, [60], 0),
+        ("", "Piano", [60], 0),
+        ("", "Harpsichord", [60], 6),
+        ("", "KeyboardInstrument", [60], 0),
+        ("", None, [40, 45], 43),
+        ("Snare", "SnareDrum", [60], 41),  # never a drum kit
+    ],
+)
+def test_program_for_part(name, inst, pitches, program):
+    assert sources._program_for_part(music21_part(name, inst, pitches)) == program
 
 
 def test_embedded_corpus_lists():

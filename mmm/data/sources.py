@@ -37,6 +37,7 @@ import re
 import statistics
 from bisect import bisect_right
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from difflib import get_close_matches
 from functools import cached_property
@@ -269,6 +270,8 @@ class GigaMIDISource:
             # Skip hidden trees such as the ".cache/huggingface" folder `--local-dir` leaves behind.
             if not any(part.startswith(".") for part in p.relative_to(root).parts)
         )
+        if not found:
+            raise FileNotFoundError(f"GigaMIDI: no parquet file under {root}; download it first (see mmm.data.sources docs)")
         rels = [p.relative_to(root).as_posix() for p in found]
         filters = None
         if self.subset != "all":
@@ -289,9 +292,7 @@ class GigaMIDISource:
             )
         return by_split, filters
 
-    def _category_filter(self, files: list[Path]) -> list[tuple] | None:
-        if not files:
-            return None  # nothing to read: the caller reports the empty selection
+    def _category_filter(self, files: list[Path]) -> list[tuple]:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
@@ -397,28 +398,37 @@ def _program_for_part(part: Any) -> int:
 
 
 def convert_to_midi(path: str | Path) -> bytes:
-    """Convert one music21-readable score to multi-track MIDI bytes (one track per part).
+    """Convert one music21-readable score to multi-track MIDI bytes, one track per part.
 
-    Raises ``ValueError`` when the result has fewer than two parts with notes.
+    The score is converted as written (repeats are not written out). Raises
+    ``ValueError`` when the result has fewer than two parts with notes.
     """
     from music21 import converter, instrument, midi, stream
 
     # forceSource: do not read or write music21's pickle cache in the temp folder.
     score = converter.parse(path, forceSource=True)
     if isinstance(score, stream.Opus):
-        if len(score.scores) != 1:
+        titles = {s.metadata.title if s.metadata else None for s in score.scores}
+        if len(titles) != 1:
             raise ValueError(f"is a collection of {len(score.scores)} pieces, not one work")
-        score = score.scores[0]
+        # ABC files such as Josquin's hold one tune per voice, all with the work's title.
+        score = score.mergeScores()
+    parts = []
     for part in score.parts:
         program = _program_for_part(part)
-        for old in list(part.recurse().getElementsByClass(instrument.Instrument)):
-            old.activeSite.remove(old)
+        # Measure-less parts make music21 convert the score as written: writing repeats
+        # out (expandRepeats) takes minutes on a whole Beethoven quartet and fails on
+        # malformed repeat marks, for no gain in training material.
+        flat = part.flatten()
+        for old in list(flat.getElementsByClass(instrument.Instrument)):
+            flat.remove(old)
         new = instrument.Instrument()
         new.midiProgram = program
         new.partName = part.partName
-        part.insert(0, new)
+        flat.insert(0, new)
+        parts.append(flat)
 
-    result = symusic.Score.from_midi(midi.translate.streamToMidiFile(score).writestr())
+    result = symusic.Score.from_midi(midi.translate.streamToMidiFile(stream.Score(parts)).writestr())
     # music21 writes extra note-less tracks (e.g. for a part's lyrics/voices): drop them.
     result.tracks = [t for t in result.tracks if len(t.notes) > 0]
     if len(result.tracks) < 2:
@@ -513,7 +523,6 @@ class EmbeddedSource(_FileListSource):
         if not names:
             raise ValueError(f"no work of the music21 {corpus!r} corpus could be converted into {root}")
         super().__init__(root, names)
-        self.corpus = corpus
         self.description = f"music21 corpus {corpus!r} ({len(names)} works) cached in {root}"
 
     @staticmethod
@@ -522,17 +531,24 @@ class EmbeddedSource(_FileListSource):
 
         workers = min(num_workers, len(todo))
         log.info("converting %d music21 works to MIDI with %d process(es)", len(todo), workers)
-        # spawn, not fork: the caller may hold threads (datasets, torch) whose locks a
-        # forked child would inherit mid-use.
-        pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else None
+        pool = None
+        if workers == 1:
+            results = map(_convert_job, todo)
+        else:
+            # fork where available (as mmm.preprocess does): spawn would re-run the caller's
+            # main module in every worker. An executor, unlike multiprocessing.Pool, fails
+            # (BrokenProcessPool) instead of hanging when a worker dies.
+            method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+            pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method))
+            # As completed, so that one long work (minutes for a whole quartet) does not freeze the bar.
+            results = (f.result() for f in as_completed([pool.submit(_convert_job, job) for job in todo]))
         try:
-            results = pool.imap_unordered(_convert_job, todo) if pool else map(_convert_job, todo)
             for out, error in tqdm(results, total=len(todo), desc="music21 -> MIDI", unit="work"):
                 if error is not None:
                     log.warning("skipped %s: %s", out, error)
         finally:
-            if pool:
-                pool.terminate()
+            if pool is not None:
+                pool.shutdown(cancel_futures=True)  # on an interrupt, do not finish the queue
 
 
 # ----------------------------------------------------------------------------- config
