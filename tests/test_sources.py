@@ -203,9 +203,8 @@ def make_gigamidi(root: Path, layout: str) -> str:
         for shard, part in enumerate((rows[:half], rows[half:])):
             write_parquet(root / "v1.1.0" / split / f"{split}-{shard:05d}-of-00002.parquet", part,
                           int_category=layout == "column-int")
-    # What `huggingface-cli download --local-dir` leaves next to the data: must be ignored.
-    (root / ".cache" / "huggingface").mkdir(parents=True)
-    write_parquet(root / ".cache" / "huggingface" / "stale-train.parquet", gigamidi_rows("drums-only", "train"))
+    # Hidden folders (download caches, like the ".cache" of `huggingface-cli download`) are ignored.
+    write_parquet(root / "v1.1.0" / ".cache" / "stale-train.parquet", gigamidi_rows("drums-only", "train"))
     return "v1.1.0"
 
 
