@@ -187,3 +187,20 @@ def test_export_cli_turns_a_ckpt_into_a_folder(trained, tmp_path):
     reference, _ = load_pretrained(Path(cfg.run_dir) / "checkpoints" / "last.ckpt")
     for (k, a), (_, b) in zip(model.state_dict().items(), reference.state_dict().items()):
         assert torch.equal(a, b), k
+
+
+def test_bpe_is_learned_on_bars_augmented_like_training_samples(trained):
+    from mmm.data.store import Store
+    from mmm.tokenizer import Vocab, load_tokenizer
+    from mmm.train_tokenizer import augmented_bars
+
+    root, cfg, _ = trained
+    store = Store(cfg.data.store, "train")
+    vocab = Vocab(load_tokenizer(cfg.tokenizer.path))
+    original = [bar for i in range(len(store)) for track in store[i]["bars"] for bar in track]
+    augmented = list(augmented_bars(store, vocab, {**cfg.data.sequences}))
+    assert len(augmented) == len(original)
+    changed = sum(a != o for a, o in zip(augmented, original))
+    assert changed > len(original) // 2  # most bars are shifted, as in training samples
+    assert [len(a) for a in augmented] == [len(o) for o in original]  # only ids change, never the layout
+    assert augmented == list(augmented_bars(store, vocab, {**cfg.data.sequences}))  # deterministic

@@ -152,14 +152,14 @@ class SequenceBuilder:
         spec.track_acs = sorted(rng.sample(range(n_track_acs), round(rng.uniform(*cfg["track_acs_ratio"]) * n_track_acs)))
         n_bar_acs = len(self.vocab.bar_acs)
         spec.bar_acs = sorted(rng.sample(range(n_bar_acs), round(rng.uniform(*cfg["bar_acs_ratio"]) * n_bar_acs)))
-        spec.pitch_shift = rng.choice(self._feasible_shifts(chunk, spec.tracks))
+        spec.pitch_shift = rng.choice(self.feasible_shifts(chunk, spec.tracks))
         spec.velocity_shift = rng.randint(-cfg["velocity_shift"], cfg["velocity_shift"])
         return spec
 
     def _has_notes(self, bar: Sequence[int]) -> bool:
         return any(self.vocab.is_note_start[t] for t in bar)
 
-    def _feasible_shifts(self, chunk: Mapping, tracks: Sequence[int]) -> list[int]:
+    def feasible_shifts(self, chunk: Mapping, tracks: Sequence[int]) -> list[int]:
         """Transpositions within ±pitch_shift keeping every pitched note inside the tokenizer
         range and inside the instrument's tessitura (or its own range, if already wider)."""
         k = self.cfg["pitch_shift"]
