@@ -504,15 +504,20 @@ class Requests:
         self.structure[task].append(structure(inp, out, report, self.tokenizer, self.vocab, expected_bars, keep,
                                                 num_tracks))
 
+    def _window(self, kind: str, r: int, max_bars: int):
+        """Request r's seeded rng, test chunk and window of at most `max_bars` bars as a Score."""
+        rng = random.Random(f"{self.cfg.seed}-{kind}-{r}")
+        chunk = self.store[self.chunks[r % len(self.chunks)]]
+        nb = len(chunk["bars"][0])
+        n = min(max_bars, nb)
+        first = rng.randrange(0, nb - n + 1)
+        score, kept = window_score(chunk, first, n, self.tokenizer, self.vocab)
+        return rng, chunk, first, n, score, kept
+
     # -- infill: bar controls, musical statistics -------------------------------------------------
     def infill(self, r: int) -> None:
         cfg, vocab = self.cfg, self.vocab
-        rng = random.Random(f"{cfg.seed}-infill-{r}")
-        chunk = self.store[self.chunks[r % len(self.chunks)]]
-        nb = len(chunk["bars"][0])
-        n = min(cfg.piece_bars, nb)
-        first = rng.randrange(0, nb - n + 1)
-        score, kept = window_score(chunk, first, n, self.tokenizer, vocab)
+        rng, chunk, first, n, score, kept = self._window("infill", r, cfg.piece_bars)
         n = min(n, count_bars(score, self.tokenizer))  # trailing bars without notes do not exist for the API
         if not kept or n < 1:
             return
@@ -585,12 +590,7 @@ class Requests:
     # -- add track: track controls ----------------------------------------------------------------
     def add_track(self, r: int) -> None:
         cfg, vocab = self.cfg, self.vocab
-        rng = random.Random(f"{cfg.seed}-track-{r}")
-        chunk = self.store[self.chunks[r % len(self.chunks)]]
-        nb = len(chunk["bars"][0])
-        n = min(cfg.track_bars, nb)
-        first = rng.randrange(0, nb - n + 1)
-        full, kept = window_score(chunk, first, n, self.tokenizer, vocab)
+        rng, chunk, first, n, full, kept = self._window("track", r, cfg.track_bars)
         if not kept:
             return
         removed = rng.randrange(len(kept))

@@ -231,3 +231,12 @@ def real_pieces(real_files, tokenizer, vocab) -> dict:
     """path -> (score, chunks) for every real file, with the store's default settings."""
     settings = preprocess_settings()
     return {path: (score := Score(path), tokenize_score(score, tokenizer, vocab, settings)) for path in real_files}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """A folder of 10 synthetic pieces: a corpus to preprocess and train on in seconds."""
+    root = tmp_path_factory.mktemp("corpus")
+    for seed in range(10):
+        write_synthetic_midi(root / f"piece_{seed}.mid", seed, 12)
+    return root

@@ -44,14 +44,6 @@ def final_weights(root: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("corpus")
-    for seed in range(10):
-        write_synthetic_midi(root / f"piece_{seed}.mid", seed, 12)
-    return root
-
-
-@pytest.fixture(scope="module")
 def uninterrupted(corpus, tmp_path_factory) -> dict[str, torch.Tensor]:
     root = tmp_path_factory.mktemp("uninterrupted")
     metrics = train(compose_train(resume_overrides(corpus, root)))

@@ -14,7 +14,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from lightning.pytorch.strategies import DeepSpeedStrategy
 
-from conftest import REPO, write_synthetic_midi
+from conftest import REPO
 from mmm.checkpoint import load_pretrained
 from mmm.data.sequences import IGNORE_INDEX
 from mmm.train import check_config, train
@@ -53,14 +53,6 @@ def small_overrides(corpus: Path, root: Path) -> list[str]:
 def compose_train(overrides: list[str]):
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         return compose("train", overrides=overrides)
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("corpus")
-    for seed in range(10):
-        write_synthetic_midi(root / f"piece_{seed}.mid", seed, 12)
-    return root
 
 
 @pytest.fixture(scope="module")
