@@ -6,7 +6,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: install demo test clean-demo
+SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
+.PHONY: install demo test clean-demo docs audio-deps gallery
 
 # torch goes in first, pinned: anything resolving a bare `torch` requirement before it would
 # pull multi-GB CUDA wheels. DeepSpeed compiles its ops lazily (DS_BUILD_OPS=0) and needs the
@@ -33,3 +34,15 @@ test: $(VENV)/.installed
 
 clean-demo:
 	rm -rf runs/demo data/embedded
+
+docs: $(VENV)/.installed
+	$(PY) -m sphinx -M html docs docs/public -W --keep-going
+	@echo "open docs/public/html/index.html"
+
+# FluidSynth and a General MIDI soundfont, for `render=true` and mmm.audio.
+audio-deps:
+	$(SUDO) apt-get update -qq
+	$(SUDO) apt-get install -y --no-install-recommends fluidsynth fluid-soundfont-gm vorbis-tools
+
+gallery: $(VENV)/.installed
+	$(PY) experiments/gallery/make_gallery.py

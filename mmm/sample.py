@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 TASKS = ("infill", "add_track", "generate")
 KEYS = {"ckpt", "input", "task", "track", "bars", "bars_before", "bars_after", "program", "programs", "num_bars",
         "time_signature", "tempo", "controls", "track_controls", "num_variations", "seed", "temperature", "top_k",
-        "top_p", "max_bar_tokens", "device", "num_threads", "out_dir", "paths"}
+        "top_p", "max_bar_tokens", "device", "num_threads", "out_dir", "render", "soundfont", "paths"}
 
 
 def _tokenizer_if_cheap(ckpt: str):
@@ -58,6 +58,11 @@ def validate(cfg: Mapping[str, Any]):
         value = cfg[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{key}={value!r}: expected a positive integer")
+    if cfg["render"]:  # a missing FluidSynth fails here, not after minutes of generation
+        from mmm.audio import find_fluidsynth, find_soundfont
+
+        find_fluidsynth()
+        find_soundfont(cfg["soundfont"])
     tokenizer = _tokenizer_if_cheap(str(ckpt))
     controls = Controls(tokenizer, _vocab(tokenizer)) if tokenizer is not None else None
     score = None
@@ -149,6 +154,10 @@ def sample(cfg: Mapping[str, Any]) -> dict[str, Any]:
         out.dump_midi(str(midi))
         png = plot_pianoroll(out, out_dir / f"{name}.png", report.regions[v], title=f"{stem}: {task} (variation {v})")
         files.append({"midi": str(midi), "png": str(png), "generated_regions": [list(r) for r in report.regions[v]]})
+        if cfg["render"]:
+            from mmm.audio import render_wav
+
+            files[-1]["wav"] = str(render_wav(out, out_dir / f"{name}.wav", soundfont=cfg["soundfont"]))
     summary = {
         "request": {k: cfg[k] for k in sorted(KEYS - {"paths"}) if k in cfg},
         "seed": cfg["seed"],
@@ -172,11 +181,13 @@ def main() -> None:
     import hydra
     from omegaconf import DictConfig
 
+    from mmm.audio import AudioDependencyError
+
     @hydra.main(config_path="../configs", config_name="sample", version_base="1.3")
     def _run(cfg: DictConfig) -> None:
         try:
             summary = sample(cfg)
-        except (ValueError, FileNotFoundError) as err:
+        except (ValueError, FileNotFoundError, AudioDependencyError) as err:
             print(f"error: {err}", file=sys.stderr)
             sys.exit(2)
         print(json.dumps({"outputs": summary["outputs"], "timings": summary["timings"]}, indent=2))

@@ -176,3 +176,30 @@ def test_real_invalid_files_rejected_before_load(midi_dir, ckpt, tmp_path, monke
     monkeypatch.setattr(sample_module.MMM, "from_pretrained", no_load)
     with pytest.raises(error, match=message):
         sample(config(f"ckpt={ckpt}", f"input={midi_dir / 'invalid' / name}", "task=add_track", f"out_dir={tmp_path}"))
+
+
+def test_render_writes_a_wav_per_output(ckpt, midi, tmp_path):
+    import shutil
+
+    if shutil.which("fluidsynth") is None:
+        pytest.skip("fluidsynth is not installed (make audio-deps)")
+    from mmm.audio import find_soundfont
+
+    try:
+        find_soundfont()
+    except RuntimeError as err:
+        pytest.skip(str(err))
+    summary = sample(config(f"ckpt={ckpt}", f"input={midi}", "task=infill", "track=0", "bars=[1,3]",
+                            "render=true", f"out_dir={tmp_path}"))
+    wav = Path(summary["outputs"][0]["wav"])
+    assert wav.read_bytes()[:4] == b"RIFF" and wav.stat().st_size > 10_000
+
+
+def test_render_without_fluidsynth_fails_before_loading(ckpt, midi, tmp_path, monkeypatch):
+    from mmm.audio import AudioDependencyError
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # no fluidsynth on PATH
+    monkeypatch.setattr(sample_module.MMM, "from_pretrained", lambda *a, **k: pytest.fail("model loaded"))
+    with pytest.raises(AudioDependencyError, match="fluidsynth"):
+        sample(config(f"ckpt={ckpt}", f"input={midi}", "task=infill", "track=0", "bars=[1,3]", "render=true",
+                      f"out_dir={tmp_path}"))
