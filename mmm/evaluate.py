@@ -825,8 +825,7 @@ def report_markdown(metrics: dict, plots: list[str]) -> str:
         aug = lik["augmented"]
         lines += [
             "The same test draws with the training augmentation (pitch and velocity shifts: the model's "
-            "training distribution), the baselines refitted on augmented training sequences. BPE is learned "
-            "on unshifted bars, so shifts break merges: more tokens per note, each easier.",
+            "training distribution), the baselines refitted on augmented training sequences.",
             "",
             "| augmented test sequences | bits/token | bits/note | bits/bar |",
             "|---|---|---|---|",
