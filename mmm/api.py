@@ -36,6 +36,7 @@ from miditok.utils import get_bars_ticks
 from symusic import Note, Score, Tempo, TimeSignature, Track
 
 from mmm.checkpoint import load_pretrained, save_pretrained
+from mmm.data.checks import check_midi_header, check_score
 from mmm.data.pieces import Rejected, carry_tempo, score_to_bars
 from mmm.data.sequences import SampleSpec, TrackPart, assemble
 from mmm.generation import SamplingConfig, generate_ids, make_generator
@@ -57,9 +58,16 @@ def read_score(score: Score | str | Path) -> Score:
     if not path.is_file():
         raise FileNotFoundError(f"input file not found: {path}")
     try:
-        return Score(str(path))
-    except Exception as err:  # symusic raises RuntimeError/ValueError on corrupt files
+        if path.suffix.lower() in (".mid", ".midi"):
+            check_midi_header(path.read_bytes())
+        loaded = Score(str(path))
+    except Exception as err:  # Rejected, or symusic's RuntimeError/ValueError on corrupt files
         raise ValueError(f"cannot read {path} as MIDI/ABC: {err}") from None
+    try:  # the checks preprocessing applies, except that a drums-only piece is a fine input
+        check_score(loaded, {"allow_drums_only": True})
+    except Rejected as err:
+        raise ValueError(f"{path}: {err.reason.replace('_', ' ')}" + (f" ({err.detail})" if err.detail else "")) from None
+    return loaded
 
 
 def describe_tracks(score: Score) -> str:

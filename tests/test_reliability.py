@@ -325,3 +325,17 @@ def test_tokenizer_vocab_size_mismatch_fails_before_training(corpus, tmp_path):
     bad = compose_train(small_overrides(corpus, tmp_path) + [f"tokenizer.path={cfg.tokenizer.path}", "tokenizer.vocab_size=900"])
     with pytest.raises(ValueError, match="has 800 tokens but tokenizer.vocab_size=900"):
         train(bad)
+
+
+def test_sampling_refuses_bad_midi_with_its_reason(tmp_path):
+    from mmm.api import read_score
+
+    expected = bad_files(tmp_path / "bad")
+    for name, reason in expected.items():
+        if reason == "drums_only":  # a drums-only piece is a fine input for sampling
+            read_score(tmp_path / "bad" / name)
+            continue
+        with pytest.raises(ValueError, match=name.replace(".", r"\.")):
+            read_score(tmp_path / "bad" / name)
+    with pytest.raises(ValueError, match="midi_type_2"):
+        read_score(tmp_path / "bad" / "type2.mid")
