@@ -201,7 +201,6 @@ class Vocab:
         self.bar = vocab["Bar_None"]
         # value tables (index = value, entry = base id or -1)
         self.pitch_id = self._table(vocab, "Pitch", 128)
-        self.pitch_drum_id = self._table(vocab, "PitchDrum", 128)
         self.program_id = {int(t.split("_")[1]): i for t, i in vocab.items() if t.startswith("Program_")}
         velocities = sorted((int(t.split("_")[1]), i) for t, i in vocab.items() if t.startswith("Velocity_"))
         self.velocity_values = np.array([v for v, _ in velocities])
