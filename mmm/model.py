@@ -396,6 +396,20 @@ class MMMTransformer(nn.Module):
             std = residual_std if name.endswith(("o_proj.weight", "down_proj.weight")) else self.config.init_std
             nn.init.normal_(param, mean=0.0, std=std)
 
+    def _rope_tables(self, length: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        """Float32 cos/sin for positions 0..length-1, computed once per device: a decode step
+        then slices them instead of recomputing (~5% of a tiny model's step). A plain attribute,
+        not a buffer, so that model.to(torch.bfloat16) cannot round them."""
+        tables = self.__dict__.get("_rope")
+        if tables is None or tables[0].device != device or tables[0].shape[0] < length:
+            # Made outside inference mode even when first needed there (a validation or a
+            # generation before training): inference tensors cannot enter autograd later.
+            with torch.inference_mode(False), torch.no_grad():
+                positions = torch.arange(max(length, self.config.max_seq_len), device=device)
+                tables = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
+            self.__dict__["_rope"] = tables
+        return tables
+
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         """Number of distinct parameters; ``exclude_embeddings`` drops the vocab-sized matrices
         (token embedding and, when untied, the output head) to give the size of the transformer body."""
@@ -451,8 +465,7 @@ class MMMTransformer(nn.Module):
             raise ValueError(f"cache dtype {cache.dtype} differs from the attention dtype {dtype}")
         backend = self._backend(h.device, dtype)
         mask, is_causal = self._mask(backend, start, T, h.device)
-        positions = torch.arange(start, start + T, device=h.device)
-        cos, sin = (t.to(dtype) for t in rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta))
+        cos, sin = (t[start : start + T].to(dtype) for t in self._rope_tables(start + T, h.device))
 
         for layer in self.layers:
             h = layer(h, cos, sin, backend, mask, is_causal, cache)

@@ -281,3 +281,12 @@ def test_last_only_gives_the_last_position_logits():
     last = model(ids, cache, last_only=True)
     assert last.shape == (2, 1, 50)
     torch.testing.assert_close(last[:, 0], full[:, -1], atol=1e-5, rtol=1e-5)
+
+
+def test_rope_tables_made_in_inference_mode_still_train():
+    model = MMMTransformer(model_config_from_preset("tiny", vocab_size=50, max_seq_len=32))
+    ids = torch.randint(0, 50, (2, 12))
+    with torch.inference_mode():
+        model(ids)  # first use, e.g. a validation before training
+    model(ids).sum().backward()
+    assert model.embed_tokens.weight.grad is not None
