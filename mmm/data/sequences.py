@@ -233,13 +233,18 @@ class SequenceBuilder:
         """Build the sample, dropping context tracks (then ACs, then outer bars) until it
         fits `max_seq_len`. A bar is never cut and every track keeps its Track_End."""
         while True:
-            words = assemble(spec, self.parts(chunk, spec), self.vocab)
-            ids, labels = encode_sample(words, self.vocab)
+            parts = self.parts(chunk, spec)
+            ids, labels = encode_sample(assemble(spec, parts, self.vocab), self.vocab)
             if len(ids) <= self.max_seq_len:
                 return ids, labels
             if len(spec.tracks) > 1:
-                context = [t for t in spec.tracks if t != spec.target]
-                spec.tracks.remove(rng.choice(context))
+                # BPE never crosses words, so a context track's block adds a fixed number of
+                # ids: drop tracks by arithmetic, then build the sample once more.
+                excess = len(ids) - self.max_seq_len
+                while excess > 0 and len(spec.tracks) > 1:
+                    t = rng.choice([t for t in spec.tracks if t != spec.target])
+                    spec.tracks.remove(t)
+                    excess -= 3 + len(self.vocab.encode_words(parts[t].bars))  # + Track_Start, Program, Track_End
             elif spec.track_acs or spec.bar_acs:
                 spec.track_acs, spec.bar_acs = [], []
             else:
