@@ -23,7 +23,7 @@ several segments, each seeing the previous ones.
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,7 +40,7 @@ from mmm.data.checks import check_midi_header, check_score
 from mmm.data.pieces import Rejected, carry_tempo, score_to_bars
 from mmm.data.sequences import SampleSpec, TrackPart, assemble
 from mmm.generation import SamplingConfig, generate_ids, make_generator
-from mmm.grammar import BarPlan, GrammarTables, make_grammar, time_signature_of
+from mmm.grammar import BarGrammar, BarPlan, GrammarTables, make_grammar, time_signature_of
 from mmm.model import MMMTransformer
 from mmm.tokenizer import Vocab
 
@@ -344,6 +344,63 @@ def _piece_from_score(score: Score, tokenizer: MMMTokenizer, vocab: Vocab) -> _P
     return _Piece(programs, bars, empty, list(range(len(score.tracks))), time_sigs, list(sb.bar_ticks), sb.score.tpq)
 
 
+# --- bars as the model counts them -----------------------------------------------------------
+@dataclass
+class BarGrid:
+    """The bars of a piece as the model counts them, beside the bars of the file itself.
+
+    They differ when the file has a time signature the tokenizer cannot represent: the model
+    then keeps the previous one, so its bar n can start elsewhere than the file's bar n (what a
+    musician reads in a DAW). Ticks are in the score's own ticks."""
+
+    starts: list[int]  # model bars: start tick of each bar, then the end of the last one
+    time_signatures: list[tuple[int, int]]  # model bars: (numerator, denominator)
+    file_starts: list[int]  # the file's bars (its own time signatures), start ticks
+    file_time_signatures: list[tuple[int, int]]
+
+    @property
+    def num_bars(self) -> int:
+        return len(self.time_signatures)
+
+    @property
+    def first_difference(self) -> int | None:
+        """The first bar whose start or time signature differs between the two grids."""
+        pairs = zip(self.starts, self.time_signatures, self.file_starts, self.file_time_signatures)
+        return next((i for i, (a, ta, b, tb) in enumerate(pairs) if a != b or ta != tb), None)
+
+    def difference(self) -> str | None:
+        """A sentence for a person when the grids differ, else None."""
+        i = self.first_difference
+        if i is None:
+            return None
+        missing = sorted(set(self.file_time_signatures) - set(self.time_signatures))
+        return (f"the model counts bars differently from the file from bar {i} on (file: bar {i} starts at tick "
+                f"{self.file_starts[i]} in {'/'.join(map(str, self.file_time_signatures[i]))}; model: tick "
+                f"{self.starts[i]} in {'/'.join(map(str, self.time_signatures[i]))})"
+                + (f": time signature(s) {', '.join(f'{n}/{d}' for n, d in missing)} are not in the tokenizer's "
+                   "vocabulary" if missing else "")
+                + "; bar numbers in requests follow the model's grid")
+
+
+def bar_grid(score: Score, tokenizer: MMMTokenizer, vocab: Vocab | None = None) -> BarGrid:
+    """The model's bar grid of `score` (see `BarGrid`), with the file's own grid beside it."""
+    vocab = vocab or Vocab(tokenizer)
+    piece = _piece_from_score(score, tokenizer, vocab)
+    sigs = [time_signature_of(vocab.token_of[ts]) for ts in piece.time_sigs]
+    ticks = list(piece.bar_ticks) + [piece.bar_ticks[-1] + _ticks_per_bar(vocab.token_of[piece.time_sigs[-1]], piece.tpq)]
+    file_starts = [int(t) for t in get_bars_ticks(score, only_notes_onsets=True)]
+    changes = sorted((int(ts.time), int(ts.numerator), int(ts.denominator)) for ts in score.time_signatures)
+    file_sigs = []
+    for start in file_starts:
+        current = (4, 4)  # MIDI's default before any time signature event
+        for time, num, den in changes:
+            if time > start:
+                break
+            current = (num, den)
+        file_sigs.append(current)
+    return BarGrid([_to_ticks(t, piece.tpq, score.tpq) for t in ticks], sigs, file_starts, file_sigs)
+
+
 # --- report ------------------------------------------------------------------------------
 @dataclass
 class GenerationStep:
@@ -393,6 +450,9 @@ class MMM:
         self.num_threads = num_threads
         self.tables = GrammarTables.of(self.vocab)
         self.last_report: GenerationReport | None = None
+        # Called after every sampled token with the grammars of the rows (`generate_ids`'s
+        # `on_step`): progress in bars; an exception raised there stops the call (cancel).
+        self.on_step: Callable[[Sequence[BarGrammar]], None] | None = None
 
     # -- loading / saving ------------------------------------------------------------------
     @classmethod
@@ -505,6 +565,11 @@ class MMM:
             run.new_track(program, a, ta)
         return run.finish()
 
+    def bar_grid(self, score: Score | str | Path) -> BarGrid:
+        """The bars of `score` as this model counts them (start ticks, time signatures) beside
+        the file's own bars; `BarGrid.difference()` says where they part."""
+        return bar_grid(read_score(score), self.tokenizer, self.vocab)
+
     # -- helpers ---------------------------------------------------------------------------
     def _time_signature(self, ts: str | tuple[int, int]) -> int:
         text = ts if isinstance(ts, str) else "/".join(str(x) for x in ts)
@@ -606,7 +671,7 @@ class _Run:
             plan = BarPlan(piece.time_sigs[a:b], bar_acs, end_id, piece.programs[t] < 0)
             grammars = [make_grammar(self.vocab, plan, budget) for _ in group]
             out = generate_ids(self.mmm.model, prompt, budget, grammars, len(group), self.sampling, self.generator,
-                               num_threads=self.mmm.num_threads)
+                               num_threads=self.mmm.num_threads, on_step=self.mmm.on_step)
             tokens = out.base_ids(self.vocab)
             for v, base in zip(group, tokens):
                 self._apply(v, t, a, b, base)

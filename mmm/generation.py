@@ -11,7 +11,7 @@ on the sampled id alone.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -105,6 +105,7 @@ def generate_ids(
     sampling: SamplingConfig | None = None,
     generator: torch.Generator | None = None,
     num_threads: int | None = None,
+    on_step: Callable[[Sequence[BarGrammar] | None], None] | None = None,
 ) -> GenerationOutput:
     """Sample `num_variations` continuations of `prompt` (model ids).
 
@@ -114,13 +115,15 @@ def generate_ids(
     benchmark).
     `num_threads` sets torch's CPU threads for the call (1 is fastest for small models on a
     busy machine: multi-threaded tiny matmuls spin-wait) and restores them afterwards.
+    `on_step(grammars)` is called after every sampled token (progress: `grammar.bars_done`); an
+    exception it raises stops the loop and propagates (how a server cancels a request).
     """
     if num_threads is None:
-        return _generate(model, prompt, max_new_tokens, grammars, num_variations, sampling, generator)
+        return _generate(model, prompt, max_new_tokens, grammars, num_variations, sampling, generator, on_step)
     previous = torch.get_num_threads()
     torch.set_num_threads(num_threads)
     try:
-        return _generate(model, prompt, max_new_tokens, grammars, num_variations, sampling, generator)
+        return _generate(model, prompt, max_new_tokens, grammars, num_variations, sampling, generator, on_step)
     finally:
         torch.set_num_threads(previous)
 
@@ -134,6 +137,7 @@ def _generate(
     num_variations: int,
     sampling: SamplingConfig | None,
     generator: torch.Generator | None,
+    on_step: Callable[[Sequence[BarGrammar] | None], None] | None = None,
 ) -> GenerationOutput:
     sampling = sampling or SamplingConfig()
     sampling.validate()
@@ -178,6 +182,8 @@ def _generate(
                 grammars[r].advance(i)
                 if grammars[r].done:
                     finished.append(j)
+        if on_step is not None:
+            on_step(grammars)
         if finished:
             keep = [j for j in range(len(rows)) if j not in finished]
             if not keep:
