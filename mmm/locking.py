@@ -227,7 +227,9 @@ def acquire_lock(folder: str | Path, name: str = "run", *, stale_after: float = 
         if holder is None:  # released in the meantime
             continue
         if _stale(path, holder, stale_after) or _requeued(holder, record):
-            _take_over(path, holder, record)
+            if _take_over(path, holder, record):
+                lock = Lock(path, record, owner=True)
+                break
         elif holder.get("job") == record["job"]:
             lock = Lock(path, holder, owner=False)
             break

@@ -13,14 +13,18 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.strategies import DeepSpeedStrategy
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from mmm.checkpoint import save_pretrained
+from mmm.checkpoint import load_pretrained, save_pretrained
 from mmm.config import plain, require_keys
 from mmm.data.sequences import SEQUENCE_KEYS
+from mmm.data.stats import generation_stats
+from mmm.data.store import Store
 from mmm.lit_module import OPTIM_KEYS, MMMLitModule
+from mmm.locking import acquire_lock
 from mmm.model import PRESETS, model_config_from_preset
 from mmm.tokenizer import Vocab, load_tokenizer
 from mmm.train_tokenizer import check_tokenizer_cfg, train_tokenizer
@@ -80,12 +84,12 @@ def check_config(cfg: DictConfig) -> None:
         )
     strategy = OmegaConf.select(cfg, "trainer.strategy")
     uses_deepspeed = "DeepSpeed" in str(strategy.get("_target_", "") if isinstance(strategy, Mapping) else strategy)
-    if uses_deepspeed and not torch.cuda.is_available():
-        raise ValueError(
-            "trainer=deepspeed needs CUDA GPUs (DeepSpeed is only supported on CUDA) and none is visible: "
-            "use trainer=cpu or trainer=gpu, or run on a GPU node"
-        )
     accelerator = OmegaConf.select(cfg, "trainer.accelerator")
+    if uses_deepspeed and accelerator != "cpu" and not torch.cuda.is_available():
+        raise ValueError(
+            "trainer=deepspeed needs CUDA GPUs and none is visible: use trainer=cpu, or run on a GPU node "
+            "(trainer=deepspeed_cpu runs the same DeepSpeed path on CPU processes, to verify it)"
+        )
     if accelerator == "gpu" and not torch.cuda.is_available():
         raise ValueError("trainer.accelerator=gpu but no CUDA GPU is visible: use trainer=cpu")
 
@@ -110,8 +114,16 @@ def resume_path(cfg: DictConfig) -> str | None:
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Train as configured; returns the final metrics (and writes `export_dir`)."""
+    """Train as configured; returns the final metrics (and writes `export_dir`).
+
+    Holds `run_dir/train.lock` throughout: a second run on the same folder fails at once
+    naming this one; the ranks of this job share the lock (`mmm.locking`)."""
     check_config(cfg)
+    with acquire_lock(cfg.run_dir, "train"):
+        return _train(cfg)
+
+
+def _train(cfg: DictConfig) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True)
     tokenizer_path = ensure_data(cfg)
     tokenizer = load_tokenizer(tokenizer_path)
@@ -136,8 +148,18 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
     metrics.update({k.replace("/", "_"): float(v) for k, v in trainer.callback_metrics.items()})
     metrics["global_step"] = trainer.global_step
+    export_model = module.model
+    if isinstance(trainer.strategy, DeepSpeedStrategy):
+        # The engine's module holds bf16 weights (at ZeRO-3 only a shard of them): the export is
+        # the fp32 master weights, consolidated from a final checkpoint that every rank writes.
+        final = Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
+        trainer.save_checkpoint(final)
+        if trainer.is_global_zero:
+            export_model, _ = load_pretrained(final)
     if trainer.is_global_zero:
-        save_pretrained(module.model, tokenizer, cfg.export_dir, extra={"training": {"experiment": cfg.experiment_name, **metrics}})
+        generation = generation_stats(Store(cfg.data.store, "train"), vocab, cfg.data.sequences.pitch_shift)
+        save_pretrained(export_model, tokenizer, cfg.export_dir,
+                        extra={"training": {"experiment": cfg.experiment_name, **metrics}, "generation": generation})
         metrics["export_dir"] = str(cfg.export_dir)
         log.info("checkpoint folder: %s", cfg.export_dir)
     return metrics

@@ -1,0 +1,173 @@
+"""One writer per folder (mmm.locking), with real processes holding and fighting over locks."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mmm.locking import LockHeld, acquire_lock
+
+# Holds the lock argv[4] of folder argv[1] and reports; stays until the file argv[2] exists (or is killed).
+HOLDER = """
+import sys, time
+from pathlib import Path
+from mmm.locking import LockHeld, acquire_lock
+try:
+    with acquire_lock(sys.argv[1], sys.argv[4], stale_after=float(sys.argv[3])) as lock:
+        print("owner" if lock.owner else "joined", lock.record["pid"], flush=True)
+        while not Path(sys.argv[2]).exists():
+            time.sleep(0.05)
+except LockHeld as e:
+    print("held", e, flush=True)
+"""
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The environment of an unrelated run: no job id inherited from this process."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MMM_JOB_ID", "SLURM_JOB_ID", "SLURM_RESTART_COUNT")}
+    return {**env, **extra}
+
+
+def start_holder(folder: Path, release: Path, env: dict[str, str], stale_after: float = 600, name: str = "run") -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(folder), str(release), str(stale_after), name],
+                            env=env, stdout=subprocess.PIPE, text=True)
+    return proc, proc.stdout.readline().strip()
+
+
+@pytest.fixture
+def procs():
+    started: list[subprocess.Popen] = []
+    yield started
+    for p in started:
+        if p.poll() is None:
+            p.kill()
+        p.wait()
+
+
+def test_second_process_fails_at_once_naming_the_holder_then_a_killed_holder_is_taken_over(tmp_path, procs):
+    holder, line = start_holder(tmp_path, tmp_path / "release", clean_env())
+    procs.append(holder)
+    assert line == f"owner {holder.pid}"
+    with pytest.raises(LockHeld) as e:
+        with acquire_lock(tmp_path, "run"):
+            pass
+    message = str(e.value)
+    assert f"pid {holder.pid} on host {socket.gethostname()}, started 20" in message
+    assert str(tmp_path / "run.lock") in message and "delete" in message
+    assert e.value.holder["pid"] == holder.pid
+
+    holder.send_signal(signal.SIGKILL)  # leaves its lock file behind
+    holder.wait()
+    assert json.loads((tmp_path / "run.lock").read_text())["pid"] == holder.pid
+    with acquire_lock(tmp_path, "run") as lock:
+        assert lock.owner and json.loads((tmp_path / "run.lock").read_text())["pid"] == os.getpid()
+    assert not (tmp_path / "run.lock").exists()  # released
+
+
+def test_a_pid_reused_by_another_process_is_not_mistaken_for_the_holder(tmp_path):
+    with acquire_lock(tmp_path, "run") as lock:
+        record = lock.record
+    # A lock left by a dead run whose pid now belongs to a live process (here: this one).
+    (tmp_path / "run.lock").write_text(json.dumps({**record, "pid_start": "1", "job": "local:other"}))
+    with acquire_lock(tmp_path, "run") as lock:
+        assert lock.owner and lock.record["token"] != record["token"]
+
+
+def test_lock_from_another_host_is_stale_only_without_a_recent_heartbeat(tmp_path):
+    path = tmp_path / "run.lock"
+    record = {"pid": 1, "host": "some-other-node", "started": "2026-01-01 00:00:00 UTC", "job": "slurm:7:0", "token": "x"}
+    path.write_text(json.dumps(record))
+    with pytest.raises(LockHeld, match="pid 1 on host some-other-node, started 2026-01-01 00:00:00 UTC, Slurm job 7"):
+        with acquire_lock(tmp_path, "run", stale_after=60):
+            pass
+    old = time.time() - 61
+    os.utime(path, (old, old))  # its holder stopped touching it a minute ago
+    with acquire_lock(tmp_path, "run", stale_after=60) as lock:
+        assert lock.owner
+
+
+def test_the_holder_keeps_its_lock_fresh(tmp_path, procs):
+    """The heartbeat (every stale_after/10 s) keeps a long run's lock from looking stale to
+    other hosts."""
+    holder, line = start_holder(tmp_path, tmp_path / "release", clean_env(), stale_after=1.0)
+    procs.append(holder)
+    assert line.startswith("owner")
+    path = tmp_path / "run.lock"
+    old = time.time() - 3600
+    os.utime(path, (old, old))
+    deadline = time.time() + 60
+    while path.stat().st_mtime < old + 1 and time.time() < deadline:
+        time.sleep(0.1)
+    assert path.stat().st_mtime > old + 1
+
+
+def test_processes_of_one_job_share_the_lock_and_a_slurm_requeue_takes_it_over(tmp_path, procs):
+    release = tmp_path / "release"
+    rank0, line0 = start_holder(tmp_path, release, clean_env(SLURM_JOB_ID="4242", SLURM_RESTART_COUNT="0"))
+    procs.append(rank0)
+    assert line0 == f"owner {rank0.pid}"
+    # Another rank of the same job: joins (names rank 0 as the holder) instead of failing.
+    rank1, line1 = start_holder(tmp_path, release, clean_env(SLURM_JOB_ID="4242", SLURM_RESTART_COUNT="0"))
+    procs.append(rank1)
+    assert line1 == f"joined {rank0.pid}"
+    # Another Slurm job on the same folder: refused.
+    other, line = start_holder(tmp_path, release, clean_env(SLURM_JOB_ID="4343"))
+    procs.append(other)
+    assert line.startswith(f"held {tmp_path} is in use by another run (pid {rank0.pid}") and "Slurm job 4242" in line
+    # The same job requeued (its old processes still being torn down): takes the lock over.
+    requeued, line = start_holder(tmp_path, release, clean_env(SLURM_JOB_ID="4242", SLURM_RESTART_COUNT="1"))
+    procs.append(requeued)
+    assert line == f"owner {requeued.pid}"
+    release.touch()
+    for p in (rank0, rank1, requeued):
+        assert p.wait(timeout=60) == 0
+    assert not (tmp_path / "run.lock").exists()  # removed by its owner, not by the joined rank
+
+
+def test_subprocesses_launched_by_the_holder_join_its_lock(tmp_path, procs):
+    """Lightning launches the other ranks of a local multi-process job as subprocesses of
+    rank 0: they inherit its job id and share the lock."""
+    with acquire_lock(tmp_path, "run") as lock:
+        child, line = start_holder(tmp_path, tmp_path / "release", dict(os.environ))
+        procs.append(child)
+        assert line == f"joined {os.getpid()}"
+        (tmp_path / "release").touch()
+        assert child.wait(timeout=60) == 0
+        assert json.loads(lock.path.read_text())["token"] == lock.record["token"]
+    assert "MMM_JOB_ID" not in os.environ
+
+
+def test_runs_racing_for_a_stale_lock_get_exactly_one_winner(tmp_path, procs):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / "run.lock").write_text(json.dumps(
+        {"pid": dead.pid, "host": socket.gethostname(), "started": "x", "job": "local:dead", "token": "t"}))
+    racers = [subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path), str(tmp_path / "release"), "600", "run"],
+                               env=clean_env(), stdout=subprocess.PIPE, text=True) for _ in range(4)]
+    procs.extend(racers)
+    results = [p.stdout.readline().split()[0] for p in racers]
+    assert sorted(results) == ["held", "held", "held", "owner"]
+
+
+def test_training_refuses_a_run_folder_in_use(corpus, tmp_path, procs):
+    """A second `python -m mmm.train` on a run folder in use fails before any work, naming
+    the holder."""
+    from conftest import REPO
+    from test_train import small_overrides
+
+    holder, line = start_holder(tmp_path / "run", tmp_path / "release", clean_env(), name="train")
+    procs.append(holder)
+    assert line.startswith("owner")
+    proc = subprocess.run([sys.executable, "-m", "mmm.train", *small_overrides(corpus, tmp_path)], cwd=REPO,
+                          env=clean_env(WANDB_MODE="disabled"), capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    assert f"is in use by another run (pid {holder.pid} on host {socket.gethostname()}" in proc.stderr
+    assert not (tmp_path / "data").exists()  # failed before preprocessing anything
