@@ -118,8 +118,12 @@ def test_rerun_after_interruption_redoes_only_missing_shards(source, built, tmp_
 
 def test_changed_settings_refuse_to_mix_into_a_store(source, built):
     store, _ = built
-    with pytest.raises(RuntimeError, match="made from other data or settings.*filters"):
+    with pytest.raises(RuntimeError, match=r"made from other data or settings; changed: data\.preprocess\.min_bars: 8 -> 4\. Rebuild it: delete"):
         preprocess(data_cfg(source, store, min_bars=4), tok_cfg())
+    params = tok_cfg()
+    params["params"]["pitch_range"] = [21, 107]
+    with pytest.raises(RuntimeError, match=r"tokenizer\.params\.pitch_range: \[21, 108\] -> \[21, 107\]"):
+        preprocess(data_cfg(source, store), params)
 
 
 def test_bad_config_fails_before_work(source, tmp_path):

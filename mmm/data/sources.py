@@ -53,15 +53,23 @@ FORMATS = ("midi", "abc")
 
 @dataclass(frozen=True)
 class MusicFile:
-    """One music file held in memory, named uniquely within its source."""
+    """One music file held in memory, named uniquely within its source.
+
+    ``split`` is the split the source itself assigns (GigaMIDI's train/validation/test
+    files, as ``"train"``/``"valid"``/``"test"``); None for sources without splits, whose
+    files preprocessing assigns by content hash.
+    """
 
     name: str
     data: bytes
     fmt: str
+    split: str | None = None
 
     def __post_init__(self) -> None:
         if self.fmt not in FORMATS:
             raise ValueError(f"{self.name}: unknown format {self.fmt!r}, expected one of {FORMATS}")
+        if self.split not in (None, "train", "valid", "test"):
+            raise ValueError(f"{self.name}: unknown split {self.split!r}, expected train, valid, test or None")
 
     @cached_property
     def md5(self) -> str:
@@ -166,6 +174,7 @@ GIGAMIDI_SUBSETS = ("all-instruments-with-drums", "drums-only", "no-drums", "all
 GIGAMIDI_SPLITS = ("train", "validation", "test")
 # Spellings of split names seen in GigaMIDI downloads (hub: "train"; raw zips: "training-V1.1-80%").
 _SPLIT_ALIASES = {"train": ("train", "training"), "validation": ("validation", "valid", "val"), "test": ("test",)}
+_OUR_SPLIT = {"train": "train", "validation": "valid", "test": "test"}  # store split names
 # Integer codes of the category column in releases that store it as an int.
 _CATEGORY_CODES = {"drums-only": 0, "all-instruments-with-drums": 1, "no-drums": 2}
 
@@ -199,7 +208,8 @@ class GigaMIDISource:
     in its path (``v1.0.0/train.parquet``, ``v1.1.0/train/0000.parquet``,
     ``.../training-V1.1-80%/...``). The subset is taken from the path when the files
     are laid out per subset (``v1.0.0/drums-only/test.parquet``); otherwise rows are
-    filtered on the ``instrument_category`` column. Names are ``"<split>/<md5>"``.
+    filtered on the ``instrument_category`` column. Names are ``"<split>/<md5>"``, and each
+    file carries its GigaMIDI split (preprocessing keeps it instead of hashing).
 
     ``cache_dir`` is where ``datasets`` keeps its Arrow cache (default: its own).
     """
@@ -318,7 +328,8 @@ class GigaMIDISource:
         k = bisect_right(self._starts, i) - 1
         split, ds = self._parts[k]
         row = ds[i - self._starts[k]]
-        return MusicFile(name=f"{split}/{row['md5']}", data=row["music"], fmt="midi")
+        # GigaMIDI's own split is kept, so test figures compare with published GigaMIDI results.
+        return MusicFile(name=f"{split}/{row['md5']}", data=row["music"], fmt="midi", split=_OUR_SPLIT[split])
 
     def fingerprint(self) -> str:
         return self._fingerprint

@@ -1,19 +1,22 @@
 """The token store: Arrow IPC shards of chunks, memory-mapped when read.
 
 Layout of a store folder:
-    manifest.json          what made it (source fingerprint, vocab fingerprint, settings)
+    manifest.json          what made it (source fingerprint, tokenizer settings and vocab
+                           fingerprint, filters; `format`: the layout version)
     shards/00042.arrow     the chunks of one shard of source files
     shards/00042.json      that shard's report; written last, so it marks the shard done
-    report.json            the merged report of all shards
+    report.json            the merged report of all shards, written once every shard is done;
+                           it lists the exact duplicates, whose rows readers skip
 
 Every file is written to a temporary name then renamed: a killed run leaves either a whole
 shard or no shard, never a truncated one, and re-running processes only missing shards.
+While a run works on a store it holds `preprocess.lock` (a whole run) and
+`shards/<shard>.lock` (each shard in flight; see `mmm.locking`).
 """
 
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,12 +25,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from mmm.data.pieces import Chunk
+from mmm.io import atomic_write_bytes, atomic_write_json  # noqa: F401 (used by mmm.preprocess too)
 
 SPLITS = ("train", "valid", "test")
+# Version of the layout and of what decides a row's place (split, duplicates); a store of
+# another format is refused like one made with other settings.
+STORE_FORMAT = 2
 
 _SCHEMA = pa.schema(
     [
         ("name", pa.string()),
+        ("index", pa.int64()),  # the file's index in its source (duplicates are listed by it)
         ("md5", pa.string()),
         ("split", pa.string()),
         ("chunk", pa.int32()),
@@ -43,33 +51,21 @@ _SCHEMA = pa.schema(
 )
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, json.dumps(obj, indent=2, sort_keys=True).encode())
-
-
 def shard_paths(store: Path, shard: int) -> tuple[Path, Path]:
     return store / "shards" / f"{shard:05d}.arrow", store / "shards" / f"{shard:05d}.json"
 
 
-def write_shard(store: Path, shard: int, rows: Sequence[tuple[str, str, str, int, Chunk]], report: dict) -> None:
-    """Write one shard's chunks (`(name, md5, split, chunk_index, chunk)` rows) then its report."""
+def write_shard(store: Path, shard: int, rows: Sequence[tuple[str, int, str, str, int, Chunk]], report: dict) -> None:
+    """Write one shard's chunks (`(name, index, md5, split, chunk_index, chunk)` rows) then its report."""
     arrow_path, report_path = shard_paths(store, shard)
     arrow_path.parent.mkdir(parents=True, exist_ok=True)
     columns: dict[str, list] = {f.name: [] for f in _SCHEMA}
-    for name, md5, split, index, chunk in rows:
+    for name, index, md5, split, chunk_index, chunk in rows:
         columns["name"].append(name)
+        columns["index"].append(index)
         columns["md5"].append(md5)
         columns["split"].append(split)
-        columns["chunk"].append(index)
+        columns["chunk"].append(chunk_index)
         columns["tpq"].append(chunk.tpq)
         columns["start_tick"].append(chunk.start_tick)
         columns["num_notes"].append(chunk.num_notes)
@@ -93,8 +89,47 @@ def done_shards(store: Path) -> set[int]:
     return {int(p.stem) for p in folder.glob("*.json") if shard_paths(store, int(p.stem))[0].is_file()}
 
 
+def _flat(obj: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(obj, dict):
+        return {k: v for key, value in obj.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): obj}
+
+
+def setting_changes(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """`key: old -> new` for every leaf setting that differs between two JSON-like mappings."""
+    a, b = _flat(json.loads(json.dumps(old)), prefix), _flat(json.loads(json.dumps(new)), prefix)
+    return [f"{k}: {a.get(k, '(absent)')} -> {b.get(k, '(absent)')}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def tokenizer_settings(tokenizer: Any) -> dict[str, Any]:
+    """The settings of a miditok tokenizer that shape its base vocabulary (BPE state left out)."""
+    config = tokenizer.config.to_dict(serialize=True)
+    config.pop("additional_params", None)
+    return json.loads(json.dumps(config, sort_keys=True, default=str))
+
+
+def check_vocab(path: str | Path, tokenizer: Any, tokenizer_path: str | Path | None = None) -> None:
+    """Refuse a store tokenized with another base vocabulary than `tokenizer`'s, naming the
+    settings that differ (a store read with the wrong vocabulary decodes as nonsense)."""
+    from mmm.tokenizer import vocab_fingerprint
+
+    path = Path(path)
+    manifest = json.loads((path / "manifest.json").read_text())
+    if manifest.get("vocab_fingerprint") == vocab_fingerprint(tokenizer):
+        return
+    changes = setting_changes(manifest.get("tokenizer", {}), tokenizer_settings(tokenizer), "tokenizer.params.")
+    what = f" ({'; '.join(changes)})" if changes else " (same settings, another miditok version?)"
+    raise ValueError(
+        f"the store at {path} was tokenized with other tokenizer settings than the tokenizer "
+        f"{tokenizer_path or ''}{what}. Rebuild both for the settings you want: delete {path} and that "
+        "tokenizer file, then re-run (python -m mmm.train rebuilds both); or point data.dir elsewhere"
+    )
+
+
 class Store:
-    """Read-only view of one split of a store; `store[i]` is a dict of python lists."""
+    """Read-only view of one split of a store; `store[i]` is a dict of python lists.
+
+    Rows of files reported as exact duplicates (`report.json`) are left out."""
 
     def __init__(self, path: str | Path, split: str) -> None:
         self.path = Path(path)
@@ -107,12 +142,20 @@ class Store:
                 "`python -m mmm.train` do it) first"
             )
         self.manifest = json.loads(manifest.read_text())
+        if self.manifest.get("format") != STORE_FORMAT:
+            raise ValueError(
+                f"the store at {self.path} was written by an older version of mmm (format "
+                f"{self.manifest.get('format', 1)}, this one reads {STORE_FORMAT}): delete it and re-run "
+                "python -m mmm.preprocess (python -m mmm.train does it for you)"
+            )
+        report = json.loads((self.path / "report.json").read_text())
+        duplicates = pa.array([d["index"] for d in report.get("duplicate_files", [])], pa.int64())
         tables = []
         for shard in sorted(done_shards(self.path)):
             source = pa.memory_map(str(shard_paths(self.path, shard)[0]), "r")
             tables.append(pa.ipc.open_file(source).read_all())
         table = pa.concat_tables(tables) if tables else _SCHEMA.empty_table()
-        mask = pc.equal(table["split"], split)
+        mask = pc.and_(pc.equal(table["split"], split), pc.invert(pc.is_in(table["index"], value_set=duplicates)))
         self.table = table.filter(mask)
         self.split = split
 

@@ -1,0 +1,140 @@
+"""Preprocessing as a job array and one writer per store, with real processes: two array tasks
+write the same store byte for byte as a single run; a killed task re-run redoes only its missing
+shards; a second run on a store in use fails at once naming the holder; a killed run's locks are
+stale and taken over."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+from mmm.data.store import done_shards, shard_paths
+from mmm.preprocess import TEST_FAULTS_ENV, array_task, preprocess
+from test_preprocess import corpus, data_cfg, tok_cfg
+
+TIMEOUT = 3  # file_timeout of every run here (it is part of the store's settings)
+
+
+def overrides(source: Path, store: Path) -> list[str]:
+    """The Hydra overrides giving the settings of `data_cfg(source, store, ...)` below."""
+    return ["data=folder", f"data.path={source}", f"data.store={store}", "data.preprocess.num_workers=1",
+            "data.preprocess.shard_size=1", "data.preprocess.min_notes=16", f"data.preprocess.file_timeout={TIMEOUT}"]
+
+
+def start(source: Path, store: Path, tmp_path: Path, task: int | None = None, count: int = 2) -> subprocess.Popen:
+    """`python -m mmm.preprocess ...` as a Slurm array task (or a whole run), in its own session."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MMM_JOB"))}
+    env.update({"MMM_RUNS_DIR": str(tmp_path / "runs"), TEST_FAULTS_ENV: "1"})
+    if task is not None:
+        env.update({"SLURM_ARRAY_TASK_ID": str(task), "SLURM_ARRAY_TASK_COUNT": str(count), "SLURM_ARRAY_TASK_MIN": "0"})
+    return subprocess.Popen([sys.executable, "-m", "mmm.preprocess", *overrides(source, store)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def finish(proc: subprocess.Popen) -> str:
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    return out
+
+
+def files(store: Path) -> dict[str, bytes]:
+    return {p.relative_to(store).as_posix(): p.read_bytes() for p in sorted(store.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory) -> Path:
+    root = corpus(tmp_path_factory.mktemp("array"), n=6)  # 9 files, 9 shards of one file
+    # Sorted last, so it is the last shard (shard 9) of task 1 of 2: it hangs until file_timeout.
+    (root / "zz_hang.mid").write_bytes(b"MMM-TEST-HANG" + b"\0" * 64)
+    return root
+
+
+@pytest.fixture(scope="module")
+def single(source, tmp_path_factory):
+    """The reference: one whole run, in this process."""
+    store = tmp_path_factory.mktemp("single") / "store"
+    os.environ[TEST_FAULTS_ENV] = "1"
+    try:
+        report = preprocess(data_cfg(source, store, shard_size=1, file_timeout=TIMEOUT), tok_cfg())
+    finally:
+        del os.environ[TEST_FAULTS_ENV]
+    assert report["rejected_by_reason"]["timeout"] == 1
+    return store
+
+
+def test_two_tasks_write_the_single_run_store(source, single, tmp_path):
+    store = tmp_path / "store"
+    procs = [start(source, store, tmp_path, task) for task in (0, 1)]  # at the same time, on one store
+    for p in procs:
+        finish(p)
+    assert files(store) == files(single)  # byte for byte, report.json included
+    assert not list(store.rglob("*.lock"))
+
+
+def test_killed_task_rerun_redoes_only_its_missing_shards(source, single, tmp_path):
+    store = tmp_path / "store"
+    report = preprocess(data_cfg(source, store, shard_size=1, file_timeout=TIMEOUT), tok_cfg(), task=(0, 2))
+    assert report["complete"] is False and not (store / "report.json").exists()
+    task1 = start(source, store, tmp_path, task=1)
+    deadline = time.monotonic() + 120
+    while done_shards(store) != set(range(9)):  # every shard but the hanging one
+        assert task1.poll() is None and time.monotonic() < deadline, task1.communicate()[0][-3000:]
+        time.sleep(0.05)
+    os.killpg(task1.pid, signal.SIGKILL)  # the whole task, as a node failure would
+    task1.wait()
+    assert not shard_paths(store, 9)[1].exists()
+    assert (store / "shards" / "00009.lock").exists()  # left behind by the killed task
+    kept_mtime = shard_paths(store, 1)[0].stat().st_mtime_ns
+
+    out = finish(start(source, store, tmp_path, task=1))  # the stale locks are taken over
+    assert "taking over a stale lock" in out
+    assert shard_paths(store, 1)[0].stat().st_mtime_ns == kept_mtime  # done shards are not redone
+    assert files(store) == files(single)
+    rerun = preprocess(data_cfg(source, store, shard_size=1, file_timeout=TIMEOUT), tok_cfg())  # complete: no work
+    assert rerun["files_processed_this_run"] == 0
+
+
+def test_second_run_on_a_store_in_use_fails_at_once(source, single, tmp_path):
+    store = tmp_path / "store"
+    first = start(source, store, tmp_path)  # a whole run
+    deadline = time.monotonic() + 120
+    while not (held := sorted((store / "shards").glob("0*.lock"))):
+        assert first.poll() is None and time.monotonic() < deadline, first.communicate()[0][-3000:]
+        time.sleep(0.02)
+    os.killpg(first.pid, signal.SIGSTOP)  # frozen mid-run, holding its locks, alive
+    try:
+        second = start(source, store, tmp_path)
+        out, _ = second.communicate(timeout=120)
+        assert second.returncode != 0
+        assert f"is in use by another run (pid {first.pid} on host {socket.gethostname()}, started " in out
+        # An array task on the same store stops at the shard the whole run holds.
+        shard = int(held[0].stem)
+        task = start(source, store, tmp_path, task=shard % 2, count=2)
+        out, _ = task.communicate(timeout=120)
+        assert task.returncode != 0 and f"pid {first.pid}" in out and f"{shard:05d}.lock" in out
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    finish(start(source, store, tmp_path))  # the killed run's locks are stale: taken over
+    assert files(store) == files(single)
+    assert not list(store.rglob("*.lock"))
+
+
+def test_array_task_from_config_or_slurm():
+    assert array_task() is None or "SLURM_ARRAY_TASK_ID" in os.environ
+    assert array_task(env={}) is None
+    assert array_task(1, 4, env={}) == (1, 4)
+    assert array_task(env={"SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_COUNT": "3", "SLURM_ARRAY_TASK_MIN": "1"}) == (2, 3)
+    assert array_task(0, 2, env={"SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_COUNT": "8"}) == (0, 2)  # config wins
+    with pytest.raises(ValueError, match="0 <= task_index < task_count"):
+        array_task(2, 2, env={})
+    with pytest.raises(ValueError, match="both must be set"):
+        array_task(1, None, env={})
