@@ -11,7 +11,6 @@ from __future__ import annotations
 import difflib
 import inspect
 import json
-import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from miditok.attribute_controls import BarAttributeControl
 from miditok.constants import CHR_ID_START
 
 from mmm.config import plain
+from mmm.io import atomic_write
 
 TOKENIZER_FILE = "tokenizer.json"
 # Keys accepted in configs/tokenizer/*.yaml: every miditok.TokenizerConfig argument, plus
@@ -132,11 +132,7 @@ def save_tokenizer(tokenizer: MMM, path: str | Path) -> Path:
     path = Path(path)
     if path.suffix != ".json":
         path = path / TOKENIZER_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tokenizer.save(tmp)
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, tokenizer.save)
 
 
 class _Words:

@@ -229,6 +229,7 @@ def test_sampling_side_check_refuses_bad_scores():
 
 # -- atomic writes -------------------------------------------------------------------------
 def test_store_shard_write_is_atomic(tmp_path, monkeypatch):
+    import mmm.io
     from mmm.data import store as store_module
 
     target = tmp_path / "x.arrow"
@@ -237,7 +238,7 @@ def test_store_shard_write_is_atomic(tmp_path, monkeypatch):
     def boom(fd):
         raise OSError("disk full")
 
-    monkeypatch.setattr(store_module.os, "fsync", boom)
+    monkeypatch.setattr(mmm.io.os, "fsync", boom)
     with pytest.raises(OSError):
         store_module.atomic_write_bytes(target, b"new content")
     assert target.read_bytes() == b"old"
