@@ -458,9 +458,10 @@ class MMM:
     @classmethod
     def from_pretrained(cls, path_or_hub_id: str | Path, device: str | torch.device | None = None,
                         revision: str | None = None, cache_dir: str | Path | None = None,
-                        token: str | None = None, **kwargs: Any) -> MMM:
+                        token: str | None = None, trusted: bool = False, **kwargs: Any) -> MMM:
         """From a checkpoint folder, a Lightning `.ckpt`, a DeepSpeed dir, or a Hugging Face hub
-        repo id (downloaded with `huggingface_hub.snapshot_download`)."""
+        repo id (downloaded with `huggingface_hub.snapshot_download`). A `.ckpt` holding anything
+        but plain data is refused (unpickling it could run code) unless `trusted=True`."""
         path = Path(path_or_hub_id)
         if not path.exists():
             text = str(path_or_hub_id)
@@ -469,7 +470,7 @@ class MMM:
             from huggingface_hub import snapshot_download
 
             path = Path(snapshot_download(repo_id=text, revision=revision, cache_dir=cache_dir, token=token))
-        model, tokenizer = load_pretrained(path)
+        model, tokenizer = load_pretrained(path, trusted=trusted)
         return cls(model, tokenizer, device=device, **kwargs)
 
     def save_pretrained(self, folder: str | Path) -> Path:

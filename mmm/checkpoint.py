@@ -8,8 +8,7 @@ The folder is self-contained: sampling never recomposes the training YAML, and
 from __future__ import annotations
 
 import json
-import os
-import shutil
+import pickle
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ import torch
 from miditok import MMM as MMMTokenizer
 from safetensors.torch import load_file, save_file
 
+from mmm.io import atomic_write_folder
 from mmm.model import MMMTransformer, ModelConfig
 from mmm.tokenizer import TOKENIZER_FILE, load_tokenizer
 
@@ -27,27 +27,58 @@ FORMAT_VERSION = 1
 
 
 def save_pretrained(model: MMMTransformer, tokenizer: MMMTokenizer, folder: str | Path, extra: dict | None = None) -> Path:
-    """Write the folder atomically: built in a temp dir beside it, then renamed into place."""
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    """Write the folder atomically: built in a temp dir beside it, then swapped into place
+    (`mmm.io.atomic_write_folder`: a full disk leaves the previous folder and no partial one)."""
     config = {"mmm_format": FORMAT_VERSION, "model": model.config.to_dict(), **(extra or {})}
-    (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(tmp / WEIGHTS_FILE))
-    tokenizer.save(tmp / TOKENIZER_FILE)
-    if folder.exists():
-        old = folder.with_name(f".{folder.name}.old{os.getpid()}")
-        os.replace(folder, old)
-        os.replace(tmp, folder)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, folder)
-    return folder
+
+    def write(tmp: Path) -> None:
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+        save_file(state, str(tmp / WEIGHTS_FILE))
+        tokenizer.save(tmp / TOKENIZER_FILE)
+
+    return atomic_write_folder(folder, write)
 
 
-def _from_lightning_ckpt(path: Path) -> tuple[MMMTransformer, MMMTokenizer]:
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+# Globals a checkpoint of ours may hold beyond what torch's `weights_only` unpickler always
+# accepts (tensors, dtypes, containers, numbers, strings). None today: Lightning's loops,
+# optimizer, scheduler and callback states, our hyper-parameters and the sampler position are
+# all plain (`torch.serialization.get_unsafe_globals_in_checkpoint` on a trained last.ckpt is
+# empty). A type added to a checkpoint later goes here, never a callable.
+SAFE_GLOBALS: list[Any] = []
+
+
+class UnsafeCheckpoint(pickle.UnpicklingError):
+    """A checkpoint holds something other than data: loading it would run code from the file."""
+
+
+def load_checkpoint_file(path: str | Path, *, trusted: bool = False, map_location: Any = "cpu") -> Any:
+    """`torch.load` of a `.ckpt`/`.pt` file that never runs code from it: only tensors, plain
+    data and `SAFE_GLOBALS` are unpickled. Anything else raises `UnsafeCheckpoint` naming the
+    offending types, before any of them is called. `trusted=True` (for a file you made or
+    trust) loads everything, as plain `torch.load(weights_only=False)` does."""
+    if trusted:
+        return torch.load(path, map_location=map_location, weights_only=False)
+    with torch.serialization.safe_globals(SAFE_GLOBALS):
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as e:
+            try:
+                offending = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+            except Exception:  # not a zip checkpoint: only torch's message names the type
+                offending = []
+            raise UnsafeCheckpoint(
+                f"{path}: refusing to load it: it holds {', '.join(offending) or 'an object that is not plain data'}, "
+                "which an mmm checkpoint never holds, and unpickling it could run code from the file. "
+                "If you made this file or trust its source, load it with trusted=True "
+                "(MMM.from_pretrained(path, trusted=True), `python -m mmm.checkpoint --trusted`, "
+                "`python -m mmm.train trust_checkpoint=true`); to share a model, share its checkpoint folder "
+                f"(model.safetensors), which holds no code. torch said: {str(e).splitlines()[0]}"
+            ) from None
+
+
+def _from_lightning_ckpt(path: Path, trusted: bool = False) -> tuple[MMMTransformer, MMMTokenizer]:
+    ckpt = load_checkpoint_file(path, trusted=trusted)
     hparams = ckpt.get("hyper_parameters", {})
     if "model_config" not in hparams or not hparams.get("tokenizer_json"):
         raise ValueError(f"{path}: not an mmm training checkpoint (no model config / tokenizer inside)")
@@ -78,11 +109,12 @@ def _build(model_config: dict[str, Any], state: dict[str, torch.Tensor]) -> MMMT
     return model.eval()
 
 
-def load_pretrained(path: str | Path) -> tuple[MMMTransformer, MMMTokenizer]:
-    """Model and tokenizer from a checkpoint folder, a Lightning `.ckpt` or a DeepSpeed dir."""
+def load_pretrained(path: str | Path, trusted: bool = False) -> tuple[MMMTransformer, MMMTokenizer]:
+    """Model and tokenizer from a checkpoint folder, a Lightning `.ckpt` or a DeepSpeed dir.
+    A `.ckpt` is read without running code from it unless `trusted` (`load_checkpoint_file`)."""
     path = Path(path)
     if path.is_file() and path.suffix == ".ckpt":
-        return _from_lightning_ckpt(path)
+        return _from_lightning_ckpt(path, trusted)
     if path.is_dir() and (path / CONFIG_FILE).is_file():
         config = json.loads((path / CONFIG_FILE).read_text())
         if "model" not in config:
@@ -104,8 +136,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m mmm.checkpoint", description=main.__doc__)
     parser.add_argument("checkpoint", type=Path, help="Lightning .ckpt file or DeepSpeed checkpoint directory")
     parser.add_argument("out", type=Path, help="folder to write (config.json, model.safetensors, tokenizer.json)")
+    parser.add_argument("--trusted", action="store_true",
+                        help="load a .ckpt holding more than plain data (this can run code from it: only for files you trust)")
     args = parser.parse_args(argv)
-    model, tokenizer = load_pretrained(args.checkpoint)
+    model, tokenizer = load_pretrained(args.checkpoint, trusted=args.trusted)
     print(save_pretrained(model, tokenizer, args.out, extra={"exported_from": str(args.checkpoint)}))
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.strategies import DeepSpeedStrategy
 import torch
@@ -19,6 +20,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from mmm.checkpoint import load_pretrained, save_pretrained
+from mmm.checkpoint_io import MMMCheckpointIO
 from mmm.config import plain, require_keys
 from mmm.data.sequences import SEQUENCE_KEYS
 from mmm.data.stats import generation_stats
@@ -138,6 +140,8 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     if not loggers:  # logger=none: the LR monitor has nowhere to write
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # not a user-configured plugin
+        trainer.strategy.checkpoint_io = MMMCheckpointIO()  # atomic writes, safe loads
     log.info("model: %s parameters, vocab %d, context %d", f"{module.model.num_parameters():,}", vocab.size, model_config.max_seq_len)
 
     metrics: dict[str, Any] = {}
@@ -145,7 +149,8 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     if cfg.validate_before_training and resume is None:
         initial = trainer.validate(module, datamodule=datamodule, verbose=False)
         metrics.update({f"initial_{k.replace('/', '_')}": v for k, v in initial[0].items()})
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
+    # weights_only=False is MMMCheckpointIO's opt-in for a trusted checkpoint holding more than data.
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=False if cfg.trust_checkpoint else None)
     metrics.update({k.replace("/", "_"): float(v) for k, v in trainer.callback_metrics.items()})
     metrics["global_step"] = trainer.global_step
     export_model = module.model
