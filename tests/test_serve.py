@@ -1,0 +1,441 @@
+"""`python -m mmm.serve`: the HTTP API, in process (FastAPI's TestClient), on a random-weight
+tiny model.
+
+Proves: every endpoint answers (health, info, examples, analyze, infill, add_track, generate,
+jobs, job events, cancel, /docs); an infill answer changes only the requested bars of the
+requested track and each candidate is reproducible alone from its seed; `Accept: audio/midi`
+returns a MIDI file; every bad request (non-MIDI, empty, truncated, note-less upload, bar out
+of range, unknown track/control/field, bad JSON, too many variations, a file for generate, a
+JSON body, a body over the limit, streamed or not) gets a JSON 4xx with the field at fault and
+the server keeps serving; a full queue answers 503 with Retry-After; cancel stops a running
+job inside its sampling loop and drops a queued one; the token and loopback rules; no CORS by
+default; uploads never touch the disk; the model's bar grid is reported and a piece whose grid
+differs from the file's gets a warning; the entry point refuses an exposed host without a
+token before loading anything, and serves the studio when started for real.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+
+import pytest
+
+pytest.importorskip("fastapi", reason="the serve extra is not installed (pip install -e '.[serve]')")
+
+from fastapi.testclient import TestClient  # noqa: E402
+from symusic import Note, Score, Tempo, TimeSignature, Track  # noqa: E402
+
+from conftest import REPO, synthetic_score  # noqa: E402
+from mmm.api import MMM, bar_grid, count_bars  # noqa: E402
+from mmm.checkpoint import save_pretrained  # noqa: E402
+from mmm.serve.app import Settings, create_app  # noqa: E402
+from mmm.serve.jobs import Job  # noqa: E402
+from test_generation import tiny_model  # noqa: E402
+
+
+# --- fixtures shared with the browser and load tests ---------------------------------------------
+@pytest.fixture(scope="module")
+def serve_mmm(tokenizer, vocab) -> MMM:
+    return MMM(tiny_model(vocab.size, max_seq_len=1024), tokenizer, max_bar_tokens=24, num_threads=1)
+
+
+def make_client(mmm: MMM, **settings) -> TestClient:
+    return TestClient(create_app(mmm, Settings(**settings)))
+
+
+@pytest.fixture(scope="module")
+def client(serve_mmm):
+    with make_client(serve_mmm) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def song() -> bytes:
+    return synthetic_score(seed=0, num_bars=8).dumps_midi()
+
+
+def notes_by_track(score: Score) -> list[Counter]:
+    return [Counter((n.time, n.duration, n.pitch, n.velocity) for n in t.notes) for t in score.tracks]
+
+
+def error_of(response) -> dict:
+    body = response.json()
+    assert set(body) == {"error"} and body["error"]["status"] == response.status_code, body
+    assert body["error"]["message"], body
+    return body["error"]
+
+
+# --- endpoints ----------------------------------------------------------------------------------
+def test_health_info_docs(client, serve_mmm):
+    health = client.get("/v1/health").json()
+    assert health["status"] == "ok" and health["worker_alive"] and health["queue_size"] == 8
+    info = client.get("/v1/info").json()
+    assert info["model"]["parameters"] == sum(p.numel() for p in serve_mmm.model.parameters())
+    assert info["model"]["context"] == 1024 and info["model"]["license"] == "unknown"
+    assert "4/4" in info["tokenizer"]["time_signatures"] and info["tokenizer"]["max_bar_tokens"] == 24
+    density = info["controls"]["bar"]["note_density"]
+    assert density["kind"] == "int" and density["values"][0] == 0 and density["at_least"]
+    assert "repetition" in info["controls"]["track"]
+    assert {"program": -1, "name": "Drums"} in info["programs"] and len(info["programs"]) == 129
+    assert info["limits"]["max_variations"] == 8 and set(info["tasks"]) == {"infill", "add_track", "generate"}
+    assert client.get("/docs").status_code == 200
+    paths = client.get("/openapi.json").json()["paths"]
+    assert {"/v1/health", "/v1/info", "/v1/analyze", "/v1/infill", "/v1/add_track", "/v1/generate", "/v1/jobs",
+            "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/events"} <= set(paths)
+    form = paths["/v1/infill"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert {"file", "track", "bars", "controls", "num_variations", "seed"} <= set(form["properties"])
+    page = client.get("/")
+    assert page.status_code == 200 and "studio.js" in page.text
+    assert "class Synth" in client.get("/static/synth.js").text
+
+
+def test_examples(client):
+    for name in client.get("/v1/info").json()["examples"]:
+        r = client.get(f"/v1/examples/{name}")
+        assert r.status_code == 200 and r.headers["content-type"] == "audio/midi"
+        assert len(Score.from_midi(r.content).tracks) >= 2
+    assert error_of(client.get("/v1/examples/..%2Fetc"))["code"] in ("unknown_example", "not_found")
+
+
+def test_analyze(client, serve_mmm, song):
+    a = client.post("/v1/analyze", files={"file": ("song.mid", song)}).json()
+    score = Score.from_midi(song)
+    assert a["num_bars"] == count_bars(score, serve_mmm.tokenizer) == 8
+    grid = a["grid"]
+    assert grid["starts"] == [b * 4 * score.tpq for b in range(9)] and grid["time_signatures"] == [[4, 4]] * 8
+    assert grid["difference"] is None and grid["starts_s"][1] == pytest.approx(2.0)  # 120 qpm
+    assert [t["num_notes"] for t in a["tracks"]] == [len(t.notes) for t in score.tracks]
+    assert [len(t["notes"]) for t in a["tracks"]] == [len(t.notes) for t in score.tracks]
+    bass = a["tracks"][1]
+    assert bass["program"] == 33 and all(bar["note_density"] == 4 for bar in bass["controls"]["bars"])
+    assert all(bar["polyphony_max"] == 1 for bar in bass["controls"]["bars"])
+    assert a["tracks"][2]["is_drum"] and a["tracks"][2]["program"] == -1
+
+
+def test_infill_changes_only_the_selection_and_seeds_reproduce(client, song):
+    fields = {"track": "1", "bars": "[2,4]", "num_variations": "2", "seed": "3", "controls": '{"note_density": 4}'}
+    r = client.post("/v1/infill", files={"file": ("song.mid", song)}, data=fields)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["task"] == "infill" and out["bar_grid_warning"] is None and out["num_bars"] == 8
+    assert [v["seed"] for v in out["variations"]] == [3, 4]
+    original = Score.from_midi(song)
+    start, end = 2 * 4 * original.tpq, 4 * 4 * original.tpq
+    for v in out["variations"]:
+        assert v["regions"] == [[1, start, end]]
+        assert v["controls"]["requested"]["controls"] == {"note_density": 4}
+        assert set(v["controls"]["measured"]["1"]["bars"]) == {"2", "3"}
+        result = Score.from_midi(base64.b64decode(v["midi"]))
+        before, after = notes_by_track(original), notes_by_track(result)
+        for t in range(len(original.tracks)):
+            if t != 1:
+                assert after[t] == before[t]
+        outside = lambda c: Counter({k: n for k, n in c.items() if not start <= k[0] < end})  # noqa: E731
+        assert outside(after[1]) == outside(before[1])
+    # candidate 2 alone, from its seed, is the same music
+    alone = client.post("/v1/infill", files={"file": ("song.mid", song)},
+                        data={**fields, "seed": "4", "num_variations": "1"}).json()["variations"][0]
+    assert notes_by_track(Score.from_midi(base64.b64decode(alone["midi"]))) == \
+        notes_by_track(Score.from_midi(base64.b64decode(out["variations"][1]["midi"])))
+
+
+def test_accept_midi_add_track_generate(client, song):
+    r = client.post("/v1/add_track", files={"file": ("song.mid", song)}, data={"program": "33", "seed": "1"},
+                    headers={"Accept": "audio/midi"})
+    assert r.status_code == 200 and r.headers["content-type"] == "audio/midi" and r.headers["x-mmm-seed"] == "1"
+    out = Score.from_midi(r.content)
+    assert len(out.tracks) == len(Score.from_midi(song).tracks) + 1 and out.tracks[-1].program == 33
+    r = client.post("/v1/generate", data={"programs": "[0, -1]", "num_bars": "3", "time_signature": "3/4", "seed": "0"})
+    assert r.status_code == 200, r.text
+    v = r.json()["variations"][0]
+    score = Score.from_midi(base64.b64decode(v["midi"]))
+    assert (score.time_signatures[0].numerator, score.time_signatures[0].denominator) == (3, 4)
+    assert set(v["controls"]["measured"]) <= {"0", "1"}
+
+
+@pytest.fixture(scope="module")
+def bad_files(song) -> dict[str, bytes]:
+    empty = Score(480)
+    empty.tracks.append(Track("silent", 0))
+    return {
+        "text": b"this is not a MIDI file at all",
+        "empty": b"",
+        "truncated": song[: len(song) // 3],
+        "no_notes": empty.dumps_midi(),
+        "smpte": b"MThd\x00\x00\x00\x06\x00\x01\x00\x01\xe7\x28" + b"MTrk\x00\x00\x00\x04\x00\xff\x2f\x00",
+    }
+
+
+@pytest.mark.parametrize("name", ["text", "empty", "truncated", "no_notes", "smpte"])
+def test_bad_uploads_are_400(client, bad_files, name):
+    for path, data in (("/v1/infill", {"track": "0", "bars": "[0,1]"}), ("/v1/analyze", {})):
+        r = client.post(path, files={"file": (f"{name}.mid", bad_files[name])}, data=data)
+        assert r.status_code == 400, (path, r.text)
+        err = error_of(r)
+        assert err["code"] == "bad_midi" and err["field"] == "file" and f"{name}.mid" in err["message"]
+    assert client.get("/v1/health").json()["status"] == "ok"
+
+
+@pytest.mark.parametrize("path,data,status,field,words", [
+    ("/v1/infill", {"track": "1", "bars": "[6,12]"}, 422, "bars", "out of range: the piece has 8 bars"),
+    ("/v1/infill", {"track": "9", "bars": "[0,1]"}, 422, "track", "unknown track 9"),
+    ("/v1/infill", {"track": "1", "bars": "[0,1]", "controls": '{"loudness": 3}'}, 422, "controls", "note_density"),
+    ("/v1/infill", {"track": "1", "bars": "[0,1]", "controls": '{"note_density": 99}'}, 422, "controls", "invalid value"),
+    ("/v1/infill", {"track": "1", "bars": "[0,1"}, 422, "bars", "not a JSON value"),
+    ("/v1/infill", {"track": "1", "bars": "[0,1]", "tempature": "1"}, 422, "tempature", "unknown field"),
+    ("/v1/infill", {"track": "1"}, 422, "bars", "needs the field(s) bars"),
+    ("/v1/infill", {"track": "1", "bars": "[0,1]", "num_variations": "50"}, 422, "num_variations", "1..8"),
+    ("/v1/infill", {"track": "1", "bars": "[0,1]", "top_p": "2"}, 422, "temperature", "top_p"),
+    ("/v1/add_track", {"program": "200"}, 422, "program", "General MIDI program"),
+    ("/v1/generate", {"programs": "[0]", "num_bars": "4", "time_signature": "13/7"}, 422, "time_signature", "valid"),
+    ("/v1/generate", {"programs": "[0]", "num_bars": "1000"}, 422, "num_bars", "1..64"),
+    ("/v1/jobs", {"task": "remix"}, 422, "task", "expected one of infill, add_track, generate"),
+    ("/v1/jobs", {"track": "0"}, 422, "task", "needs the field task"),
+])
+def test_bad_requests_are_4xx_with_the_field(client, song, path, data, status, field, words):
+    files = None if path == "/v1/generate" else {"file": ("song.mid", song)}
+    r = client.post(path, files=files, data=data)
+    assert r.status_code == status, r.text
+    err = error_of(r)
+    assert err["field"] == field and words in err["message"], err
+
+
+def test_other_errors(client, song):
+    r = client.post("/v1/generate", files={"file": ("song.mid", song)}, data={"programs": "[0]", "num_bars": "2"})
+    assert r.status_code == 422 and error_of(r)["code"] == "unexpected_file"
+    r = client.post("/v1/infill", data={"track": "0", "bars": "[0,1]"})
+    assert r.status_code == 400 and error_of(r)["code"] == "missing_file"
+    r = client.post("/v1/infill", data={"track": "0", "bars": "[0,1]", "file": "/etc/passwd"})
+    assert r.status_code == 400 and "no request may name a file" in error_of(r)["message"]
+    r = client.post("/v1/infill", json={"track": 0, "bars": [0, 1]})
+    assert r.status_code == 415 and error_of(r)["code"] == "bad_content_type"
+    assert error_of(client.get("/v1/jobs/nope"))["code"] == "unknown_job"
+    assert client.delete("/v1/jobs/nope").status_code == 404
+    assert error_of(client.get("/v2/whatever"))["code"] == "not_found"
+    assert client.get("/v1/health").json()["status"] == "ok"
+
+
+def test_real_broken_files_are_400(client, midi_dir):
+    files = sorted((midi_dir / "invalid").iterdir())
+    assert files
+    for path in files:
+        r = client.post("/v1/analyze", files={"file": (path.name, path.read_bytes())})
+        assert r.status_code in (400, 422) and error_of(r)["field"] == "file", (path.name, r.text)
+    assert client.get("/v1/health").json()["status"] == "ok"
+
+
+def test_upload_limit_413(serve_mmm, song, tmp_path, monkeypatch):
+    with make_client(serve_mmm, max_upload_mb=0.01) as c:  # 10 KiB (+64 KiB for the fields)
+        big = b"MThd" + bytes(200_000)
+        r = c.post("/v1/infill", files={"file": ("big.mid", big)}, data={"track": "0", "bars": "[0,1]"})
+        assert r.status_code == 413 and error_of(r)["code"] == "too_large"
+
+        def chunks():  # no Content-Length: the limit applies while the body streams in
+            for _ in range(50):
+                yield bytes(10_000)
+        r = c.post("/v1/analyze", content=chunks(), headers={"content-type": "multipart/form-data; boundary=x"})
+        assert r.status_code == 413 and error_of(r)["code"] == "too_large"
+        assert c.post("/v1/analyze", files={"file": ("song.mid", song)}).status_code == 200
+
+
+def test_uploads_never_touch_the_disk(serve_mmm, tmp_path, monkeypatch):
+    import tempfile
+
+    spool = tmp_path / "tmp"
+    spool.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(spool))
+    with make_client(serve_mmm, max_upload_mb=3) as c:  # bigger than the parser's 1 MiB spool
+        r = c.post("/v1/analyze", files={"file": ("big.mid", b"MThd" + bytes(2_000_000))})
+        assert r.status_code == 400
+    assert list(spool.iterdir()) == []
+
+
+def test_queue_full_is_503_with_retry_after(serve_mmm, song):
+    with make_client(serve_mmm, queue_size=1) as c:
+        jobs = c.app.state.server.jobs
+        release = threading.Event()
+        blocker = jobs.submit(Job("block", lambda j: release.wait(30) and {}, 1))
+        for _ in range(200):  # the worker takes it: the queue is empty again
+            if blocker.state == "running":
+                break
+            time.sleep(0.01)
+        queued = c.post("/v1/jobs", files={"file": ("song.mid", song)}, data={"task": "infill", "track": "0", "bars": "[0,1]"})
+        assert queued.status_code == 202
+        r = c.post("/v1/infill", files={"file": ("song.mid", song)}, data={"track": "0", "bars": "[0,1]"})
+        assert r.status_code == 503 and int(r.headers["retry-after"]) >= 1 and error_of(r)["code"] == "queue_full"
+        bad = c.post("/v1/infill", files={"file": ("x.mid", b"nope")}, data={"track": "0", "bars": "[0,1]"})
+        assert bad.status_code == 400  # bad requests are answered even when the queue is full
+        release.set()
+        job_id = queued.json()["id"]
+        for _ in range(1000):
+            if c.get(f"/v1/jobs/{job_id}").json()["state"] == "done":
+                break
+            time.sleep(0.02)
+        assert c.get(f"/v1/jobs/{job_id}").json()["state"] == "done"
+
+
+def test_cancel_stops_a_running_job_and_drops_a_queued_one(serve_mmm, song):
+    with make_client(serve_mmm, max_new_bars=64) as c:
+        r = c.post("/v1/jobs", data={"task": "generate", "programs": "[0, 0, 0, 0]", "num_bars": "64", "seed": "0",
+                                     "num_variations": "4"})
+        assert r.status_code == 202 and r.headers["location"] == f"/v1/jobs/{r.json()['id']}"
+        job_id = r.json()["id"]
+        for _ in range(3000):
+            state = c.get(f"/v1/jobs/{job_id}").json()
+            if state["progress"]["bars_done"] > 0:
+                break
+            time.sleep(0.01)
+        assert state["state"] == "running" and state["progress"]["bars_total"] == 4 * 64 * 4
+        cancelled = c.delete(f"/v1/jobs/{job_id}").json()
+        # "cancelled" is only set once the worker caught the exception raised in the sampling loop
+        assert cancelled["state"] == "cancelled" and cancelled["progress"]["bars_done"] < 4 * 64 * 4
+        jobs = c.app.state.server.jobs
+        assert jobs.running is None and serve_mmm.on_step is None
+        done_bars = c.get(f"/v1/jobs/{job_id}").json()["progress"]["bars_done"]
+        time.sleep(0.2)
+        assert c.get(f"/v1/jobs/{job_id}").json()["progress"]["bars_done"] == done_bars  # it really stopped
+        # a queued job is dropped: it never starts
+        release = threading.Event()
+        jobs.submit(Job("block", lambda j: release.wait(30) and {}, 1))
+        queued = c.post("/v1/jobs", files={"file": ("song.mid", song)}, data={"task": "infill", "track": "0", "bars": "[0,1]"})
+        gone = c.delete(f"/v1/jobs/{queued.json()['id']}").json()
+        assert gone["state"] == "cancelled"
+        release.set()
+        r = c.post("/v1/infill", files={"file": ("song.mid", song)}, data={"track": "0", "bars": "[0,1]"})
+        assert r.status_code == 200  # the worker is free again
+        assert c.get(f"/v1/jobs/{queued.json()['id']}").json()["started"] is None
+
+
+def test_events_stream_progress_then_end(client, song):
+    job = client.post("/v1/jobs", files={"file": ("song.mid", song)},
+                      data={"task": "infill", "track": "[0, 1]", "bars": "[[0,2],[4,6]]", "seed": "2"}).json()
+    assert job["progress"]["bars_total"] == 2 * 4
+    events = []
+    with client.stream("GET", f"/v1/jobs/{job['id']}/events") as stream:
+        assert stream.headers["content-type"].startswith("text/event-stream")
+        name = None
+        for line in stream.iter_lines():
+            if line.startswith("event: "):
+                name = line[7:]
+            elif line.startswith("data: "):
+                events.append((name, json.loads(line[6:])))
+                if name == "end":
+                    break
+    assert events[-1][0] == "end" and events[-1][1]["state"] == "done" and events[-1][1]["result"]["variations"]
+    progress = [e["progress"]["bars_done"] for n, e in events if n == "progress"]
+    assert progress == sorted(progress) and events[-1][1]["progress"]["bars_done"] == 8
+
+
+def test_token_and_loopback_rules(serve_mmm):
+    with make_client(serve_mmm, token="s3cret") as c:
+        assert c.get("/v1/health").status_code == 200
+        r = c.get("/v1/info")
+        assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer" and error_of(r)["code"] == "unauthorized"
+        assert c.get("/v1/info", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert c.get("/v1/info", headers={"Authorization": "Bearer s3cret"}).json()["auth"] is True
+        assert c.post("/v1/analyze", files={"file": ("x.mid", b"x")}).status_code == 401
+    with pytest.raises(ValueError, match="token"):
+        create_app(serve_mmm, Settings(host="0.0.0.0"))
+    create_app(serve_mmm, Settings(host="0.0.0.0", allow_unauthenticated=True)).state.server.jobs.close()
+    create_app(serve_mmm, Settings(host="0.0.0.0", token="t")).state.server.jobs.close()
+
+
+def test_no_cors_unless_configured(client, serve_mmm):
+    headers = {"Origin": "http://evil.example", "Access-Control-Request-Method": "POST"}
+    assert "access-control-allow-origin" not in client.get("/v1/health", headers=headers).headers
+    assert "access-control-allow-origin" not in client.options("/v1/infill", headers=headers).headers
+    with make_client(serve_mmm, cors_origins=["http://daw.example"]) as c:
+        r = c.get("/v1/health", headers={"Origin": "http://daw.example"})
+        assert r.headers["access-control-allow-origin"] == "http://daw.example"
+
+
+# --- bars as the musician counts them ------------------------------------------------------------
+def _odd_meter_piece(num: int, den: int) -> Score:
+    """One bar of num/den, then 4/4: a quarter note on every beat of every bar."""
+    score = Score(480)
+    score.tempos.append(Tempo(0, 120.0))
+    score.time_signatures.append(TimeSignature(0, num, den))
+    first = num * 480 * 4 // den
+    score.time_signatures.append(TimeSignature(first, 4, 4))
+    track = Track("piano", 0)
+    for t in range(0, first + 8 * 1920, 480 * 4 // den if den > 4 else 480):
+        track.notes.append(Note(t, 200, 60 + (t // 480) % 12, 80))
+    score.tracks.append(track)
+    return score
+
+
+def test_bar_grid_reports_a_grid_that_differs_from_the_file(client, serve_mmm, tokenizer, caplog):
+    known = {t.split("_", 1)[1] for t in tokenizer.vocab if t.startswith("TimeSig_")}
+    plain = bar_grid(synthetic_score(seed=0, num_bars=8), tokenizer)
+    assert plain.first_difference is None and plain.difference() is None and plain.num_bars == 8
+    num, den = next((n, d) for n, d in ((11, 8), (13, 16), (7, 16), (15, 8)) if f"{n}/{d}" not in known)
+    score = _odd_meter_piece(num, den)
+    grid = serve_mmm.bar_grid(score)
+    assert grid.file_time_signatures[0] == (num, den) and grid.file_starts[1] == num * 480 * 4 // den
+    assert grid.first_difference is not None and f"{num}/{den}" in grid.difference()
+    midi = score.dumps_midi()
+    a = client.post("/v1/analyze", files={"file": ("odd.mid", midi)}).json()
+    assert a["grid"]["first_difference"] == grid.first_difference and f"{num}/{den}" in a["grid"]["difference"]
+    with caplog.at_level("WARNING", logger="mmm.serve"):
+        r = client.post("/v1/infill", files={"file": ("odd.mid", midi)}, data={"track": "0", "bars": "[1,2]", "seed": "0"})
+    assert r.status_code == 200 and f"{num}/{den}" in r.json()["bar_grid_warning"]
+    assert any(f"{num}/{den}" in rec.getMessage() for rec in caplog.records)
+
+
+# --- the entry point ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def ckpt_folder(tmp_path_factory, serve_mmm):
+    folder = tmp_path_factory.mktemp("serve_ckpt") / "model"
+    save_pretrained(serve_mmm.model, serve_mmm.tokenizer, folder)
+    return folder
+
+
+def _run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mmm.serve", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_entry_point_refuses_bad_settings_before_loading(ckpt_folder):
+    r = _run(f"ckpt={ckpt_folder}", "host=0.0.0.0")
+    assert r.returncode == 2 and "token" in r.stderr and "MMM studio" not in r.stdout
+    r = _run("ckpt=no/such/folder")
+    assert r.returncode == 2 and "no such checkpoint" in r.stderr
+    r = _run(f"ckpt={ckpt_folder}", "+colour=blue")
+    assert r.returncode == 2 and "unknown config key" in r.stderr
+
+
+def test_entry_point_serves(ckpt_folder, tmp_path):
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "mmm.serve", f"ckpt={ckpt_folder}", f"port={port}", "num_threads=1"],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(600):
+            try:
+                if httpx.get(f"{url}/v1/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        else:
+            pytest.fail("the server did not start")
+        assert "<title>MMM studio</title>" in httpx.get(url + "/").text
+        assert httpx.get(f"{url}/v1/info").json()["model"]["checkpoint"] == "model"  # its name, not its path
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=30)
+    # uvicorn shuts down cleanly, then re-raises SIGTERM (exit status -15) or exits with 0
+    assert proc.returncode in (0, -15) and "Application shutdown complete" in out, out
+    assert list(tmp_path.iterdir()) == []  # the server wrote nothing where it ran
