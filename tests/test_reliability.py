@@ -288,6 +288,66 @@ def test_lightning_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     assert torch.load(target, weights_only=False)["step"] == 1
 
 
+# -- unsafe checkpoints --------------------------------------------------------------------
+class Trap:
+    """Unpickled, it runs a shell command: what a booby-trapped checkpoint carries."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def mmm_ckpt(path: Path, **extra) -> Path:
+    """A Lightning-style .ckpt of a tiny model, as `MMM.from_pretrained` reads it."""
+    from conftest import tokenizer_params
+    from mmm.model import MMMTransformer, model_config_from_preset
+    from mmm.tokenizer import build_tokenizer, save_tokenizer
+
+    tokenizer = build_tokenizer(tokenizer_params())
+    model = MMMTransformer(model_config_from_preset("tiny", vocab_size=len(tokenizer), max_seq_len=64))
+    torch.save({"hyper_parameters": {"model_config": model.config.to_dict(),
+                                     "tokenizer_json": save_tokenizer(tokenizer, path.parent / "tok.json").read_text()},
+                "state_dict": {f"model.{k}": t for k, t in model.state_dict().items()}, **extra}, path)
+    return path
+
+
+def test_a_checkpoint_carrying_code_is_refused_and_the_code_never_runs(tmp_path):
+    from mmm import MMM
+    from mmm.checkpoint import UnsafeCheckpoint, load_checkpoint_file, load_pretrained
+
+    marker = tmp_path / "pwned"
+    good = mmm_ckpt(tmp_path / "good.ckpt")
+    bad = mmm_ckpt(tmp_path / "bad.ckpt", callbacks={"Innocent": {"state": Trap(marker)}})
+    MMM.from_pretrained(good)  # plain data: loads as before
+    for load in (load_pretrained, MMM.from_pretrained):
+        with pytest.raises(UnsafeCheckpoint, match=r"bad.ckpt: refusing to load it: it holds posix.system, .*trusted=True") as e:
+            load(bad)
+        assert "MMM.from_pretrained(path, trusted=True)" in str(e.value) and "model.safetensors" in str(e.value)
+    assert not marker.exists()
+    # The export command refuses it too, naming its --trusted flag.
+    proc = subprocess.run([sys.executable, "-m", "mmm.checkpoint", str(bad), str(tmp_path / "out")], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "--trusted" in proc.stderr and "posix.system" in proc.stderr
+    assert not marker.exists() and not (tmp_path / "out").exists()
+    # The trap is real: the explicit opt-in for a trusted file runs it.
+    load_checkpoint_file(bad, trusted=True)
+    assert marker.exists()
+
+
+def test_resuming_from_a_checkpoint_carrying_code_is_refused(corpus, tmp_path):
+    """Lightning's own resume path (`Trainer.fit(ckpt_path=...)`) goes through the same check."""
+    from mmm.checkpoint import UnsafeCheckpoint
+
+    marker = tmp_path / "pwned"
+    bad = mmm_ckpt(tmp_path / "bad.ckpt", callbacks={"Innocent": {"state": Trap(marker)}})
+    cfg = compose_train(small_overrides(corpus, tmp_path) + [f"ckpt_path={bad}", "logger=none"])
+    with pytest.raises(UnsafeCheckpoint, match="posix.system.*trust_checkpoint=true"):
+        train(cfg)
+    assert not marker.exists()
+
+
 # -- bad configuration ---------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("override", "message"),
