@@ -46,6 +46,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import symusic
 
+from mmm.io import atomic_write_bytes
+
 log = logging.getLogger(__name__)
 
 FORMATS = ("midi", "abc")
@@ -455,23 +457,17 @@ def convert_to_midi(path: str | Path) -> bytes:
     return result.dumps_midi()
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Temp file then rename: an interrupted run never leaves a half-written file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def _convert_job(job: tuple[str, str]) -> tuple[str, str | None]:
     """Worker: convert ``src`` into ``out``; a failure is recorded in ``out + '.failed'``."""
     src, out = job
     try:
-        _atomic_write(Path(out), convert_to_midi(src))
-        return out, None
+        data = convert_to_midi(src)
     except Exception as e:  # music21 raises many types on odd scores; one bad work must not stop the rest
         reason = f"{type(e).__name__}: {e}"
-        _atomic_write(Path(out + ".failed"), reason.encode())
+        atomic_write_bytes(out + ".failed", reason.encode())
         return out, reason
+    atomic_write_bytes(out, data)  # outside the try: a full disk stops the run, it never marks a work failed
+    return out, None
 
 
 def _corpus_works(corpus: str) -> list[tuple[str, Path]]:
