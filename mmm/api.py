@@ -389,7 +389,9 @@ def bar_grid(score: Score, tokenizer: MMMTokenizer, vocab: Vocab | None = None) 
     sigs = [time_signature_of(vocab.token_of[ts]) for ts in piece.time_sigs]
     ticks = list(piece.bar_ticks) + [piece.bar_ticks[-1] + _ticks_per_bar(vocab.token_of[piece.time_sigs[-1]], piece.tpq)]
     file_starts = [int(t) for t in get_bars_ticks(score, only_notes_onsets=True)]
-    changes = sorted((int(ts.time), int(ts.numerator), int(ts.denominator)) for ts in score.time_signatures)
+    # by time only: of two events at the same tick the later one in the file rules (as in miditok)
+    changes = sorted(((int(ts.time), int(ts.numerator), int(ts.denominator)) for ts in score.time_signatures),
+                     key=lambda change: change[0])
     file_sigs = []
     for start in file_starts:
         current = (4, 4)  # MIDI's default before any time signature event
