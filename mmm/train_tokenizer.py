@@ -16,6 +16,7 @@ from pathlib import Path
 from mmm.config import plain, require_keys
 from mmm.data.sequences import SampleSpec, SequenceBuilder
 from mmm.data.store import Store
+from mmm.locking import acquire_lock
 from mmm.preprocess import preprocess
 from mmm.tokenizer import Vocab, build_tokenizer, save_tokenizer, train_bpe
 
@@ -31,11 +32,10 @@ def check_tokenizer_cfg(tokenizer_cfg: Mapping) -> None:
 
 
 def ensure_store(data_cfg: Mapping, tokenizer_cfg: Mapping) -> Store:
-    """The train split of the store, preprocessing first when it is missing or incomplete."""
-    store = Path(data_cfg["store"])
-    if not (store / "report.json").is_file():
-        preprocess(data_cfg, tokenizer_cfg)
-    return Store(store, "train")
+    """The train split of the store, preprocessing first when it is missing or incomplete. A store
+    made from other files or settings is refused (`mmm.preprocess` compares its manifest)."""
+    preprocess(data_cfg, tokenizer_cfg)
+    return Store(Path(data_cfg["store"]), "train")
 
 
 def augmented_bars(store: Store, vocab: Vocab, sequences_cfg: Mapping, seed: int = 0):
@@ -60,6 +60,13 @@ def train_tokenizer(data_cfg: Mapping, tokenizer_cfg: Mapping) -> dict:
     data_cfg, tokenizer_cfg = plain(data_cfg), plain(tokenizer_cfg)
     check_tokenizer_cfg(tokenizer_cfg)
     tokenizer = build_tokenizer(tokenizer_cfg["params"])
+    path = Path(tokenizer_cfg["path"])
+    # One writer per tokenizer file: a second training of it fails at once, naming this one.
+    with acquire_lock(path.parent, path.name):
+        return _train_tokenizer(data_cfg, tokenizer_cfg, tokenizer)
+
+
+def _train_tokenizer(data_cfg: dict, tokenizer_cfg: dict, tokenizer) -> dict:
     store = ensure_store(data_cfg, tokenizer_cfg)
     start = time.perf_counter()
     bars = list(augmented_bars(store, Vocab(tokenizer), data_cfg["sequences"]))

@@ -222,6 +222,7 @@ def test_gigamidi_layouts_subset_and_splits(tmp_path, layout):
     files = [src[i] for i in range(len(src))]
     assert sorted(f.name for f in files) == sorted(want)
     assert [f.name.split("/")[0] for f in files] == ["test"] * ROWS + ["train"] * ROWS  # order of `splits`
+    assert [f.split for f in files] == ["test"] * ROWS + ["train"] * ROWS  # GigaMIDI's own split, kept
     for f in files:
         assert f.fmt == "midi" and f.name.endswith(f.md5)  # md5 column == md5 of the bytes
         assert f.load().note_num() == 8

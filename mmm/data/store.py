@@ -114,6 +114,8 @@ def check_vocab(path: str | Path, tokenizer: Any, tokenizer_path: str | Path | N
     from mmm.tokenizer import vocab_fingerprint
 
     path = Path(path)
+    if not (path / "manifest.json").is_file():
+        return  # no store: `Store` says how to make one
     manifest = json.loads((path / "manifest.json").read_text())
     if manifest.get("vocab_fingerprint") == vocab_fingerprint(tokenizer):
         return
