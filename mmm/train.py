@@ -29,7 +29,7 @@ from mmm.lit_module import OPTIM_KEYS, MMMLitModule
 from mmm.locking import acquire_lock
 from mmm.model import PRESETS, model_config_from_preset
 from mmm.tokenizer import Vocab, load_tokenizer
-from mmm.train_tokenizer import check_tokenizer_cfg, train_tokenizer
+from mmm.train_tokenizer import check_tokenizer_cfg, ensure_store, train_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,9 @@ def check_config(cfg: DictConfig) -> None:
 
 
 def ensure_data(cfg: DictConfig) -> Path:
-    """Preprocess and train the tokenizer when their outputs are missing; return the tokenizer path."""
+    """Preprocess and train the tokenizer when their outputs are missing; return the tokenizer path.
+    The store is checked even when the tokenizer exists: a stale one is refused, a missing one rebuilt."""
+    ensure_store(cfg.data, cfg.tokenizer)
     tokenizer_path = Path(cfg.tokenizer.path)
     if not tokenizer_path.is_file():
         log.info("no tokenizer at %s: preprocessing and training it first", tokenizer_path)

@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from mmm.data.sequences import IGNORE_INDEX, SequenceBuilder
-from mmm.data.store import Store
+from mmm.data.store import Store, check_vocab
 from mmm.tokenizer import Vocab, load_tokenizer
 
 
@@ -119,7 +119,9 @@ class MIDIDataModule(L.LightningDataModule):
         self.tokenizer_path = tokenizer_path
         self.seed = seed
         self.samples_per_epoch = samples_per_epoch
-        self.pad_id = Vocab(load_tokenizer(tokenizer_path)).pad
+        tokenizer = load_tokenizer(tokenizer_path)
+        check_vocab(store, tokenizer, tokenizer_path)  # a store tokenized otherwise decodes as nonsense
+        self.pad_id = Vocab(tokenizer).pad
         self.datasets: dict[str, SequenceDataset] = {}
         self._resume: dict[str, int] | None = None
 
