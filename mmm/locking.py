@@ -11,10 +11,11 @@ holder. A lock left behind by a run that died is *stale* and is taken over:
   by default) is stale. An age since the *start* would be wrong: training runs for days.
 
 Processes of one job share its lock instead of fighting over it (`job_id`): the ranks of a
-multi-process training job (Slurm tasks, torchrun workers, the ranks Lightning launches as
-subprocesses) see their own job in the file and proceed without owning it; only the process
-that created the lock touches and removes it. A Slurm requeue keeps SLURM_JOB_ID but raises
-SLURM_RESTART_COUNT, which makes it a new incarnation of the job: it takes the lock over.
+multi-process training job (the tasks of one Slurm job step, torchrun workers, the ranks
+Lightning launches as subprocesses) see their own job in the file and proceed without owning
+it; only the process that created the lock touches and removes it. Two `srun` steps of one
+Slurm job are two runs. A Slurm requeue keeps SLURM_JOB_ID but raises SLURM_RESTART_COUNT,
+which makes it a new incarnation of the job: it takes the lock over.
 """
 
 from __future__ import annotations
@@ -66,8 +67,9 @@ def describe(holder: dict[str, Any]) -> str:
 def job_id() -> str:
     """What identifies this job across its processes (see the module doc)."""
     env = os.environ
-    if "SLURM_JOB_ID" in env:
-        return f"slurm:{env['SLURM_JOB_ID']}:{env.get('SLURM_RESTART_COUNT', '0')}"
+    if "SLURM_JOB_ID" in env:  # the tasks of one `srun` (job step); outside srun, the batch script
+        step = env.get("SLURM_STEP_ID", "batch")
+        return f"slurm:{env['SLURM_JOB_ID']}:{step}:{env.get('SLURM_RESTART_COUNT', '0')}"
     if "TORCHELASTIC_RUN_ID" in env and "MASTER_ADDR" in env:  # torchrun: one rendezvous endpoint per job
         return f"torchrun:{env['MASTER_ADDR']}:{env.get('MASTER_PORT', '')}:{env['TORCHELASTIC_RUN_ID']}"
     # A plain process: its own id, or the one of the lock holder that launched it (exported
@@ -134,8 +136,8 @@ def _wait_readable(path: Path) -> dict[str, Any] | None:
 def _requeued(holder: dict[str, Any], record: dict[str, Any]) -> bool:
     """A Slurm requeue of the holder's job (same SLURM_JOB_ID, next restart count): Slurm
     stopped the previous incarnation before requeuing it."""
-    old, new = str(holder.get("job", "")), record["job"]
-    return new.startswith("slurm:") and old != new and old.rsplit(":", 1)[0] == new.rsplit(":", 1)[0]
+    old, new = str(holder.get("job", "")).split(":"), record["job"].split(":")
+    return new[0] == old[0] == "slurm" and len(old) == len(new) and old[1] == new[1] and old[-1] != new[-1]
 
 
 def _create(path: Path, record: dict[str, Any]) -> bool:

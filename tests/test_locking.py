@@ -32,7 +32,7 @@ except LockHeld as e:
 
 def clean_env(**extra: str) -> dict[str, str]:
     """The environment of an unrelated run: no job id inherited from this process."""
-    env = {k: v for k, v in os.environ.items() if k not in ("MMM_JOB_ID", "SLURM_JOB_ID", "SLURM_RESTART_COUNT")}
+    env = {k: v for k, v in os.environ.items() if k != "MMM_JOB_ID" and not k.startswith(("SLURM_", "TORCHELASTIC_"))}
     return {**env, **extra}
 
 
@@ -83,7 +83,7 @@ def test_a_pid_reused_by_another_process_is_not_mistaken_for_the_holder(tmp_path
 
 def test_lock_from_another_host_is_stale_only_without_a_recent_heartbeat(tmp_path):
     path = tmp_path / "run.lock"
-    record = {"pid": 1, "host": "some-other-node", "started": "2026-01-01 00:00:00 UTC", "job": "slurm:7:0", "token": "x"}
+    record = {"pid": 1, "host": "some-other-node", "started": "2026-01-01 00:00:00 UTC", "job": "slurm:7:0:0", "token": "x"}
     path.write_text(json.dumps(record))
     with pytest.raises(LockHeld, match="pid 1 on host some-other-node, started 2026-01-01 00:00:00 UTC, Slurm job 7"):
         with acquire_lock(tmp_path, "run", stale_after=60):
@@ -118,10 +118,11 @@ def test_processes_of_one_job_share_the_lock_and_a_slurm_requeue_takes_it_over(t
     rank1, line1 = start_holder(tmp_path, release, clean_env(SLURM_JOB_ID="4242", SLURM_RESTART_COUNT="0"))
     procs.append(rank1)
     assert line1 == f"joined {rank0.pid}"
-    # Another Slurm job on the same folder: refused.
-    other, line = start_holder(tmp_path, release, clean_env(SLURM_JOB_ID="4343"))
-    procs.append(other)
-    assert line.startswith(f"held {tmp_path} is in use by another run (pid {rank0.pid}") and "Slurm job 4242" in line
+    # Another Slurm job on the same folder, or another `srun` step of this job: refused.
+    for env in (clean_env(SLURM_JOB_ID="4343"), clean_env(SLURM_JOB_ID="4242", SLURM_STEP_ID="1", SLURM_RESTART_COUNT="0")):
+        other, line = start_holder(tmp_path, release, env)
+        procs.append(other)
+        assert line.startswith(f"held {tmp_path} is in use by another run (pid {rank0.pid}") and "Slurm job 4242" in line
     # The same job requeued (its old processes still being torn down): takes the lock over.
     requeued, line = start_holder(tmp_path, release, clean_env(SLURM_JOB_ID="4242", SLURM_RESTART_COUNT="1"))
     procs.append(requeued)
