@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -83,8 +84,11 @@ def test_sigkill_resumes_from_the_last_periodic_checkpoint(corpus, tmp_path, uni
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
     assert ckpt["global_step"] == 6
+    lock = tmp_path / "run" / "train.lock"
+    assert "SendSignal" in json.loads(lock.read_text())["command"]  # the killed run's lock is left...
     metrics = train(compose_train(overrides + ["ckpt_path=last"]))
     assert metrics["global_step"] == 10
+    assert not lock.exists()  # ...taken over as stale by the resumed run, which released it at the end
     assert_same_weights(final_weights(tmp_path), uninterrupted)
 
 
