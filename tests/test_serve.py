@@ -376,6 +376,10 @@ def test_bar_grid_reports_a_grid_that_differs_from_the_file(client, serve_mmm, t
     known = {t.split("_", 1)[1] for t in tokenizer.vocab if t.startswith("TimeSig_")}
     plain = bar_grid(synthetic_score(seed=0, num_bars=8), tokenizer)
     assert plain.first_difference is None and plain.difference() is None and plain.num_bars == 8
+    twice = synthetic_score(seed=0, num_bars=8)  # two events at tick 0: the later one rules, as in miditok
+    twice.time_signatures.append(TimeSignature(0, 2, 4))
+    both = bar_grid(twice, tokenizer)
+    assert both.file_time_signatures[0] == both.time_signatures[0] == (2, 4) and both.first_difference is None
     num, den = next((n, d) for n, d in ((11, 8), (13, 16), (7, 16), (15, 8)) if f"{n}/{d}" not in known)
     score = _odd_meter_piece(num, den)
     grid = serve_mmm.bar_grid(score)

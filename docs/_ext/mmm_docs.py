@@ -49,6 +49,7 @@ ENTRY_POINTS = {  # entry point -> primary config
     "train": "train",
     "sample": "sample",
     "evaluate": "evaluate",
+    "serve": "serve",
 }
 PLUGIN_CONFIGS = {"submitit_slurm", "submitit_local", "basic"}  # defaults coming from Hydra plugins
 
