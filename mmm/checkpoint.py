@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -63,17 +64,18 @@ def load_checkpoint_file(path: str | Path, *, trusted: bool = False, map_locatio
         try:
             return torch.load(path, map_location=map_location, weights_only=True)
         except pickle.UnpicklingError as e:
-            try:
+            try:  # every offending global, read from the file without unpickling it
                 offending = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-            except Exception:  # not a zip checkpoint: only torch's message names the type
-                offending = []
+            except Exception:  # not a zip checkpoint: torch's message names the first one
+                offending = re.findall(r"GLOBAL ([\w.]+)", str(e))[:1]
             raise UnsafeCheckpoint(
                 f"{path}: refusing to load it: it holds {', '.join(offending) or 'an object that is not plain data'}, "
                 "which an mmm checkpoint never holds, and unpickling it could run code from the file. "
                 "If you made this file or trust its source, load it with trusted=True "
                 "(MMM.from_pretrained(path, trusted=True), `python -m mmm.checkpoint --trusted`, "
                 "`python -m mmm.train trust_checkpoint=true`); to share a model, share its checkpoint folder "
-                f"(model.safetensors), which holds no code. torch said: {str(e).splitlines()[0]}"
+                "(model.safetensors), which holds no code."
+                + ("" if offending else f" torch said: {e}")
             ) from None
 
 
