@@ -22,12 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import anyio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from miditok.constants import MIDI_INSTRUMENTS
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartParser
 
@@ -404,6 +404,9 @@ def create_app(mmm: MMM, settings: Settings | None = None, card: Mapping[str, An
     app = FastAPI(title="MMM studio API", version="1", description=__doc__,
                   docs_url="/docs", redoc_url=None, openapi_url="/openapi.json")
     app.state.server = server
+    # Reading and checking uploads (tokenizing: tens of ms each) runs in threads, a few at a
+    # time, so a burst of uploads cannot take every core from the model.
+    checks = anyio.CapacityLimiter(4)
     app.router.add_event_handler("shutdown", server.jobs.close)
     app.add_middleware(BodyLimit, limit=settings.max_upload_bytes + 64 * 1024)  # room for the form fields
     if settings.cors_origins:
@@ -466,7 +469,7 @@ def create_app(mmm: MMM, settings: Settings | None = None, card: Mapping[str, An
             task = fields.pop("task", None)
             if task is None:
                 raise ApiError(422, "missing_field", f"POST /v1/jobs needs the field task ({', '.join(TASK_FIELDS)})", "task")
-        return await run_in_threadpool(server.prepare, task, fields, upload, filename)
+        return await anyio.to_thread.run_sync(server.prepare, task, fields, upload, filename, limiter=checks)
 
     def midi_response(result: dict) -> Response:
         first = result["variations"][0]
@@ -545,7 +548,7 @@ def create_app(mmm: MMM, settings: Settings | None = None, card: Mapping[str, An
             except ValueError as err:  # e.g. no note the tokenizer can represent
                 raise ApiError(422, "unusable_midi", f"{filename}: {err}", "file") from None
 
-        return await run_in_threadpool(work)
+        return await anyio.to_thread.run_sync(work, limiter=checks)
 
     def task_endpoint(task: str):
         async def endpoint(request: Request) -> Response:
