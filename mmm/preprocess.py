@@ -84,7 +84,8 @@ def content_hash(chunks) -> str:
 
 def array_task(task_index: int | None = None, task_count: int | None = None, env: Mapping[str, str] = os.environ) -> tuple[int, int] | None:
     """(index, count) of this job-array task from the arguments or else Slurm's variables;
-    None for a whole run. Slurm numbers tasks from SLURM_ARRAY_TASK_MIN (`--array=1-4` too)."""
+    None for a whole run. Slurm numbers tasks from SLURM_ARRAY_TASK_MIN (`--array=1-4` too);
+    the array must be contiguous (no `:step`)."""
     if task_index is None and task_count is None and "SLURM_ARRAY_TASK_ID" in env:
         task_index = int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", 0))
         task_count = int(env.get("SLURM_ARRAY_TASK_COUNT", 0))
@@ -264,17 +265,17 @@ def _run_isolated(jobs: list[tuple[int, range]], num_workers: int, timeout: floa
             w.job, w.lock, w.file, w.since = (shard, indices), lock, -1, time.monotonic()
             w.conn.send((shard, indices, todo.skips.get(shard, {})))
 
-    def lost(w: _Worker, reason: str, detail: str) -> None:
+    def lost(w: _Worker, rejection: dict) -> None:
         """The worker is gone: its file is rejected and its shard redone without that file."""
         shard, indices = w.job
         if w.file < 0:
-            raise RuntimeError(f"a preprocessing worker died writing shard {shard} of {store}: {detail}")
+            raise RuntimeError(f"a preprocessing worker died writing shard {shard} of {store}: {rejection['detail']}")
         try:
             name = _W["source"][w.file].name
         except Exception:  # noqa: BLE001 - the name is only for the report
             name = f"#{w.file}"
-        log.warning("%s: %s (%s); the other files go on", name, reason, detail)
-        todo.skips.setdefault(shard, {})[w.file] = {"name": name, "reason": reason, "detail": detail}
+        log.warning("%s: %s (%s); the other files go on", name, rejection["reason"], rejection["detail"])
+        todo.skips.setdefault(shard, {})[w.file] = {"name": name, **rejection}
         todo.pending.appendleft((shard, indices))
         w.lock.__exit__(None, None, None)
         w.job, w.lock = None, None
@@ -315,13 +316,13 @@ def _run_isolated(jobs: list[tuple[int, range]], num_workers: int, timeout: floa
                 if dead:
                     w.proc.join()
                     code = w.proc.exitcode
-                    lost(w, "crashed", f"{_signal_name(-code)}: the worker process died on it" if code and code < 0
-                         else f"the worker process exited with code {code} on it")
+                    how = _signal_name(-code) if code and code < 0 else f"exit code {code}"
+                    lost(w, {"reason": "crashed", "detail": f"{how}: the worker process died on this file"})
                 elif w.file >= 0 and time.monotonic() - w.since > timeout:
                     # Killed from here: a hang inside C code ignores anything the worker could do itself.
                     w.proc.kill()
                     w.proc.join()
-                    lost(w, "timeout", f"over file_timeout={timeout:g}s")
+                    lost(w, {"reason": "timeout", "detail": f"over file_timeout={timeout:g}s: the worker was killed"})
                 else:
                     continue
                 w.conn.close()

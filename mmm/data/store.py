@@ -1,12 +1,12 @@
 """The token store: Arrow IPC shards of chunks, memory-mapped when read.
 
 Layout of a store folder:
-    manifest.json          what made it (source fingerprint, tokenizer settings and vocab
-                           fingerprint, filters; `format`: the layout version)
+    manifest.json          what made it (source, tokenizer settings, filters, format)
     shards/00042.arrow     the chunks of one shard of source files
     shards/00042.json      that shard's report; written last, so it marks the shard done
-    report.json            the merged report of all shards, written once every shard is done;
-                           it lists the exact duplicates, whose rows readers skip
+    report.json            the merged report, once every shard is done (duplicates listed)
+
+Readers skip the rows of the exact duplicates that report.json lists.
 
 Every file is written to a temporary name then renamed: a killed run leaves either a whole
 shard or no shard, never a truncated one, and re-running processes only missing shards.
