@@ -522,16 +522,30 @@ function audible(track) {
   return !studio.mute.has(track);
 }
 
-function drawRoll(playhead = null) {
+const ROLL_BARS = 32;  // a longer piece shows 32 bars around the selection (the grid scrolls)
+let roll = null;  // the last drawn roll: {image, x(tick), grid, b0, b1}, redrawn only when it changes
+
+// The bars the roll shows: all of a short piece, else a window starting a little before the selection.
+function rollWindow(grid) {
+  const n = grid.time_signatures.length;
+  if (n <= ROLL_BARS) return [0, n];
+  const sel = studio.sel;
+  const first = sel && !sel.add ? Math.max(0, Math.min(sel.a - 2, n - ROLL_BARS)) : 0;
+  return [first, first + ROLL_BARS];
+}
+
+function drawRoll() {
   const canvas = $("roll");
   const width = canvas.clientWidth || 800;
   if (canvas.width !== width) canvas.width = width;
   const g = canvas.getContext("2d"), H = canvas.height;
   g.clearRect(0, 0, width, H);
+  roll = null;
   if (!studio.piece) return;
   const view = shown(), a = view.a, grid = a.grid;
-  const endTick = Math.max(grid.starts[grid.starts.length - 1], ...a.tracks.map((t) => t.notes.length ? t.notes[t.notes.length - 1][0] + t.notes[t.notes.length - 1][1] : 0));
-  const x = (tick) => 4 + (tick / Math.max(1, endTick)) * (width - 8);
+  const [b0, b1] = rollWindow(grid);
+  const t0 = grid.starts[b0], t1 = grid.starts[b1];
+  const x = (tick) => 4 + ((tick - t0) / Math.max(1, t1 - t0)) * (width - 8);
   let lo = 127, hi = 0;
   for (const t of a.tracks) for (const n of t.notes) { lo = Math.min(lo, n[2]); hi = Math.max(hi, n[2]); }
   if (lo > hi) { lo = 48; hi = 72; }
@@ -546,19 +560,20 @@ function drawRoll(playhead = null) {
   g.strokeStyle = "#e4e4e4";
   g.fillStyle = "#999";
   g.font = "10px system-ui";
-  grid.starts.forEach((tick, b) => {
+  for (let b = b0; b <= b1; b++) {
     g.beginPath();
-    g.moveTo(x(tick) + 0.5, 0);
-    g.lineTo(x(tick) + 0.5, H);
+    g.moveTo(x(grid.starts[b]) + 0.5, 0);
+    g.lineTo(x(grid.starts[b]) + 0.5, H);
     g.stroke();
-    if (b < grid.time_signatures.length) g.fillText(String(b + 1), x(tick) + 2, 10);
-  });
+    if (b < b1) g.fillText(String(b + 1), x(grid.starts[b]) + 2, 10);
+  }
   const regions = studio.showing >= 0 ? view.regions : [];
   const generated = (track, tick) => regions.some(([t, s, e]) => t === track && tick >= s && tick < e);
   for (const t of a.tracks) {
     const color = COLORS[t.index % COLORS.length];
     const on = audible(t.index);
     for (const n of t.notes) {
+      if (n[0] >= t1 || n[0] + n[1] <= t0) continue;
       const isNew = generated(t.index, n[0]);
       g.globalAlpha = !on ? 0.15 : regions.length && !isNew ? 0.35 : 0.9;
       g.fillStyle = isNew ? "#d9480f" : color;
@@ -566,19 +581,26 @@ function drawRoll(playhead = null) {
     }
   }
   g.globalAlpha = 1;
-  if (playhead !== null) {
-    // seconds -> tick through the bar starts (tempo changes inside a bar are rare enough)
-    const s = grid.starts_s;
-    let b = 0;
-    while (b + 1 < s.length && s[b + 1] <= playhead) b++;
-    const span = (s[b + 1] ?? s[b] + 1) - s[b];
-    const tick = grid.starts[b] + ((playhead - s[b]) / span) * ((grid.starts[b + 1] ?? grid.starts[b]) - grid.starts[b]);
-    g.strokeStyle = "#d00";
-    g.beginPath();
-    g.moveTo(x(tick), 0);
-    g.lineTo(x(tick), H);
-    g.stroke();
-  }
+  roll = {image: g.getImageData(0, 0, width, H), x, grid};
+}
+
+// The roll as last drawn, plus the playhead at `seconds` into the piece.
+function drawPlayhead(seconds) {
+  if (!roll) drawRoll();
+  if (!roll) return;
+  const g = $("roll").getContext("2d"), H = $("roll").height, grid = roll.grid;
+  g.putImageData(roll.image, 0, 0);
+  // seconds -> tick through the bar starts (tempo changes inside a bar are rare enough)
+  const s = grid.starts_s;
+  let b = 0;
+  while (b + 1 < s.length && s[b + 1] <= seconds) b++;
+  const span = (s[b + 1] ?? s[b] + 1) - s[b];
+  const tick = grid.starts[b] + ((seconds - s[b]) / span) * ((grid.starts[b + 1] ?? grid.starts[b]) - grid.starts[b]);
+  g.strokeStyle = "#d00";
+  g.beginPath();
+  g.moveTo(roll.x(tick), 0);
+  g.lineTo(roll.x(tick), H);
+  g.stroke();
 }
 
 // --- playback -----------------------------------------------------------------------------------
@@ -644,7 +666,7 @@ function animate() {
   const length = player.to - player.from;
   let pos = studio.ctx.currentTime - player.t0;
   if (pos < 0 && player.loop) pos += length;
-  drawRoll(player.from + Math.max(0, pos));
+  drawPlayhead(player.from + Math.max(0, pos));
   requestAnimationFrame(animate);
 }
 
