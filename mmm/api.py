@@ -22,6 +22,7 @@ several segments, each seeing the previous ones.
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -35,7 +36,7 @@ from miditok.constants import MIDI_INSTRUMENTS
 from miditok.utils import get_bars_ticks
 from symusic import Note, Score, Tempo, TimeSignature, Track
 
-from mmm.checkpoint import load_pretrained, save_pretrained
+from mmm.checkpoint import generation_settings, load_pretrained, save_pretrained
 from mmm.data.checks import check_midi_header, check_score
 from mmm.data.pieces import Rejected, carry_tempo, score_to_bars
 from mmm.data.sequences import SampleSpec, TrackPart, assemble
@@ -44,7 +45,10 @@ from mmm.grammar import BarGrammar, BarPlan, GrammarTables, make_grammar, time_s
 from mmm.model import MMMTransformer
 from mmm.tokenizer import Vocab
 
+# Per-bar generation budget (model ids) when the checkpoint does not carry one measured on its
+# training data (`generation.max_bar_tokens` in config.json, written by `mmm.train`).
 DEFAULT_MAX_BAR_TOKENS = 64
+log = logging.getLogger(__name__)
 
 
 # --- request checks (usable without a model) -------------------------------------------------
@@ -159,7 +163,8 @@ class _Control:
     def describe(self) -> str:
         if self.kind == "int":
             lo, hi = min(self.values), max(self.values)
-            return f"{self.name}: int {lo}..{hi}" + (f" ({hi} means {hi} or more)" if self.at_least else "")
+            text = f"int {lo}..{hi}" if len(self.values) == hi - lo + 1 else f"int among {sorted(self.values)}"
+            return f"{self.name}: {text}" + (f" ({hi} means {hi} or more)" if self.at_least else "")
         if self.kind == "set":
             return f"{self.name}: list of ints among {sorted(self.values)}"
         if self.kind == "durations":
@@ -177,7 +182,9 @@ class Controls:
     note_durations, repetition (0..1, snapped to the tokenizer's bins).
     """
 
-    def __init__(self, tokenizer: MMMTokenizer, vocab: Vocab) -> None:
+    def __init__(self, tokenizer: MMMTokenizer, vocab: Vocab, seen: Sequence[int] | None = None) -> None:
+        """`seen`: the AC base ids that occurred in the model's training data (from the checkpoint);
+        a value never seen there is refused. None: every value of the vocabulary is accepted."""
         self.vocab = vocab
         self.bar: dict[str, _Control] = {}
         self.track: dict[str, _Control] = {}
@@ -206,6 +213,18 @@ class Controls:
                 else:
                     ctl.values[int(value.rstrip("+"))] = base_id
                     ctl.at_least |= value.endswith("+")
+        if seen is not None:
+            self._keep_seen(set(seen))
+
+    def _keep_seen(self, seen: set[int]) -> None:
+        for table in (self.bar, self.track):
+            for name, ctl in list(table.items()):
+                top = max(ctl.values) if ctl.kind == "int" else None
+                ctl.values = {k: v for k, v in ctl.values.items()
+                              if all(i in seen for i in (v if isinstance(v, list) else [v]))}  # durations: two ids
+                if not ctl.values:
+                    del table[name]
+                ctl.at_least = ctl.at_least and top in ctl.values  # "18 or more" only if 18+ was seen
 
     def describe(self, level: str) -> str:
         table = self.bar if level == "bar" else self.track
@@ -418,6 +437,9 @@ class GenerationStep:
     tokens: list[list[int]]  # per variation: generated base ids (bar ACs and end token included)
     timings: dict
     prompt: list[int] = field(repr=False, default_factory=list)  # model ids
+    # per variation: bars (absolute indices) written while the token budget forced the row to
+    # close, so possibly cut short; empty when the budget never constrained the generation
+    starved_bars: list[list[int]] = field(default_factory=list)
 
 
 @dataclass
@@ -429,8 +451,10 @@ class GenerationReport:
         prefill = sum(s.timings["prefill_s"] for s in self.steps)
         decode = sum(s.timings["decode_s"] for s in self.steps)
         tokens = sum(s.timings["new_tokens"] for s in self.steps)
+        starved = sorted({(s.track, b) for s in self.steps for bars in s.starved_bars for b in bars})
         return {"generations": len(self.steps), "prefill_s": round(prefill, 4), "decode_s": round(decode, 4),
-                "new_tokens": tokens, "tokens_per_s": round(tokens / decode, 1) if decode > 0 else None}
+                "new_tokens": tokens, "tokens_per_s": round(tokens / decode, 1) if decode > 0 else None,
+                "starved_bars": [list(x) for x in starved]}
 
 
 # --- the model -----------------------------------------------------------------------------
@@ -438,16 +462,21 @@ class MMM:
     """A trained MMM model with its tokenizer, ready to generate."""
 
     def __init__(self, model: MMMTransformer, tokenizer: MMMTokenizer, device: str | torch.device | None = None,
-                 max_bar_tokens: int = DEFAULT_MAX_BAR_TOKENS, num_threads: int | None = None) -> None:
-        """`max_bar_tokens`: generation budget per bar (model ids); `num_threads`: torch CPU
-        threads while sampling (None: torch's setting)."""
+                 max_bar_tokens: int = DEFAULT_MAX_BAR_TOKENS, num_threads: int | None = None,
+                 controls_seen: Sequence[int] | None = None) -> None:
+        """`max_bar_tokens`: generation budget per bar (model ids) from which spans are sized; a
+        generation may use all the context left after its prompt. `num_threads`: torch CPU
+        threads while sampling (None: torch's setting). `controls_seen`: AC base ids seen in
+        training (other control values are refused); `from_pretrained` reads both from the
+        checkpoint."""
         self.tokenizer = tokenizer
         self.vocab = Vocab(tokenizer)
         if model.config.vocab_size < self.vocab.size:
             raise ValueError(f"model vocab_size {model.config.vocab_size} < tokenizer vocab size {self.vocab.size}")
         self.model = model.to(device) if device is not None else model
         self.model.eval()
-        self.controls = Controls(tokenizer, self.vocab)
+        self.controls = Controls(tokenizer, self.vocab, controls_seen)
+        self.controls_seen = None if controls_seen is None else sorted(controls_seen)
         self.max_bar_tokens = max_bar_tokens
         self.num_threads = num_threads
         self.tables = GrammarTables.of(self.vocab)
@@ -473,12 +502,15 @@ class MMM:
 
             path = Path(snapshot_download(repo_id=text, revision=revision, cache_dir=cache_dir, token=token))
         model, tokenizer = load_pretrained(path, trusted=trusted)
-        return cls(model, tokenizer, device=device, **kwargs)
+        return cls(model, tokenizer, device=device, **{**generation_settings(path), **kwargs})
 
     def save_pretrained(self, folder: str | Path) -> Path:
         """Write `config.json` + `model.safetensors` + `tokenizer.json` (loadable by `from_pretrained`
         and by `miditok.MMM.from_pretrained(folder)`)."""
-        return save_pretrained(self.model, self.tokenizer, folder)
+        generation = {"max_bar_tokens": self.max_bar_tokens}
+        if self.controls_seen is not None:
+            generation["controls_seen"] = self.controls_seen
+        return save_pretrained(self.model, self.tokenizer, folder, extra={"generation": generation})
 
     def push_to_hub(self, repo_id: str, private: bool | None = None, token: str | None = None,
                     commit_message: str = "Upload MMM model") -> str:
@@ -497,11 +529,13 @@ class MMM:
                track_controls: Mapping | Sequence[Mapping] | None = None, *,
                temperature: float = 1.0, top_k: int | None = None, top_p: float | None = 0.95,
                seed: int | None = None, num_variations: int = 1, bars_before: int | None = None,
-               bars_after: int | None = None, max_bar_tokens: int | None = None) -> Score | list[Score]:
+               bars_after: int | None = None, max_bar_tokens: int | None = None,
+               clip_notes: bool = True) -> Score | list[Score]:
         """Rewrite bars `bars` (`(start, end)`, end excluded, or a list of spans) of track(s)
         `track` (index into `score.tracks`). Several tracks/spans are generated one after the
         other, each seeing the previous results. `controls` / `track_controls` may be a list
-        with one entry per track."""
+        with one entry per track. Generated notes end at the end of their span (they would
+        otherwise sound over the kept bars after it) unless `clip_notes=False`."""
         score = read_score(score)
         tracks = check_tracks(track, score)
         self._check_window(bars_before, bars_after)
@@ -516,7 +550,7 @@ class MMM:
             tacs = self.controls.track_ids(track_ctl[k])
             jobs.extend((t, a, e, acs, tacs) for a, e in spans)
         for t, a, e, acs, tacs in jobs:
-            run.infill(t, a, e, acs, tacs, bars_before, bars_after)
+            run.infill(t, a, e, acs, tacs, bars_before, bars_after, clip_notes)
         return run.finish()
 
     def add_track(self, score: Score | str | Path, program: int,
@@ -630,16 +664,19 @@ class _Run:
         """Bars per generation: their budget takes at most half the context."""
         return max(1, (self.max_len // 2) // self.max_bar_tokens)
 
-    def budget(self, num_bars: int, acs: int, min_prompt: int) -> int:
+    def reserve(self, num_bars: int, acs: int, min_prompt: int) -> int:
+        """Ids kept free for the generated bars when fitting the prompt (the generation may then
+        use everything the prompt leaves)."""
         want = num_bars * self.max_bar_tokens + acs + 2
         return min(want, self.max_len - min_prompt)
 
     # -- tasks -----------------------------------------------------------------------------
     def infill(self, t: int, a: int, b: int, acs: dict[int, list[int]], tacs: list[int],
-               bars_before: int | None, bars_after: int | None) -> None:
+               bars_before: int | None, bars_after: int | None, clip_notes: bool = True) -> None:
         step = self.max_span()
         for s in range(a, b, step):
-            self._generate("infill", t, s, min(b, s + step), acs, tacs, bars_before, bars_after)
+            self._generate("infill", t, s, min(b, s + step), acs, tacs, bars_before, bars_after,
+                           clip_at=b if clip_notes else None)
 
     def new_track(self, program: int, acs: dict[int, list[int]], tacs: list[int]) -> None:
         for v in range(self.n):
@@ -660,16 +697,19 @@ class _Run:
 
     # -- one generation (batched over variations while their prompts are equal) -------------
     def _generate(self, task: str, t: int, a: int, b: int, acs: dict[int, list[int]], tacs: list[int],
-                  bars_before: int | None, bars_after: int | None) -> None:
+                  bars_before: int | None, bars_after: int | None, clip_at: int | None = None) -> None:
+        """Generate bars [a, b) of track t; with `clip_at`, generated notes end at the start of
+        that bar at the latest (the end of the user's span: they must not overlap kept notes)."""
         groups = [list(range(self.n))] if not self.diverged else [[v] for v in range(self.n)]
         for group in groups:
             piece = self.pieces[group[0]]
             bar_acs = [[self.tables.model_id(i) for i in acs.get(bar, [])] for bar in range(a, b)]
             n_acs = sum(len(x) for x in bar_acs)
             header = 1 + 3 + len(tacs) + (b - a + 1 if task == "infill" else 0)
-            budget = self.budget(b - a, n_acs, header)
-            prompt, window, context = self._prompt(task, piece, t, a, b, tacs, self.max_len - budget,
+            reserve = self.reserve(b - a, n_acs, header)
+            prompt, window, context = self._prompt(task, piece, t, a, b, tacs, self.max_len - reserve,
                                                    bars_before, bars_after)
+            budget = self.max_len - len(prompt)
             end_id = self.vocab.fill_end if task == "infill" else self.vocab.track_end
             plan = BarPlan(piece.time_sigs[a:b], bar_acs, end_id, piece.programs[t] < 0)
             grammars = [make_grammar(self.vocab, plan, budget) for _ in group]
@@ -677,10 +717,15 @@ class _Run:
                                num_threads=self.mmm.num_threads, on_step=self.mmm.on_step)
             tokens = out.base_ids(self.vocab)
             for v, base in zip(group, tokens):
-                self._apply(v, t, a, b, base)
+                self._apply(v, t, a, b, base, clip_at)
+            starved = [[a + k for k in g.starved_bars()] for g in grammars]
+            if any(starved):
+                log.warning("track %d, bars %s: the token budget (%d ids after a %d-id prompt) ran out, "
+                            "so these bars may be cut short; raise max_bar_tokens or shorten the context",
+                            piece.source[t], sorted({b_ for s_ in starved for b_ in s_}), budget, len(prompt))
             self.report.steps.append(GenerationStep(
                 task, piece.source[t], (a, b), piece.programs[t], group, len(prompt), budget,
-                window, [piece.source[k] for k in context], tokens, out.timings(), prompt))
+                window, [piece.source[k] for k in context], tokens, out.timings(), prompt, starved))
         if self.n > 1:
             self.diverged = True
 
@@ -748,7 +793,7 @@ class _Run:
         return words[:-1]  # drop the new track's Track_End: the model writes its bars
 
     # -- results ---------------------------------------------------------------------------
-    def _apply(self, v: int, t: int, a: int, b: int, base: list[int]) -> None:
+    def _apply(self, v: int, t: int, a: int, b: int, base: list[int], clip_at: int | None = None) -> None:
         vocab = self.vocab
         bars: list[list[int]] = []
         for i in base[:-1]:  # without the end token
@@ -766,10 +811,14 @@ class _Run:
         start = _to_ticks(piece.bar_ticks[a], piece.tpq, score.tpq)
         end = _to_ticks(piece.bar_ticks[b], piece.tpq, score.tpq) if b < piece.num_bars else None
         notes = decoded.tracks[0].notes.numpy() if decoded.tracks else None
-        _splice(score.tracks[piece.source[t]], start, end, notes, decoded.tpq, score.tpq)
+        piece_end = _to_ticks(piece.bar_ticks[-1] + _ticks_per_bar(vocab.token_of[piece.time_sigs[-1]], piece.tpq),
+                              piece.tpq, score.tpq)
+        clip = None
+        if clip_at is not None:
+            clip = _to_ticks(piece.bar_ticks[clip_at], piece.tpq, score.tpq) if clip_at < piece.num_bars else piece_end
+        _splice(score.tracks[piece.source[t]], start, end, notes, decoded.tpq, score.tpq, clip)
         if end is None:
-            last = piece.bar_ticks[-1] + _ticks_per_bar(vocab.token_of[piece.time_sigs[-1]], piece.tpq)
-            end = _to_ticks(last, piece.tpq, score.tpq)
+            end = piece_end
         self.report.regions[v].append((piece.source[t], start, end))
 
     def finish(self) -> Score | list[Score]:
@@ -781,9 +830,11 @@ def _to_ticks(ticks: int, from_tpq: int, to_tpq: int) -> int:
     return int(round(ticks * to_tpq / from_tpq))
 
 
-def _splice(track: Track, start: int, end: int | None, notes: dict | None, notes_tpq: int, tpq: int) -> None:
+def _splice(track: Track, start: int, end: int | None, notes: dict | None, notes_tpq: int, tpq: int,
+            clip: int | None = None) -> None:
     """Replace the notes of `track` whose onset is in [start, end) by `notes` (relative to
-    `start`, in `notes_tpq` ticks); every other note is kept as it is."""
+    `start`, in `notes_tpq` ticks); every other note is kept as it is. With `clip`, the new
+    notes end at that tick at the latest."""
     old = track.notes.numpy()
     keep = old["time"] < start
     if end is not None:
@@ -795,6 +846,8 @@ def _splice(track: Track, start: int, end: int | None, notes: dict | None, notes
         if end is not None:
             time = np.minimum(time, end - 1)
         duration = np.maximum(1, np.rint(notes["duration"] * tpq / notes_tpq)).astype(np.int64)
+        if clip is not None:
+            duration = np.maximum(1, np.minimum(duration, clip - time))
         parts["time"].append(time)
         parts["duration"].append(duration)
         parts["pitch"].append(notes["pitch"])

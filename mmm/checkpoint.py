@@ -130,6 +130,17 @@ def load_pretrained(path: str | Path, trusted: bool = False) -> tuple[MMMTransfo
     )
 
 
+def generation_settings(path: str | Path) -> dict[str, Any]:
+    """`MMM` keyword arguments stored by training in a checkpoint folder's config.json
+    (`generation`: `max_bar_tokens` and `controls_seen`, measured on the training data);
+    empty for checkpoints without them (`.ckpt`, DeepSpeed dirs, older folders)."""
+    config = Path(path) / CONFIG_FILE
+    if not config.is_file():
+        return {}
+    generation = json.loads(config.read_text()).get("generation", {})
+    return {k: generation[k] for k in ("max_bar_tokens", "controls_seen") if k in generation}
+
+
 def main(argv: list[str] | None = None) -> None:
     """`python -m mmm.checkpoint <.ckpt | DeepSpeed dir> <out folder>`: export a training
     checkpoint to the `from_pretrained` folder format."""

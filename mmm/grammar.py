@@ -21,7 +21,8 @@ the forced bar ACs; the end token only after the last bar and at a point where a
 complete. A token budget is kept too: `need` is the fewest ids that can still finish the row;
 once the remaining budget gets within 2 of it, only ids that lower `need` are allowed (finish
 the note, open the next bar as `Bar TimeSig`, end), so the row ends within its budget with
-the exact bar count (the last bars then come out empty).
+the exact bar count (the last bars then come out empty). `starved_bars()` names the bars
+written under that pressure, so callers can report them.
 """
 
 from __future__ import annotations
@@ -248,6 +249,9 @@ class BarGrammar:
         self.acs_pending = False  # current bar's ACs wait for its TimeSig
         self.done = False
         self.remaining = budget
+        # First bar (index in the plan) written while the budget forced the row to close: it and
+        # every later bar may have been cut short. None: the budget never constrained the row.
+        self.starved_from: int | None = None
         self._state: tuple[tuple, np.ndarray] | None = None  # (key, mask) of the current state
         # fewest ids to generate bars k.. (opening each bar + its ACs)
         cost = [tables.bar_cost(ts) + len(acs) for ts, acs in zip(plan.time_signatures, plan.bar_acs)]
@@ -276,8 +280,14 @@ class BarGrammar:
     def _current(self) -> tuple[tuple, np.ndarray]:
         if self._state is None:
             key = self.key()
+            if key[9] and self.starved_from is None:  # tight: only ids that close the row are allowed
+                self.starved_from = max(0, self.bars_done - 1)
             self._state = (key, self.tables.mask(key))
         return self._state
+
+    def starved_bars(self) -> list[int]:
+        """Bars (indices in the plan) that may have been cut short by the token budget."""
+        return [] if self.starved_from is None else list(range(self.starved_from, self.num_bars))
 
     def allowed(self) -> np.ndarray:
         """Boolean mask over model ids of what may come next."""

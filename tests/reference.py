@@ -11,7 +11,8 @@ For a fixed `SampleSpec` and a stored chunk:
 4. recompute the attribute controls on the augmented Score with miditok's own classes:
    track-level families via `.compute`, bar-level ones via `_compute_on_bar` on the notes of
    each non-empty bar (miditok's `compute` skips single-note bars), over the chunk's bars;
-5. build the `TrackPart`s and go through `assemble` + `encode_sample`.
+5. build the `TrackPart`s (an empty bar given bar ACs gets `ACBarNoteDensity_0`) and go
+   through `assemble` + `encode_sample`.
 """
 
 from __future__ import annotations
@@ -153,8 +154,10 @@ def reference_sample(chunk: Mapping, spec: SampleSpec, tokenizer: MMM, vocab: Vo
         part = TrackPart(program=chunk["programs"][t], bars=bars[t])
         if t == spec.target:
             part.track_acs = [i for f in spec.track_acs for i in track_acs[t][f]]
-            for b in spec.ac_bars:
+            for b in spec.ac_bars if spec.bar_acs else ():
                 acs = [i for f in spec.bar_acs for i in bar_acs[t][b][f]]
+                if not acs and not any(tok.startswith(("Pitch", "PitchDrum")) for tok in map(vocab.token_of.get, bars[t][b])):
+                    acs = [tokenizer.vocab["ACBarNoteDensity_0"]]  # an empty bar given ACs: "no note"
                 if acs:
                     part.bar_acs[b] = acs
         parts[t] = part

@@ -34,7 +34,7 @@ from miditok.utils import get_bars_ticks
 from symusic import Note, Score, Tempo, TimeSignature, Track
 
 from conftest import preprocess_settings, synthetic_score
-from mmm.api import MMM, Controls, _piece_from_score
+from mmm.api import MMM, Controls, _piece_from_score, _ticks_per_bar
 from mmm.data.controls import bar_controls, track_controls
 from mmm.data.pieces import tokenize_score
 from mmm.generation import SamplingConfig, generate_ids, make_generator, sample_next
@@ -275,7 +275,8 @@ def _span_ticks(mmm: MMM, score: Score, a: int, b: int) -> tuple[int, int | None
     return start, end
 
 
-def assert_infill_ok(mmm: MMM, score: Score, out: Score, t: int, a: int, b: int, steps=None) -> None:
+def assert_infill_ok(mmm: MMM, score: Score, out: Score, t: int, a: int, b: int, steps=None,
+                     clip_notes: bool = True) -> None:
     """Exactly bars a..b-1 of track t were generated; nothing else changed."""
     v = mmm.vocab
     piece = _piece_from_score(score, mmm.tokenizer, v)
@@ -306,15 +307,23 @@ def assert_infill_ok(mmm: MMM, score: Score, out: Score, t: int, a: int, b: int,
         inside_o = (o[:, 0] >= start) & (o[:, 0] < (end if end is not None else np.inf))
         inside_n = (n[:, 0] >= start) & (n[:, 0] < (end if end is not None else np.inf))
         assert np.array_equal(o[~inside_o], n[~inside_n]), "a note outside the span changed"
-        expected = Counter()  # the generated tokens, decoded independently
+        expected = Counter()  # the generated tokens, decoded independently, cut at the span's end
+        last_ts = piece.time_sigs[-1]
+        piece_end = round((piece.bar_ticks[-1] + _ticks_per_bar(v.token_of[last_ts], piece.tpq)) * score.tpq / piece.tpq)
+        clip = (end if end is not None else piece_end) if clip_notes else None
         for (s_a, s_b), tokens in generated:
             body = [i for i in tokens[:-1] if not v.is_ac[i]]
             dec = mmm.tokenizer.decode([v.track_start, v.program_id[piece.programs[t]], *body, v.track_end])
             offset = round(piece.bar_ticks[s_a] * score.tpq / piece.tpq)
             for note in (dec.tracks[0].notes if dec.tracks else []):
                 duration = max(1, round(note.duration * score.tpq / dec.tpq))
-                expected[(round(note.time * score.tpq / dec.tpq) + offset, duration, note.pitch, note.velocity)] += 1
+                time = round(note.time * score.tpq / dec.tpq) + offset
+                if clip is not None:
+                    duration = max(1, min(duration, clip - time))
+                expected[(time, duration, note.pitch, note.velocity)] += 1
         assert Counter(tuple(int(x) for x in row) for row in n[inside_n]) == expected
+        if clip is not None:  # no generated note sounds over the kept bars after the span
+            assert (n[inside_n, 0] + n[inside_n, 1] <= clip).all()
     Score.from_midi(out.dumps_midi())  # writes and reads back
 
 
@@ -377,6 +386,39 @@ def test_synthetic_piece_infill_and_new_track(mmm):
     # last bars of the piece, drums, several spans
     out = mmm.infill(score, track=2, bars=(piece.num_bars - 2, piece.num_bars), seed=1)
     assert_infill_ok(mmm, score, out, 2, piece.num_bars - 2, piece.num_bars)
+
+
+def test_bars_cut_short_by_the_budget_are_reported(bpe_tokenizer, bpe_vocab, caplog):
+    """A row that runs out of context is closed with the exact bar count, and the bars written
+    under that pressure are named in the report and in a warning, never silently."""
+    cramped = MMM(tiny_model(bpe_vocab.size, max_seq_len=160), bpe_tokenizer, max_bar_tokens=8, num_threads=1)
+    score = synthetic_score(0, 12)
+    with caplog.at_level("WARNING", logger="mmm.api"):
+        out = cramped.infill(score, track=0, bars=(2, 6), seed=0, bars_before=1, bars_after=1)
+    assert_infill_ok(cramped, score, out, 0, 2, 6)
+    starved = cramped.last_report.summary()["starved_bars"]
+    assert starved and all(t == 0 and 2 <= b < 6 for t, b in starved), starved
+    assert "may be cut short" in caplog.text
+    roomy = MMM(tiny_model(bpe_vocab.size, max_seq_len=2048), bpe_tokenizer, max_bar_tokens=8, num_threads=1)
+    roomy.infill(score, track=0, bars=(2, 3), seed=0, bars_before=0, bars_after=0)
+    assert roomy.last_report.summary()["starved_bars"] == []
+
+
+def test_generated_notes_end_at_the_span_end_unless_asked(mmm):
+    """The model may write a note that lasts past its bar; spliced into the piece it would
+    sound over the kept bars after the span. Such notes are cut at the span's end, unless
+    `clip_notes=False`."""
+    score = synthetic_score(0, 12)
+    t, a, b = 0, 3, 5
+    start, end = _span_ticks(mmm, score, a, b)
+    past = []
+    for clip_notes in (True, False):
+        out = mmm.infill(score, track=t, bars=(a, b), seed=3, clip_notes=clip_notes, temperature=1.5)
+        assert_infill_ok(mmm, score, out, t, a, b, clip_notes=clip_notes)
+        n = _notes(out.tracks[t])
+        generated = (n[:, 0] >= start) & (n[:, 0] < end)
+        past.append(int((n[generated, 0] + n[generated, 1] > end).sum()))
+    assert past[0] == 0 and past[1] > 0, past
 
 
 @pytest.mark.parametrize("path", MULTITRACK or [None], ids=[p.stem for p in MULTITRACK] or ["unset"])
@@ -659,7 +701,7 @@ def _silent() -> Score:
     (lambda m, s: m.add_track(s, program=-2), "program -2"),
     (lambda m, s: m.generate([], num_bars=4), "programs"),
     (lambda m, s: m.generate([0], num_bars=0), "num_bars"),
-    (lambda m, s: m.generate([0], num_bars=4, time_signature="7/8"), "time_signature '7/8'.*valid"),
+    (lambda m, s: m.generate([0], num_bars=4, time_signature="11/8"), "time_signature '11/8'.*valid"),
     (lambda m, s: m.generate([0], num_bars=4, controls=[{}, {}]), "one mapping per program"),
     (lambda m, s: m.infill(Score(480), track=0, bars=(0, 1)), "unknown track 0"),
     (lambda m, s: m.infill(_silent(), track=0, bars=(0, 1)), "no note the tokenizer can represent"),

@@ -114,6 +114,36 @@ def test_train_writes_a_loadable_checkpoint_folder(trained):
     assert tokenizer2.vocab_model == tokenizer.vocab_model
 
 
+def test_export_carries_generation_settings_measured_on_the_data(trained):
+    """The per-bar budget is a high quantile of the training bars' lengths in model ids, and
+    the control values are those training samples hold; `MMM.from_pretrained` uses both."""
+    import json
+
+    import numpy as np
+
+    from mmm.api import MMM
+    from mmm.data.store import Store
+    from mmm.tokenizer import Vocab
+
+    root, cfg, _ = trained
+    generation = json.loads((Path(cfg.export_dir) / "config.json").read_text())["generation"]
+    vocab = Vocab(load_pretrained(cfg.export_dir)[1])
+    store = Store(cfg.data.store, "train")
+    lengths = [len(vocab.encode_words([bar])) for i in range(len(store)) for track in store[i]["bars"] for bar in track]
+    assert generation["max_bar_tokens"] == max(8, int(np.ceil(np.quantile(lengths, 0.999))))
+    density = {vocab.tokenizer.vocab[f"ACBarNoteDensity_{n}"]: n for n in range(18)}
+    seen_densities = sorted(density[i] for i in generation["controls_seen"] if i in density)
+    assert seen_densities[0] == 0, "empty bars given ACs are marked note_density 0: trained"
+    model = MMM.from_pretrained(cfg.export_dir)
+    assert model.max_bar_tokens == generation["max_bar_tokens"]
+    valid = sorted(model.controls.bar["note_density"].values)
+    assert valid == seen_densities
+    unseen = next((n for n in range(18) if n not in valid), None)
+    if unseen is not None:  # a value training never showed is refused, naming the valid ones
+        with pytest.raises(ValueError, match=r"note_density: int (0\.\.|among \[0, )"):
+            model.controls.bar_ids({"note_density": unseen}, [0])
+
+
 def test_resume_continues_step_and_schedule(trained, corpus):
     root, cfg, _ = trained
     resumed = compose_train(small_overrides(corpus, root) + ["trainer.max_steps=9", "ckpt_path=last"])

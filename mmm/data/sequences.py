@@ -31,7 +31,7 @@ from mmm.tokenizer import Vocab
 
 IGNORE_INDEX = -100
 SEQUENCE_KEYS = {"infill_ratio", "tracks_ratio", "infill_bars_ratio", "track_acs_ratio", "bar_acs_ratio",
-                 "pitch_shift", "velocity_shift"}
+                 "uncontrolled_ratio", "ac_bars_ratio", "context_loss", "pitch_shift", "velocity_shift"}
 
 
 @dataclass
@@ -60,20 +60,13 @@ class TrackPart:
 
 
 def insert_bar_acs(bar: Sequence[int], acs: Sequence[int], vocab: Vocab) -> list[int]:
-    """Put bar ACs where miditok's REMI puts them: after `Bar TimeSig` and after a
-    `Position_0 Tempo` at the bar start; a note at tick 0 then needs its own `Position_0`."""
+    """Put bar ACs right after the bar's `Bar TimeSig`, always: the place the generation grammar
+    forces them. (miditok's own encode puts them after a bar-start `Position_0 Tempo` instead;
+    a layout that depends on the bar's content cannot be forced before the content exists.)"""
     if not acs:
         return list(bar)
-    i = 1
-    if i < len(bar) and vocab.is_time_sig[bar[i]]:
-        i += 1
-    tempo_first = i + 1 < len(bar) and bar[i] == vocab.position_zero and vocab.is_tempo[bar[i + 1]]
-    if tempo_first:
-        i += 2
-    out = [*bar[:i], *acs]
-    if tempo_first and i < len(bar) and vocab.is_note_start[bar[i]]:
-        out.append(vocab.position_zero)
-    return out + list(bar[i:])
+    i = 2 if len(bar) > 1 and vocab.is_time_sig[bar[1]] else 1
+    return [*bar[:i], *acs, *bar[i:]]
 
 
 def assemble(spec: SampleSpec, parts: Mapping[int, TrackPart], vocab: Vocab) -> list[list[int]]:
@@ -102,12 +95,32 @@ def assemble(spec: SampleSpec, parts: Mapping[int, TrackPart], vocab: Vocab) -> 
     return words
 
 
-def encode_sample(words: Sequence[Sequence[int]], vocab: Vocab) -> tuple[np.ndarray, np.ndarray]:
-    """Model ids and labels (prompt-only tokens set to IGNORE_INDEX)."""
+def encode_sample(words: Sequence[Sequence[int]], vocab: Vocab, context_loss: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Model ids and labels (prompt-only tokens set to IGNORE_INDEX). With `context_loss=False`
+    only the generated part is a target: the FillBar section of an infill, the last track's
+    bars of a new-track sample."""
     ids = np.asarray(vocab.encode_words(words), dtype=np.int64)
     labels = ids.copy()
     labels[vocab.prompt_only_model[ids]] = IGNORE_INDEX
+    if not context_loss:
+        labels[: generated_start(ids, vocab)] = IGNORE_INDEX
     return ids, labels
+
+
+def generated_start(ids: np.ndarray, vocab: Vocab) -> int:
+    """Index of the first id the model generates at inference: after `FillBar_Start` for an
+    infill, after the last `Track_Start Program` for a new track (its ACs are prompt-only)."""
+    fill = np.flatnonzero(ids == vocab.fill_start)
+    if len(fill):
+        return int(fill[-1]) + 1
+    return int(np.flatnonzero(ids == vocab.track_start)[-1]) + 2
+
+
+def empty_bar_marker(vocab: Vocab) -> int | None:
+    """Base id of `ACBarNoteDensity_0`, given to an empty bar whose bar ACs are given (miditok
+    computes no AC for an empty bar). Without it, "this bar has no AC token" would mean "this
+    bar is empty" in training, and a model asked for bars without controls writes silence."""
+    return vocab.tokenizer.vocab.get("ACBarNoteDensity_0")
 
 
 class SequenceBuilder:
@@ -119,6 +132,7 @@ class SequenceBuilder:
             raise ValueError(f"unknown data.sequences key(s): {sorted(unknown)}; allowed: {sorted(SEQUENCE_KEYS)}")
         self.vocab = vocab
         self.cfg = dict(cfg)
+        self.empty_marker = empty_bar_marker(vocab)
         self.max_seq_len = max_seq_len
         self.rotation = pitch_class_rotation(vocab)
         self._tables: dict[tuple[int, int], np.ndarray] = {}
@@ -137,21 +151,22 @@ class SequenceBuilder:
         context = others[: keep - 1]
         task = "infill" if rng.random() < cfg["infill_ratio"] else "track"
         spec = SampleSpec(task=task, tracks=[], target=target)
+        spec.tracks = context + [target]
         if task == "infill":
-            spec.tracks = context + [target]
             rng.shuffle(spec.tracks)
             n = min(num_bars, max(1, round(rng.uniform(*cfg["infill_bars_ratio"]) * num_bars)))
             a = rng.randrange(0, num_bars - n + 1)
             spec.span = (a, a + n)
-            spec.ac_bars = list(range(a, a + n))
-        else:
-            spec.tracks = context + [target]
-            n = round(rng.uniform(*cfg["bar_acs_ratio"]) * num_bars)
-            spec.ac_bars = sorted(rng.sample(range(num_bars), n))
+        generated = list(range(*spec.span)) if task == "infill" else list(range(num_bars))
         n_track_acs = len(self.vocab.track_acs)
         spec.track_acs = sorted(rng.sample(range(n_track_acs), round(rng.uniform(*cfg["track_acs_ratio"]) * n_track_acs)))
-        n_bar_acs = len(self.vocab.bar_acs)
-        spec.bar_acs = sorted(rng.sample(range(n_bar_acs), round(rng.uniform(*cfg["bar_acs_ratio"]) * n_bar_acs)))
+        # Uncontrolled samples (no bar AC at all) teach the model what a bar is like when the
+        # user gives no control, the common case at inference.
+        if rng.random() >= cfg["uncontrolled_ratio"]:
+            n_bar_acs = len(self.vocab.bar_acs)
+            spec.bar_acs = sorted(rng.sample(range(n_bar_acs), round(rng.uniform(*cfg["bar_acs_ratio"]) * n_bar_acs)))
+            n = round(rng.uniform(*cfg["ac_bars_ratio"]) * len(generated))
+            spec.ac_bars = sorted(rng.sample(generated, n))
         spec.pitch_shift = rng.choice(self.feasible_shifts(chunk, spec.tracks))
         spec.velocity_shift = rng.randint(-cfg["velocity_shift"], cfg["velocity_shift"])
         return spec
@@ -215,8 +230,10 @@ class SequenceBuilder:
             if t == spec.target:
                 part.track_acs = [i for f in spec.track_acs for i in chunk["track_acs"][t][f]]
                 rotate = self.rotation.get(spec.pitch_shift % 12, {}) if not drums else {}
-                for b in spec.ac_bars:
+                for b in spec.ac_bars if spec.bar_acs else ():
                     acs = [i for f in spec.bar_acs for i in self._rotated(chunk["bar_acs"][t][b][f], rotate)]
+                    if not acs and self.empty_marker is not None and not self._has_notes(chunk["bars"][t][b]):
+                        acs = [self.empty_marker]
                     if acs:
                         part.bar_acs[b] = acs
             parts[t] = part
@@ -234,7 +251,7 @@ class SequenceBuilder:
         fits `max_seq_len`. A bar is never cut and every track keeps its Track_End."""
         while True:
             parts = self.parts(chunk, spec)
-            ids, labels = encode_sample(assemble(spec, parts, self.vocab), self.vocab)
+            ids, labels = encode_sample(assemble(spec, parts, self.vocab), self.vocab, self.cfg["context_loss"])
             if len(ids) <= self.max_seq_len:
                 return ids, labels
             if len(spec.tracks) > 1:
