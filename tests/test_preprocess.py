@@ -171,3 +171,20 @@ def test_entry_point_on_shared_midi_reports_every_invalid_file(midi_dir, tmp_pat
     assert report["kept"] == len(music)
     for name in invalid:  # the console summary names each rejected file and its reason
         assert name in proc.stdout + proc.stderr
+
+
+def test_a_tempo_far_after_the_last_note_is_rejected_before_tokenizing():
+    """Found by experiments/fuzz: a corrupt delta time moved the only tempo and time signature
+    to tick 2^25; the tokenizer then wrote ~44k empty bars and chunking took minutes."""
+    from symusic import Tempo, TimeSignature
+
+    from conftest import synthetic_score
+    from mmm.data.checks import check_score
+    from mmm.data.pieces import Rejected
+
+    for far in (Tempo(2**25, 120.0), TimeSignature(2**25, 4, 4)):
+        score = synthetic_score(0, 10)
+        (score.tempos if isinstance(far, Tempo) else score.time_signatures).append(far)
+        with pytest.raises(Rejected, match="too_long.*notes, tempos and time signatures"):
+            check_score(score)
+    check_score(synthetic_score(0, 10))

@@ -65,6 +65,9 @@ def check_score(score: Score, limits: Mapping[str, Any] | None = None) -> None:
     for ts in score.time_signatures:
         if not 1 <= ts.numerator <= 64 or ts.denominator not in (1, 2, 4, 8, 16, 32, 64):
             raise Rejected("absurd_time_signature", f"{ts.numerator}/{ts.denominator} at tick {ts.time}")
-    quarters = max(t.end() for t in with_notes) / score.tpq
+    # Tempos and time signatures are tokenized too: one far after the last note (a corrupt delta
+    # time) would make the tokenizer write bars up to it.
+    events = [e.time for e in score.tempos] + [e.time for e in score.time_signatures]
+    quarters = max([t.end() for t in with_notes] + events) / score.tpq
     if quarters > 4 * lim["max_bars"]:
-        raise Rejected("too_long", f"{quarters:.0f} quarter notes > 4 x max_bars={lim['max_bars']}")
+        raise Rejected("too_long", f"{quarters:.0f} quarter notes (notes, tempos and time signatures) > 4 x max_bars={lim['max_bars']}")
