@@ -79,7 +79,7 @@ def test_two_tasks_write_the_single_run_store(source, single, tmp_path):
     assert not list(store.rglob("*.lock"))
 
 
-def test_killed_task_rerun_redoes_only_its_missing_shards(source, single, tmp_path):
+def test_killed_task_rerun_redoes_only_its_missing_shards(source, single, tmp_path, monkeypatch, caplog):
     store = tmp_path / "store"
     report = preprocess(data_cfg(source, store, shard_size=1, file_timeout=TIMEOUT), tok_cfg(), task=(0, 2))
     assert report["complete"] is False and not (store / "report.json").exists()
@@ -94,15 +94,17 @@ def test_killed_task_rerun_redoes_only_its_missing_shards(source, single, tmp_pa
     assert (store / "shards" / "00009.lock").exists()  # left behind by the killed task
     kept_mtime = shard_paths(store, 1)[0].stat().st_mtime_ns
 
-    out = finish(start(source, store, tmp_path, task=1))  # the stale locks are taken over
-    assert "taking over a stale lock" in out
-    assert shard_paths(store, 1)[0].stat().st_mtime_ns == kept_mtime  # done shards are not redone
+    monkeypatch.setenv(TEST_FAULTS_ENV, "1")
+    cfg = data_cfg(source, store, shard_size=1, file_timeout=TIMEOUT)
+    report = preprocess(cfg, tok_cfg(), task=(1, 2))  # re-run here; the stale locks are taken over
+    assert "taking over a stale lock" in caplog.text
+    assert report["files_processed_this_run"] == 1  # shard 9 only
+    assert shard_paths(store, 1)[0].stat().st_mtime_ns == kept_mtime
     assert files(store) == files(single)
-    rerun = preprocess(data_cfg(source, store, shard_size=1, file_timeout=TIMEOUT), tok_cfg())  # complete: no work
-    assert rerun["files_processed_this_run"] == 0
+    assert preprocess(cfg, tok_cfg())["files_processed_this_run"] == 0  # complete: nothing to do
 
 
-def test_second_run_on_a_store_in_use_fails_at_once(source, single, tmp_path):
+def test_second_run_on_a_store_in_use_fails_at_once(source, single, tmp_path, monkeypatch):
     store = tmp_path / "store"
     first = start(source, store, tmp_path)  # a whole run
     deadline = time.monotonic() + 120
@@ -123,7 +125,8 @@ def test_second_run_on_a_store_in_use_fails_at_once(source, single, tmp_path):
     finally:
         os.killpg(first.pid, signal.SIGKILL)
         first.wait()
-    finish(start(source, store, tmp_path))  # the killed run's locks are stale: taken over
+    monkeypatch.setenv(TEST_FAULTS_ENV, "1")
+    preprocess(data_cfg(source, store, shard_size=1, file_timeout=TIMEOUT), tok_cfg())  # stale locks: taken over
     assert files(store) == files(single)
     assert not list(store.rglob("*.lock"))
 
