@@ -54,6 +54,9 @@ class LockHeld(RuntimeError):
             f"another folder; if that run is really gone (e.g. its host is down), delete {path}"
         )
 
+    def __reduce__(self) -> tuple:  # picklable, so it crosses process pools and launchers intact
+        return type(self), (self.path, self.holder)
+
 
 def describe(holder: dict[str, Any]) -> str:
     job = holder.get("job", "")
@@ -202,11 +205,14 @@ def _heartbeat(lock: Lock, interval: float, stop: threading.Event) -> None:
 
 
 @contextlib.contextmanager
-def acquire_lock(folder: str | Path, name: str = "run", *, stale_after: float = DEFAULT_STALE_AFTER) -> Iterator[Lock]:
+def acquire_lock(folder: str | Path, name: str = "run", *, stale_after: float = DEFAULT_STALE_AFTER,
+                 wait: float | None = 0.0) -> Iterator[Lock]:
     """Hold `folder/<name>.lock` for the duration of the `with` block (see the module doc).
 
-    Raises `LockHeld` naming the holder when another live run holds it. `folder` is created
-    if missing.
+    Raises `LockHeld` naming the holder when another live run holds it, at once by default;
+    `wait` seconds (None: without limit) wait for the holder to finish first, for a step that
+    another run may be doing already (e.g. two jobs of a sweep building the data they share).
+    `folder` is created if missing.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -221,7 +227,9 @@ def acquire_lock(folder: str | Path, name: str = "run", *, stale_after: float = 
         "token": uuid.uuid4().hex,
     }
     lock = None
-    for _ in range(100):
+    deadline = None if wait is None else time.monotonic() + wait
+    waited = False
+    for _ in range(100):  # attempts at a free or stale lock; waiting for a live holder is apart
         if _create(path, record):
             lock = Lock(path, record, owner=True)
             break
@@ -235,6 +243,12 @@ def acquire_lock(folder: str | Path, name: str = "run", *, stale_after: float = 
         elif holder.get("job") == record["job"]:
             lock = Lock(path, holder, owner=False)
             break
+        elif deadline is None or time.monotonic() < deadline:
+            if not waited:
+                log.warning("%s: waiting for another run to finish (%s)", path, describe(holder))
+                waited = True
+            while _record(path) == holder and not _stale(path, holder, stale_after) and (deadline is None or time.monotonic() < deadline):
+                time.sleep(0.5)
         else:
             raise LockHeld(path, holder)
     if lock is None:

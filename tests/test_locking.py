@@ -172,3 +172,35 @@ def test_training_refuses_a_run_folder_in_use(corpus, tmp_path, procs):
     assert proc.returncode != 0
     assert f"is in use by another run (pid {holder.pid} on host {socket.gethostname()}" in proc.stderr
     assert not (tmp_path / "data").exists()  # failed before preprocessing anything
+
+
+def test_lock_held_survives_pickling(tmp_path):
+    """Process pools and launchers (submitit) pickle a job's exception to report it."""
+    import pickle
+
+    error = LockHeld(tmp_path / "run.lock", {"pid": 7, "host": "h", "started": "s"})
+    copy = pickle.loads(pickle.dumps(error))
+    assert str(copy) == str(error) and copy.holder == error.holder and copy.path == error.path
+
+
+def test_waiting_for_the_holder_instead_of_failing(tmp_path, procs):
+    """`wait=`: a step another run may be doing already (sweep jobs building the data they
+    share) waits for it, then takes the lock; a bounded wait still fails naming the holder."""
+    release = tmp_path / "release"
+    holder, line = start_holder(tmp_path, release, clean_env())
+    procs.append(holder)
+    assert line.startswith("owner")
+    with pytest.raises(LockHeld, match=f"pid {holder.pid}"):
+        with acquire_lock(tmp_path, "run", wait=0.5):
+            pass
+    waiter = subprocess.Popen([sys.executable, "-c", HOLDER.replace('stale_after=float(sys.argv[3])', 'wait=None'),
+                               str(tmp_path), str(tmp_path / "release2"), "600", "run"],
+                              env=clean_env(), stdout=subprocess.PIPE, text=True)
+    procs.append(waiter)
+    time.sleep(1)
+    assert waiter.poll() is None  # still waiting
+    release.touch()
+    assert holder.wait(timeout=60) == 0
+    assert waiter.stdout.readline().strip() == f"owner {waiter.pid}"
+    (tmp_path / "release2").touch()
+    assert waiter.wait(timeout=60) == 0
