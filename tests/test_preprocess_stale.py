@@ -75,6 +75,9 @@ def test_a_tokenizer_whose_store_is_missing_gets_its_store_rebuilt(built, tmp_pa
     cfg = OmegaConf.create({"data": data, "tokenizer": tokenizer_cfg(tok)})
     assert ensure_data(cfg) == tok
     assert len(Store(store, "train")) > 0 and tok.read_bytes() == before
+    cfg.data.preprocess.min_bars = 9  # the tokenizer exists, yet `mmm.train` still checks the store
+    with pytest.raises(RuntimeError, match=r"changed: data\.preprocess\.min_bars: 8 -> 9"):
+        ensure_data(cfg)
 
 
 def test_a_store_of_an_older_format_is_refused(built, tmp_path):
