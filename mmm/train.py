@@ -129,7 +129,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 def _train(cfg: DictConfig) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True)
-    tokenizer_path = ensure_data(cfg)
+    # The jobs of a sweep share the data folder: the first builds the store and tokenizer, the
+    # others wait for it (instead of failing on its preprocessing lock), then find them done.
+    with acquire_lock(cfg.data.dir, "prepare", wait=None):
+        tokenizer_path = ensure_data(cfg)
     tokenizer = load_tokenizer(tokenizer_path)
     vocab = Vocab(tokenizer)
     model_config = model_config_from_preset(
