@@ -118,17 +118,23 @@ def _init_worker(source_cfg: dict, tokenizer_cfg: dict, settings: dict, split_cf
 
 def _test_fault(data: bytes) -> None:
     """Test hook: a file starting with one of these markers hangs inside C code (every signal
-    blocked, then `pause()`: nothing in the process can interrupt it) or dies by SIGSEGV."""
+    blocked, then `pause()`: nothing in the process can interrupt it), dies by SIGSEGV, aborts
+    in C (SIGABRT) or is killed as the out-of-memory killer does (SIGKILL)."""
     import ctypes
+    import faulthandler
 
+    if not data.startswith(b"MMM-TEST-"):
+        return
+    faulthandler.disable()  # no traceback dump from a test's deliberate crash
     if data.startswith(b"MMM-TEST-HANG"):
         signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
         ctypes.CDLL(None).pause()
     elif data.startswith(b"MMM-TEST-SEGV"):
-        import faulthandler
-
-        faulthandler.disable()  # no traceback dump from a test's deliberate crash
         ctypes.string_at(0)  # reads address 0: a real segmentation fault
+    elif data.startswith(b"MMM-TEST-ABRT"):
+        ctypes.CDLL(None).abort()
+    elif data.startswith(b"MMM-TEST-KILL"):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _process_shard(shard: int, indices: range, skip: Mapping[int, dict], starting: Callable[[int], None]) -> dict:
