@@ -176,6 +176,7 @@ def _take_over(path: Path, stale: dict[str, Any], record: dict[str, Any]) -> boo
         with contextlib.suppress(FileNotFoundError):
             if time.time() - guard.stat().st_mtime > _GUARD_STALE:
                 guard.unlink()
+        time.sleep(0.05)  # another run is taking it over right now: look again in a moment
         return False
     try:
         if _record(path) != stale:  # someone else took it over in the meantime
@@ -190,6 +191,8 @@ def _take_over(path: Path, stale: dict[str, Any], record: dict[str, Any]) -> boo
 
 @dataclass
 class Lock:
+    """What `acquire_lock` yields."""
+
     path: Path
     record: dict[str, Any]  # the holder's record (ours when `owner`)
     owner: bool  # False for a process that joined its own job's lock (another rank)
