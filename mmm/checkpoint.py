@@ -89,13 +89,26 @@ def _from_lightning_ckpt(path: Path, trusted: bool = False) -> tuple[MMMTransfor
 
 
 def _from_deepspeed_dir(path: Path) -> tuple[MMMTransformer, MMMTokenizer]:
-    """A DeepSpeed (ZeRO) checkpoint directory: gather the fp32 weights with Lightning's tool."""
-    from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
+    """A DeepSpeed (ZeRO-2 or 3) checkpoint directory, as `trainer=deepspeed` writes it: the fp32
+    master weights consolidated by DeepSpeed's own `zero_to_fp32` (exactly what the
+    `zero_to_fp32.py` script saved beside them gives), the model config and tokenizer from
+    the Lightning state that rank 0 saved with them."""
+    import deepspeed.utils.zero_to_fp32 as zero_to_fp32
 
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "fp32.ckpt"
-        convert_zero_checkpoint_to_fp32_state_dict(str(path), str(out))
-        return _from_lightning_ckpt(out)
+    tag = (path / "latest").read_text().strip()
+    # Rank 0's model-states file (ZeRO-2 name, then ZeRO-3 name) holds Lightning's client state.
+    names = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
+    client_file = next((path / tag / n for n in names if (path / tag / n).is_file()), None)
+    if client_file is None:
+        raise FileNotFoundError(f"{path}: 'latest' names the tag {tag!r} but {path / tag} holds no model states (an incomplete checkpoint)")
+    client = torch.load(client_file, map_location="cpu", weights_only=True)
+    hparams = client.get("hyper_parameters", {})
+    if "model_config" not in hparams or not hparams.get("tokenizer_json"):
+        raise ValueError(f"{path}: not an mmm training checkpoint (no model config / tokenizer inside)")
+    state = zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(str(path), tag)
+    # DeepSpeed wraps the LightningModule, whose transformer is its `model` attribute.
+    state = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+    return _build(hparams["model_config"], state), _tokenizer_from_json(hparams["tokenizer_json"])
 
 
 def _tokenizer_from_json(text: str) -> MMMTokenizer:

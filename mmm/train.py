@@ -15,6 +15,7 @@ import lightning as L
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.strategies import DeepSpeedStrategy
+from lightning.pytorch.utilities import rank_zero_only
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -113,8 +114,15 @@ def resume_path(cfg: DictConfig) -> str | None:
     if cfg.ckpt_path != "last":
         return cfg.ckpt_path
     run_dir = Path(cfg.run_dir)
-    candidates = [p for p in [run_dir / "checkpoints" / "last.ckpt", *run_dir.glob("hpc_ckpt_*.ckpt")] if p.exists()]
-    return str(max(candidates, key=lambda p: p.stat().st_mtime_ns)) if candidates else None
+    candidates = [p for p in [run_dir / "checkpoints" / "last.ckpt", *run_dir.glob("hpc_ckpt_*.ckpt")] if p.is_file() or (p / "latest").is_file()]
+    return str(max(candidates, key=_saved_at)) if candidates else None
+
+
+def _saved_at(checkpoint: Path) -> int:
+    # DeepSpeed checkpoints are directories rewritten in place, whose own mtime stays that of
+    # their creation; the `latest` file in them is rewritten by every save (and written last:
+    # a directory without it is an incomplete save, never a candidate).
+    return (checkpoint / "latest" if checkpoint.is_dir() else checkpoint).stat().st_mtime_ns
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -158,14 +166,16 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=False if cfg.trust_checkpoint else None)
     metrics.update({k.replace("/", "_"): float(v) for k, v in trainer.callback_metrics.items()})
     metrics["global_step"] = trainer.global_step
+    # The run ends with last.ckpt at its final step (every rank takes part: DeepSpeed writes a
+    # shard per rank), so re-running the command finds the run done and `python -m
+    # mmm.checkpoint` can export that step.
+    final = Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
+    trainer.save_checkpoint(final)
     export_model = module.model
-    if isinstance(trainer.strategy, DeepSpeedStrategy):
+    if isinstance(trainer.strategy, DeepSpeedStrategy) and trainer.is_global_zero:
         # The engine's module holds bf16 weights (at ZeRO-3 only a shard of them): the export is
-        # the fp32 master weights, consolidated from a final checkpoint that every rank writes.
-        final = Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
-        trainer.save_checkpoint(final)
-        if trainer.is_global_zero:
-            export_model, _ = load_pretrained(final)
+        # the fp32 master weights, consolidated from that checkpoint.
+        export_model, _ = load_pretrained(final)
     if trainer.is_global_zero:
         generation = generation_stats(Store(cfg.data.store, "train"), vocab, cfg.data.sequences.pitch_shift)
         save_pretrained(export_model, tokenizer, cfg.export_dir,
@@ -180,6 +190,11 @@ def main() -> None:
 
     @hydra.main(config_path="../configs", config_name="train", version_base="1.3")
     def _run(cfg: DictConfig) -> float | None:
+        if rank_zero_only.rank != 0:  # only rank 0 writes the run's log file; the others log to the console
+            root = logging.getLogger()
+            for handler in [h for h in root.handlers if isinstance(h, logging.FileHandler)]:
+                root.removeHandler(handler)
+                handler.close()
         metrics = train(cfg)
         print({k: v for k, v in metrics.items()})
         return metrics.get("val_loss")  # the value a Hydra sweeper optimises

@@ -55,7 +55,7 @@ class SequenceDataset(Dataset):
         ids, labels = self._builder(self._store[i % self._chunks], rng)
         vocab = self._builder.vocab
         notes = int(vocab.notes_per_model_id[ids[labels != IGNORE_INDEX]].sum())
-        return {"input_ids": ids, "labels": labels, "num_notes": notes}
+        return {"input_ids": ids, "labels": labels, "num_notes": notes, "index": i}
 
 
 def collate(batch: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -70,18 +70,25 @@ def collate(batch: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]
         "input_ids": torch.from_numpy(ids),
         "labels": torch.from_numpy(labels),
         "num_notes": torch.tensor([b["num_notes"] for b in batch]),
+        "index": torch.tensor([b["index"] for b in batch]),  # which samples (rank split, resume checks)
     }
 
 
 class ResumableSampler(Sampler[int]):
     """Random order fixed by (seed, epoch), split across ranks, able to start mid-epoch: a
-    resumed run sees the rest of the interrupted epoch, not the epoch again from its start."""
+    resumed run sees the rest of the interrupted epoch, not the epoch again from its start.
+
+    Each sample index of the epoch goes to exactly one rank. Ranks must take as many steps, so
+    an epoch of N samples is rounded up to a multiple of the world size with the indices
+    N, N+1...: `SequenceDataset` draws those from chunks again with their own random choices,
+    so they are new samples, not repeats (torch's DistributedSampler repeats samples instead)."""
 
     def __init__(self, num_samples: int, seed: int, epoch: int, start: int = 0, rank: int = 0, world_size: int = 1) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, {world_size})")
         generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-        order = torch.randperm(num_samples, generator=generator).tolist()
-        per_rank = -(-num_samples // world_size)  # every rank gets as many samples (wraps around)
-        order = (order * (1 + world_size))[: per_rank * world_size]
+        per_rank = -(-num_samples // world_size)
+        order = torch.randperm(per_rank * world_size, generator=generator).tolist()
         mine = order[rank::world_size]
         # The epoch's remaining samples come first. The loader keeps its full length because
         # Lightning counts the batches of a resumed epoch itself and stops it at that length.
