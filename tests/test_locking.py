@@ -204,3 +204,21 @@ def test_waiting_for_the_holder_instead_of_failing(tmp_path, procs):
     assert waiter.stdout.readline().strip() == f"owner {waiter.pid}"
     (tmp_path / "release2").touch()
     assert waiter.wait(timeout=60) == 0
+
+
+def test_a_two_process_ddp_training_holds_its_run_folder_once(corpus, tmp_path):
+    """Lightning launches rank 1 as a subprocess of rank 0, which holds the run lock: rank 1
+    shares it instead of failing, and the lock is gone when the job ends."""
+    from conftest import REPO
+    from test_train import small_overrides
+
+    overrides = small_overrides(corpus, tmp_path) + [
+        "trainer.devices=2", "+trainer.strategy=ddp", "trainer.max_steps=2", "validate_before_training=false", "logger=none",
+    ]
+    proc = subprocess.run([sys.executable, "-m", "mmm.train", *overrides], cwd=REPO, env=clean_env(WANDB_MODE="disabled"),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "MEMBER: 2/2" in proc.stdout + proc.stderr  # rank 1 really ran
+    assert "in use by another run" not in proc.stderr and "waiting for another run" not in proc.stderr
+    assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
+    assert not list(tmp_path.rglob("*.lock"))
