@@ -429,6 +429,7 @@ def preprocess(data_cfg: Mapping, tokenizer_cfg: Mapping, task: tuple[int, int] 
         check_manifest(store, manifest)
         if (store / "report.json").is_file() and len(done_shards(store)) == num_shards:
             # Complete and current: read only, so runs sharing the store need no lock.
+            log.info("the store at %s is complete and made with these settings: nothing to do", store)
             return {**json.loads((store / "report.json").read_text()), "store": str(store),
                     "seconds_this_run": 0.0, "files_processed_this_run": 0}
     # A whole run owns the store; tasks of an array share it, each locking its shards only.
