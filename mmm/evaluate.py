@@ -417,6 +417,19 @@ def _span_notes(track: Track | None, start: int, end: int) -> dict[str, np.ndarr
     return {k: v[inside] for k, v in notes.items()}
 
 
+def pitch_in_range(real: Track | None, generated: Track | None, start: int, end: int) -> tuple[int, int]:
+    """(generated notes in [start, end) within the pitch range the track has outside that span,
+    widened by 3 semitones; all generated notes there). (0, 0) when either side has no note."""
+    if real is None or generated is None:
+        return 0, 0
+    context = _notes(real)
+    outside = context["pitch"][(context["time"] < start) | (context["time"] >= end)]
+    if len(outside) == 0:
+        return 0, 0
+    pitches = _span_notes(generated, start, end)["pitch"]
+    return int(((pitches >= outside.min() - 3) & (pitches <= outside.max() + 3)).sum()), len(pitches)
+
+
 def span_stats(track: Track | None, is_drum: bool, start: int, end: int, tpq: int, ticks_per_bar: int) -> dict[str, float]:
     notes = _span_notes(track, start, end)
     return musical_stats(notes["time"] - start, notes["duration"], notes["pitch"], [is_drum] * len(notes["time"]),
@@ -468,6 +481,7 @@ class Requests:
         self.adherence: dict[tuple[str, str], dict[str, list]] = defaultdict(lambda: defaultdict(list))
         self.stats: dict[str, dict[str, list[float]]] = {"real": defaultdict(list), "generated": defaultdict(list)}
         self.generation = {"calls": 0, "new_tokens": 0, "decode_s": 0.0, "prefill_s": 0.0}
+        self.in_range = [0, 0]  # uncontrolled infills: generated notes within the track's range +-3, all notes
 
     def _pools(self) -> dict[tuple[str, str], list]:
         """Every value each control takes in the evaluated chunks: requests draw from them."""
@@ -557,6 +571,10 @@ class Requests:
         is_drum = score.tracks[target].is_drum
         per_bar = ticks[a + 1] - ticks[a]
         real_stats = span_stats(real.tracks.get(target), is_drum, ticks[a], ticks[b], real.score.tpq, per_bar)
+        if baseline is not None and not is_drum:
+            inside, total = pitch_in_range(real.tracks.get(target), baseline.tracks.get(target), ticks[a], ticks[b])
+            self.in_range[0] += inside
+            self.in_range[1] += total
         if baseline is not None:
             gen_stats = span_stats(baseline.tracks.get(target), is_drum, ticks[a], ticks[b], real.score.tpq, per_bar)
             for m in MUSICAL_STATS:
@@ -662,7 +680,10 @@ class Requests:
                         "overlap": histogram_overlap(self.stats["real"][m], self.stats["generated"][m]),
                         "n_real": int(sum(not math.isnan(x) for x in self.stats["real"][m])),
                         "n_generated": int(sum(not math.isnan(x) for x in self.stats["generated"][m]))}
-        return {"structure": structure_out, "controls": controls, "musical_stats": stats}
+        inside, total = self.in_range
+        in_range = {"generated_notes": total, "within_3_semitones": inside / total if total else math.nan}
+        return {"structure": structure_out, "controls": controls, "musical_stats": stats,
+                "pitch_in_context_range": in_range}
 
 
 def track_controls_ids(tokenizer, vocab: Vocab, track: Track, tpq: int, ticks: Sequence[int]) -> list[int]:
@@ -891,6 +912,9 @@ def report_markdown(metrics: dict, plots: list[str]) -> str:
     for name, s in metrics["musical_stats"].items():
         lines.append(f"| {name} | {_fmt(s['real_mean'])} | {_fmt(s['generated_mean'])} | {_fmt(s['abs_diff'])} | "
                      f"{_fmt(s['overlap'])} | {s['n_real']} / {s['n_generated']} |")
+    r = metrics["pitch_in_context_range"]
+    lines += ["", f"Generated notes of uncontrolled infills within the target track's pitch range around the span "
+                  f"(+-3 semitones): {_fmt(r['within_3_semitones'])} of {r['generated_notes']}."]
     g = metrics["timings"]
     lines += ["", "## Plots", "", *[f"![{p}]({p})" for p in plots], "",
               f"Run time {g['total_s']:.0f} s (likelihood {g['likelihood_s']:.0f} s, generation {g['generation_s']:.0f} s, "

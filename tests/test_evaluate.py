@@ -252,6 +252,25 @@ def test_metrics_keys_and_sanity(evaluated):
                                              "empty_beat_rate", "groove_consistency"}
     # one uncontrolled infill: one real and one generated span (pitch statistics skip drums)
     assert metrics["musical_stats"]["empty_beat_rate"]["n_real"] == metrics["musical_stats"]["empty_beat_rate"]["n_generated"] == 1
+    assert set(metrics["pitch_in_context_range"]) == {"generated_notes", "within_3_semitones"}
+
+
+def test_pitch_in_range_counts_generated_notes_against_the_track_around_the_span():
+    from symusic import Note, Track
+
+    from mmm.evaluate import pitch_in_range
+
+    def track(notes):
+        t = Track("x", 0, False)
+        for time, pitch in notes:
+            t.notes.append(Note(time, 10, pitch, 64))
+        return t
+
+    real = track([(0, 60), (50, 67), (100, 99), (200, 64)])  # 99 sits inside the span: not context
+    generated = track([(0, 60), (100, 56), (110, 57), (120, 70), (130, 71), (200, 99)])
+    assert pitch_in_range(real, generated, 100, 200) == (2, 4)  # 57 and 70 in [57, 70]; 56 and 71 out
+    assert pitch_in_range(None, generated, 100, 200) == (0, 0)
+    assert pitch_in_range(track([(150, 60)]), generated, 100, 200) == (0, 0)  # no context note
 
 
 def test_two_runs_give_identical_metrics(evaluated):

@@ -32,7 +32,9 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", type=Path, default=runs_dir / "demo" / "model",
                    help="checkpoint folder or .ckpt (default: $MMM_RUNS_DIR/demo/model, trained first when missing)")
-    p.add_argument("--data-dir", type=Path, default=data_dir, help="the demo's data folder ($MMM_DATA_DIR)")
+    p.add_argument("--data-dir", type=Path, default=data_dir, help="the data folder ($MMM_DATA_DIR)")
+    p.add_argument("--data-name", default="embedded",
+                   help="the model's data source name: inputs come from <data-dir>/<data-name>/store's held-out splits")
     p.add_argument("--out", type=Path, default=OUT)
     p.add_argument("--bars", type=int, default=6, help="bars per excerpt")
     p.add_argument("--seed", type=int, default=0)
@@ -50,12 +52,13 @@ def ensure_model(args: argparse.Namespace) -> None:
     subprocess.run([sys.executable, "-m", "mmm.train", "+experiment=demo"], cwd=REPO, env=env, check=True)
 
 
-def held_out_chorales(data_dir: Path) -> list[Path]:
-    """Four-voice chorales of the demo store's valid/test splits (then the others), most notes first."""
+def held_out_chorales(data_dir: Path, data_name: str) -> list[Path]:
+    """Four-voice chorales of the store's valid/test splits (then the others), most notes first."""
     from symusic import Score
 
-    report = json.loads((data_dir / "embedded" / "store" / "report.json").read_text())
-    kept = sorted((k for k in report["kept_files"] if k["split"] != "train"), key=lambda k: -k["notes"])
+    report = json.loads((data_dir / data_name / "store" / "report.json").read_text())
+    kept = sorted((k for k in report["kept_files"] if k["split"] != "train" and k["name"].startswith("bach/")),
+                  key=lambda k: -k["notes"])
     paths = [data_dir / "music21_midi" / k["name"] for k in kept]
     return sorted(paths, key=lambda p: len(Score(str(p)).tracks) != 4)
 
@@ -128,7 +131,7 @@ def main() -> None:
     for old in args.out.iterdir():
         if old.suffix in MADE_HERE or old.name == "gallery.json":
             old.unlink()
-    chorales = held_out_chorales(args.data_dir)
+    chorales = held_out_chorales(args.data_dir, args.data_name)
     gallery = Gallery(args.out, model, args.seed)
     seed, n = args.seed, args.bars
     start = time.perf_counter()
@@ -176,11 +179,12 @@ def main() -> None:
     training = {}
     if (args.model / "config.json").is_file():
         training = json.loads((args.model / "config.json").read_text()).get("training", {})
+    experiment = training.get("experiment", "demo")
     trained = (f", trained {training['global_step']} steps to a validation loss of {training['val_loss']:.3f}"
                if "global_step" in training and "val_loss" in training else "")
     manifest = {
         "about": f"Made by experiments/gallery/make_gallery.py in {time.perf_counter() - start:.0f} s on a CPU "
-                 f"with the demo model ({model.model.num_parameters():,} parameters{trained}); "
+                 f"with the {experiment} model ({model.model.num_parameters():,} parameters{trained}); "
                  f"seed {seed}, temperature 1.0, top-p 0.95. Inputs: the first {n} bars of chorales held out "
                  "from training.",
         "items": gallery.items,

@@ -1,0 +1,55 @@
+"""Loss curves of a training run, from its TensorBoard events, as a PNG.
+
+    python experiments/shipped_model/curves.py runs/music21 models/mmm-music21-small/loss_curves.png
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
+
+
+def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar series of the run's event files (resumed runs write several), by tag."""
+    series: dict[str, dict[int, float]] = {}
+    for events in sorted((run_dir / "tensorboard").rglob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            for e in acc.Scalars(tag):
+                series.setdefault(tag, {})[e.step] = e.value  # a resumed run's later value wins
+    return {tag: sorted(points.items()) for tag, points in series.items()}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("out", type=Path)
+    args = p.parse_args()
+    series = scalars(args.run_dir)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for tag, label in (("train/loss", "train (per step)"), ("val/loss", "validation")):
+        if tag in series:
+            steps, values = zip(*series[tag])
+            ax.plot(steps, values, label=label, marker="o" if tag.startswith("val") else None, lw=1 if tag.startswith("train") else 2)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy (nats per model id)")
+    ax.set_title(f"{args.run_dir.name}: loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(args.out, dpi=110)
+    for tag, points in sorted(series.items()):
+        if tag.endswith("loss") or "loss" in tag:
+            print(f"{tag}: first {points[0][1]:.3f} at step {points[0][0]}, last {points[-1][1]:.3f} at step {points[-1][0]}")
+
+
+if __name__ == "__main__":
+    main()
