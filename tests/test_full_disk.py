@@ -26,7 +26,7 @@ for module in t.MODULES[name]:
 resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
 try:
     getattr(t, "write_" + name)(target, "new")
-except OSError as e:
+except Exception as e:
     print(type(e).__name__, e)
     sys.exit(3)
 """
@@ -51,6 +51,7 @@ MODULES = {
     "tokenizer": ["mmm.tokenizer", "conftest"],
     "folder": ["mmm.checkpoint", "mmm.model", "conftest"],
     "lightning_ckpt": ["mmm.checkpoint_io"],
+    "preprocess": ["mmm.preprocess", "test_preprocess"],
 }
 
 
@@ -95,6 +96,15 @@ def write_lightning_ckpt(path: str, version: str) -> None:
 
     value = 1.0 if version == "old" else 2.0
     MMMCheckpointIO().save_checkpoint({"version": version, "w": torch.full((100_000,), value)}, path)
+
+
+def write_preprocess(store: str, version: str) -> dict:
+    """Preprocess `<store>/../corpus` with 2 worker processes (they write the shards)."""
+    from test_preprocess import data_cfg, tok_cfg
+
+    from mmm.preprocess import preprocess
+
+    return preprocess(data_cfg(Path(store).parent / "corpus", Path(store), num_workers=2), tok_cfg())
 
 
 def listing(folder: Path) -> dict[str, int]:
@@ -183,3 +193,19 @@ def test_a_full_disk_or_quota_reads_the_same(tmp_path, monkeypatch, code):
     with pytest.raises(DiskFull, match=f"could not write {target}: {os.strerror(getattr(errno, code))}"):
         atomic_write(target, full)
     assert target.read_bytes() == b"old" and listing(tmp_path) == {"x.bin": 3}
+
+
+def test_preprocessing_stops_on_a_full_disk_and_the_rerun_completes(tmp_path):
+    """In context: a worker's shard write failing for lack of space stops the run with the
+    error (it is not taken for a bad file), and the next run finishes every file."""
+    from conftest import write_synthetic_midi
+
+    for seed in range(6):
+        write_synthetic_midi(tmp_path / "corpus" / f"piece_{seed}.mid", seed, 12)
+    store = tmp_path / "store"
+    output = write_limited("preprocess", store, limit=16_000)
+    # The worker's DiskFull, reported by the parent with the shard it was writing.
+    assert ".arrow: File too large (disk full, quota or file-size limit)" in output and "free space and run again" in output
+    assert not list(store.glob("shards/*.arrow")) and not list(store.glob("shards/.*"))
+    report = write_preprocess(str(store), "new")
+    assert report["kept"] == 6 and report["rejected"] == 0
