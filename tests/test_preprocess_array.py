@@ -17,6 +17,7 @@ import pytest
 
 from conftest import REPO
 from mmm.data.store import done_shards, shard_paths
+from mmm.locking import LockHeld
 from mmm.preprocess import TEST_FAULTS_ENV, array_task, preprocess
 from test_preprocess import corpus, data_cfg, tok_cfg
 
@@ -105,6 +106,7 @@ def test_killed_task_rerun_redoes_only_its_missing_shards(source, single, tmp_pa
 
 
 def test_second_run_on_a_store_in_use_fails_at_once(source, single, tmp_path, monkeypatch):
+    """The first run is another process; this test's process makes the second."""
     store = tmp_path / "store"
     first = start(source, store, tmp_path)  # a whole run
     deadline = time.monotonic() + 120
@@ -112,21 +114,20 @@ def test_second_run_on_a_store_in_use_fails_at_once(source, single, tmp_path, mo
         assert first.poll() is None and time.monotonic() < deadline, first.communicate()[0][-3000:]
         time.sleep(0.02)
     os.killpg(first.pid, signal.SIGSTOP)  # frozen mid-run, holding its locks, alive
+    monkeypatch.setenv(TEST_FAULTS_ENV, "1")
+    cfg = data_cfg(source, store, shard_size=1, file_timeout=TIMEOUT)
+    holder = rf"is in use by another run \(pid {first.pid} on host {socket.gethostname()}, started "
     try:
-        second = start(source, store, tmp_path)
-        out, _ = second.communicate(timeout=120)
-        assert second.returncode != 0
-        assert f"is in use by another run (pid {first.pid} on host {socket.gethostname()}, started " in out
+        with pytest.raises(LockHeld, match=holder):
+            preprocess(cfg, tok_cfg())
         # An array task on the same store stops at the shard the whole run holds.
         shard = int(held[0].stem)
-        task = start(source, store, tmp_path, task=shard % 2, count=2)
-        out, _ = task.communicate(timeout=120)
-        assert task.returncode != 0 and f"pid {first.pid}" in out and f"{shard:05d}.lock" in out
+        with pytest.raises(LockHeld, match=rf"shards is in use by another run \(pid {first.pid} .*{shard:05d}\.lock"):
+            preprocess(cfg, tok_cfg(), task=(shard % 2, 2))
     finally:
         os.killpg(first.pid, signal.SIGKILL)
         first.wait()
-    monkeypatch.setenv(TEST_FAULTS_ENV, "1")
-    preprocess(data_cfg(source, store, shard_size=1, file_timeout=TIMEOUT), tok_cfg())  # stale locks: taken over
+    preprocess(cfg, tok_cfg())  # the killed run's locks are stale: taken over
     assert files(store) == files(single)
     assert not list(store.rglob("*.lock"))
 
