@@ -110,6 +110,23 @@ def test_newest_hpc_checkpoint_wins_over_last_ckpt(tmp_path):
     assert resume_path(cfg) is None
 
 
+def test_deepspeed_cpu_config_is_the_gpu_config_but_the_accelerator(tmp_path):
+    from hydra.utils import instantiate
+
+    from mmm.strategies import MMMDeepSpeedStrategy
+    from mmm.train import check_config
+
+    gpu, cpu = (OmegaConf.to_container(compose_train([f"trainer={t}", f"run_dir={tmp_path}"]).trainer)
+                for t in ("deepspeed", "deepspeed_cpu"))
+    assert {k for k in gpu if gpu[k] != cpu[k]} == {"accelerator", "devices"}
+    assert (cpu["accelerator"], cpu["devices"]) == ("cpu", 2)
+    strategy = instantiate(cpu["strategy"])
+    assert isinstance(strategy, MMMDeepSpeedStrategy) and strategy.config["zero_optimization"]["stage"] == 2
+    stage3 = compose_train(["trainer=deepspeed_cpu", "trainer.strategy.stage=3", f"run_dir={tmp_path}"])
+    assert instantiate(stage3.trainer.strategy).config["zero_optimization"]["stage"] == 3
+    check_config(stage3)  # runs without CUDA: no "needs CUDA GPUs" refusal
+
+
 # -- DDP -----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def ddp(corpus, data_root):
