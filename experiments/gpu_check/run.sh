@@ -21,8 +21,7 @@ t0=$(date +%s)
 
 step "1/4 CUDA tests"
 $PY -c "import torch; assert torch.cuda.is_available(), 'no CUDA GPU visible'; print(torch.cuda.get_device_name(0), 'torch', torch.__version__, 'CUDA', torch.version.cuda)" | tee -a "$LOG"
-$PY -m pytest -q -rs tests/test_cuda.py 2>&1 | tee -a "$LOG" | tail -5
-$PY -m pytest -q -rs tests/test_cuda.py >/dev/null  # fails the check if a CUDA test fails
+$PY -m pytest -q -rs tests/test_cuda.py 2>&1 | tee -a "$LOG" | tail -5   # pipefail: a failed test stops the check
 
 step "2/4 tokens/s, MFU, flash-attn vs SDPA logits (synthetic batches)"
 $PY $HERE/bench.py --out "$WORK/bench.json" 2>&1 | tee -a "$LOG"
