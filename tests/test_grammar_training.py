@@ -9,6 +9,7 @@ shared real files when $MMM_TEST_MIDI is set.
 
 from __future__ import annotations
 
+import os
 import random
 from collections import Counter
 
@@ -98,3 +99,22 @@ def test_grammar_accepts_every_real_training_sample(real_files, bpe_vocab):
     assert len(chunks) > 100
     seen = run_samples(chunks, vocab, 2000, seed=1)
     assert seen["infill"] > 1200 and seen["track"] > 300, seen
+
+
+@pytest.mark.skipif(not os.environ.get("MMM_TEST_STORE"), reason="MMM_TEST_STORE (a token store folder) is not set")
+def test_grammar_accepts_every_training_sample_of_a_store():
+    """On a real store (e.g. the embedded corpus's, `data/music21_all/store`), with its own BPE
+    tokenizer (`MMM_TEST_TOKENIZER`, by default the only tokenizer file beside the store)."""
+    from pathlib import Path
+
+    from mmm.data.store import Store
+    from mmm.tokenizer import load_tokenizer
+
+    store_dir = Path(os.environ["MMM_TEST_STORE"])
+    tokenizer_file = os.environ.get("MMM_TEST_TOKENIZER") or str(next(store_dir.parent.glob("tokenizer*.json")))
+    vocab = Vocab(load_tokenizer(tokenizer_file))
+    store = Store(store_dir, "train")
+    chunks = [store[i] for i in sorted(random.Random(0).sample(range(len(store)), min(len(store), 600)))]
+    seen = run_samples(chunks, vocab, 3000, seed=2)
+    print(f"{store_dir}: {seen}")
+    assert seen["infill"] + seen["track"] == 3000

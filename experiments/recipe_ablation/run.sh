@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Recipe ablation at demo scale: the demo experiment (tiny model, 500 steps, Bach chorales)
+# Recipe ablation at demo scale (a re-run skips what is done): the demo experiment (tiny model, 500 steps, Bach chorales)
 # trained with the recipe before the fixes (the code at BASE_COMMIT, in a git worktree) and
 # with the fixed recipe, one change at a time; each model evaluated by mmm.evaluate on the
 # test split of its own store (same pieces: the split is by content).
@@ -9,6 +9,9 @@ cd "$(dirname "$0")/../.."
 BASE_COMMIT=${1:-4a93a17}
 OUT=${2:-runs/recipe_ablation}
 PY=$(pwd)/.venv/bin/python
+# One thread per run: the runs then share a busy machine gracefully (a 2-thread CPU job that
+# loses one core to another process stalls at every synchronisation point).
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 
@@ -16,14 +19,20 @@ OUT=$(cd "$OUT" && pwd)
 if [ ! -d "$OUT/base_code" ]; then git worktree add --detach "$OUT/base_code" "$BASE_COMMIT"; fi
 mkdir -p "$OUT/base_code/data"
 [ -e "$OUT/base_code/data/music21_midi" ] || ln -s "$(pwd)/data/music21_midi" "$OUT/base_code/data/music21_midi"
-(cd "$OUT/base_code" && "$PY" -m mmm.train +experiment=demo experiment_name=A_before "paths.runs_dir=$OUT/runs")
-"$PY" -m mmm.evaluate ckpt="$OUT/runs/A_before/model" "paths.data_dir=$OUT/base_code/data" out_dir="$OUT/eval/A_before"
+[ -f "$OUT/runs/A_before/model/config.json" ] || \
+  (cd "$OUT/base_code" && "$PY" -m mmm.train +experiment=demo experiment_name=A_before "paths.runs_dir=$OUT/runs")
+# Its store is rebuilt by today's preprocessing with its tokenizer settings (miditok's default
+# time signatures then), so that the test split holds the same pieces for every row.
+mkdir -p "$OUT/eval_data_A"
+[ -e "$OUT/eval_data_A/music21_midi" ] || ln -s "$(pwd)/data/music21_midi" "$OUT/eval_data_A/music21_midi"
+[ -f "$OUT/eval/A_before/metrics.json" ] || "$PY" -m mmm.evaluate ckpt="$OUT/runs/A_before/model" \
+    "paths.data_dir=$OUT/eval_data_A" "~tokenizer.params.time_signature_range" out_dir="$OUT/eval/A_before"
 
 # B..D: today's code; the fixed recipe is configs/data/common.yaml's default.
 run() {  # name, overrides...
   local name=$1; shift
-  "$PY" -m mmm.train +experiment=demo experiment_name="$name" "paths.runs_dir=$OUT/runs" "$@"
-  "$PY" -m mmm.evaluate ckpt="$OUT/runs/$name/model" out_dir="$OUT/eval/$name"
+  [ -f "$OUT/runs/$name/model/config.json" ] || "$PY" -m mmm.train +experiment=demo experiment_name="$name" "paths.runs_dir=$OUT/runs" "$@"
+  [ -f "$OUT/eval/$name/metrics.json" ] || "$PY" -m mmm.evaluate ckpt="$OUT/runs/$name/model" out_dir="$OUT/eval/$name"
 }
 run B_marker_only data.sequences.uncontrolled_ratio=0.0
 run C_fixed
