@@ -56,6 +56,8 @@ def validate(cfg: Mapping[str, Any]):
         raise FileNotFoundError(f"ckpt={ckpt!r}: no such checkpoint folder or file (nor a hub id 'owner/name')")
     for key in ("num_variations", "max_bar_tokens"):
         value = cfg[key]
+        if key == "max_bar_tokens" and value is None:  # the checkpoint's own, measured on its training data
+            continue
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{key}={value!r}: expected a positive integer")
     if cfg["render"]:  # a missing FluidSynth fails here, not after minutes of generation
@@ -120,8 +122,8 @@ def sample(cfg: Mapping[str, Any]) -> dict[str, Any]:
     cfg = plain(cfg)
     score, _ = validate(cfg)
     t0 = time.perf_counter()
-    model = MMM.from_pretrained(cfg["ckpt"], device=cfg["device"], max_bar_tokens=cfg["max_bar_tokens"],
-                                num_threads=cfg["num_threads"])
+    budget = {} if cfg["max_bar_tokens"] is None else {"max_bar_tokens": cfg["max_bar_tokens"]}
+    model = MMM.from_pretrained(cfg["ckpt"], device=cfg["device"], num_threads=cfg["num_threads"], **budget)
     load_s = time.perf_counter() - t0
     common = dict(temperature=cfg["temperature"], top_k=cfg["top_k"], top_p=cfg["top_p"], seed=cfg["seed"],
                   num_variations=cfg["num_variations"])
