@@ -1,6 +1,6 @@
 """The measured inputs of the scale plan (experiments/scale/README.md), on this machine's CPUs.
 
-    python experiments/scale/measure.py --midi ../shared/midi --work /tmp/scale --out experiments/scale/measured.json
+    python experiments/scale/measure.py --midi ../shared/midi --work runs/scale/shared --out experiments/scale/shared.json
 
 1. preprocessing: files per CPU-second (one worker) and store bytes per file, on real MIDI;
 2. the loader: training samples (and model tokens) built per CPU-second by one worker, at the
