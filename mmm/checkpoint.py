@@ -49,8 +49,26 @@ def save_pretrained(model: MMMTransformer, tokenizer: MMMTokenizer, folder: str 
 SAFE_GLOBALS: list[Any] = []
 
 
+# DeepSpeed's own optimizer-state files hold these (checked on ZeRO-2 and ZeRO-3 checkpoints of
+# `trainer=deepspeed_cpu`), and its `zero_to_fp32` unpickles them with weights_only=False: each
+# file is scanned first, and anything beyond them is refused.
+DEEPSPEED_GLOBALS = {"deepspeed.runtime.fp16.loss_scaler.LossScaler", "deepspeed.runtime.zero.config.ZeroStageEnum",
+                     "deepspeed.utils.tensor_fragment.fragment_address"}
+
+
 class UnsafeCheckpoint(pickle.UnpicklingError):
     """A checkpoint holds something other than data: loading it would run code from the file."""
+
+
+def _unsafe(path: Path, offending: list[str]) -> UnsafeCheckpoint:
+    return UnsafeCheckpoint(
+        f"{path}: refusing to load it: it holds {', '.join(offending) or 'an object that is not plain data'}, "
+        "which an mmm checkpoint never holds, and unpickling it could run code from the file. "
+        "If you made this file or trust its source, load it with trusted=True "
+        "(MMM.from_pretrained(path, trusted=True), `python -m mmm.checkpoint --trusted`, "
+        "`python -m mmm.train trust_checkpoint=true`); to share a model, share its checkpoint folder "
+        "(model.safetensors), which holds no code."
+    )
 
 
 def load_checkpoint_file(path: str | Path, *, trusted: bool = False, map_location: Any = "cpu") -> Any:
@@ -68,15 +86,10 @@ def load_checkpoint_file(path: str | Path, *, trusted: bool = False, map_locatio
                 offending = torch.serialization.get_unsafe_globals_in_checkpoint(path)
             except Exception:  # not a zip checkpoint: torch's message names the first one
                 offending = re.findall(r"GLOBAL ([\w.]+)", str(e))[:1]
-            raise UnsafeCheckpoint(
-                f"{path}: refusing to load it: it holds {', '.join(offending) or 'an object that is not plain data'}, "
-                "which an mmm checkpoint never holds, and unpickling it could run code from the file. "
-                "If you made this file or trust its source, load it with trusted=True "
-                "(MMM.from_pretrained(path, trusted=True), `python -m mmm.checkpoint --trusted`, "
-                "`python -m mmm.train trust_checkpoint=true`); to share a model, share its checkpoint folder "
-                "(model.safetensors), which holds no code."
-                + ("" if offending else f" torch said: {e}")
-            ) from None
+            error = _unsafe(path, offending)
+            if not offending:
+                error.args = (f"{error.args[0]} torch said: {e}",)
+            raise error from None
 
 
 def _from_lightning_ckpt(path: Path, trusted: bool = False) -> tuple[MMMTransformer, MMMTokenizer]:
@@ -88,23 +101,28 @@ def _from_lightning_ckpt(path: Path, trusted: bool = False) -> tuple[MMMTransfor
     return _build(hparams["model_config"], state), _tokenizer_from_json(hparams["tokenizer_json"])
 
 
-def _from_deepspeed_dir(path: Path) -> tuple[MMMTransformer, MMMTokenizer]:
+def _from_deepspeed_dir(path: Path, trusted: bool = False) -> tuple[MMMTransformer, MMMTokenizer]:
     """A DeepSpeed (ZeRO-2 or 3) checkpoint directory, as `trainer=deepspeed` writes it: the fp32
     master weights consolidated by DeepSpeed's own `zero_to_fp32` (exactly what the
     `zero_to_fp32.py` script saved beside them gives), the model config and tokenizer from
     the Lightning state that rank 0 saved with them."""
-    import deepspeed.utils.zero_to_fp32 as zero_to_fp32
-
     tag = (path / "latest").read_text().strip()
     # Rank 0's model-states file (ZeRO-2 name, then ZeRO-3 name) holds Lightning's client state.
     names = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
     client_file = next((path / tag / n for n in names if (path / tag / n).is_file()), None)
     if client_file is None:
         raise FileNotFoundError(f"{path}: 'latest' names the tag {tag!r} but {path / tag} holds no model states (an incomplete checkpoint)")
-    client = torch.load(client_file, map_location="cpu", weights_only=True)
+    if not trusted:  # zero_to_fp32 unpickles every state file in full: scan them without unpickling first
+        for state_file in sorted((path / tag).glob("*.pt")):
+            offending = sorted(set(torch.serialization.get_unsafe_globals_in_checkpoint(state_file)) - DEEPSPEED_GLOBALS)
+            if offending:
+                raise _unsafe(state_file, offending)
+    client = load_checkpoint_file(client_file, trusted=trusted)
     hparams = client.get("hyper_parameters", {})
     if "model_config" not in hparams or not hparams.get("tokenizer_json"):
         raise ValueError(f"{path}: not an mmm training checkpoint (no model config / tokenizer inside)")
+    import deepspeed.utils.zero_to_fp32 as zero_to_fp32
+
     state = zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(str(path), tag)
     # DeepSpeed wraps the LightningModule, whose transformer is its `model` attribute.
     state = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
@@ -126,7 +144,8 @@ def _build(model_config: dict[str, Any], state: dict[str, torch.Tensor]) -> MMMT
 
 def load_pretrained(path: str | Path, trusted: bool = False) -> tuple[MMMTransformer, MMMTokenizer]:
     """Model and tokenizer from a checkpoint folder, a Lightning `.ckpt` or a DeepSpeed dir.
-    A `.ckpt` is read without running code from it unless `trusted` (`load_checkpoint_file`)."""
+    A `.ckpt` or DeepSpeed dir is read without running code from it unless `trusted`
+    (`load_checkpoint_file`)."""
     path = Path(path)
     if path.is_file() and path.suffix == ".ckpt":
         return _from_lightning_ckpt(path, trusted)
@@ -136,7 +155,7 @@ def load_pretrained(path: str | Path, trusted: bool = False) -> tuple[MMMTransfo
             raise ValueError(f"{path / CONFIG_FILE}: no 'model' section; not an mmm checkpoint folder")
         return _build(config["model"], load_file(str(path / WEIGHTS_FILE))), load_tokenizer(path)
     if path.is_dir() and (path / "latest").is_file():
-        return _from_deepspeed_dir(path)
+        return _from_deepspeed_dir(path, trusted)
     raise FileNotFoundError(
         f"{path}: expected a checkpoint folder (config.json, model.safetensors, tokenizer.json), "
         "a Lightning .ckpt file or a DeepSpeed checkpoint directory"

@@ -340,6 +340,23 @@ def test_a_checkpoint_carrying_code_is_refused_and_the_code_never_runs(tmp_path)
     assert marker.exists()
 
 
+def test_a_deepspeed_checkpoint_carrying_code_is_refused_before_deepspeed_unpickles_it(tmp_path):
+    """DeepSpeed's zero_to_fp32 loads every state file with weights_only=False: each is scanned
+    first, and a global beyond DeepSpeed's own few is refused before anything is unpickled."""
+    from mmm.checkpoint import UnsafeCheckpoint, load_pretrained
+
+    marker = tmp_path / "pwned"
+    folder = tmp_path / "last.ckpt"
+    (folder / "checkpoint").mkdir(parents=True)
+    (folder / "latest").write_text("checkpoint")
+    mmm_ckpt(folder / "checkpoint" / "mp_rank_00_model_states.pt")
+    torch.save({"optimizer_state_dict": {"loss_scaler": Trap(marker)}},
+               folder / "checkpoint" / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    with pytest.raises(UnsafeCheckpoint, match=r"optim_states.pt: refusing to load it: it holds posix.system"):
+        load_pretrained(folder)
+    assert not marker.exists()
+
+
 def test_resuming_from_a_checkpoint_carrying_code_is_refused(corpus, tmp_path):
     """Lightning's own resume path (`Trainer.fit(ckpt_path=...)`) goes through the same check."""
     from mmm.checkpoint import UnsafeCheckpoint
