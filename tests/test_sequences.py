@@ -520,3 +520,20 @@ def test_assemble_order(vocab):
                     vocab.infill_bar, vocab.infill_bar, *bars[3], vocab.track_end,
                     vocab.track_start, vocab.program_id[0], *(i for b in bars for i in b), vocab.track_end,
                     vocab.fill_start, *bars[1], *bars[2], vocab.fill_end]
+
+
+def test_an_infill_span_longer_than_the_context_is_shortened(tokenizer, vocab):
+    """A store chunked for a long context still gives samples to a short-context model: when
+    the infill span alone does not fit, it loses bars at its end instead of failing."""
+    (chunk,) = tokenize_score(synthetic_score(0, 16), tokenizer, vocab, preprocess_settings(**ONE_CHUNK))
+    chunk = chunk_dict(chunk)
+    num_bars = len(chunk["bars"][0])
+    t = max(range(len(chunk["bars"])), key=lambda k: sum(map(len, chunk["bars"][k])))
+    full = SequenceBuilder(vocab, sequences_config(), max_seq_len=10**6)
+    whole = SampleSpec(task="infill", tracks=[t], target=t, span=(0, num_bars))
+    length = len(full.fit(chunk, copy.deepcopy(whole), random.Random(0))[0])
+    short = SequenceBuilder(vocab, sequences_config(), max_seq_len=length // 2)
+    spec = copy.deepcopy(whole)
+    ids, labels = short.fit(chunk, spec, random.Random(0))
+    assert len(ids) <= length // 2 and spec.span[0] == 0 and 0 < spec.span[1] < num_bars
+    assert list(ids).count(vocab.infill_bar) == spec.span[1] and ids[-1] == vocab.fill_end

@@ -268,13 +268,14 @@ class SequenceBuilder:
                 chunk = self._crop(chunk, spec, len(ids))
 
     def _crop(self, chunk: Mapping, spec: SampleSpec, length: int) -> dict:
-        """Drop one bar at the edge farthest from the infill span (the span is kept)."""
+        """Drop one bar at the edge farthest from the infill span; when the span is all that is
+        left, its own last bar (a chunk made for a longer context still gives samples)."""
         num_bars = len(chunk["bars"][0])
         a, b = spec.span if spec.task == "infill" else (0, 0)
-        if num_bars <= 1 or (spec.task == "infill" and b - a == num_bars):
+        if num_bars <= 1:
             raise ValueError(
-                f"a single track's infill span needs {length} tokens > max_seq_len={self.max_seq_len}: "
-                "lower data.preprocess.chunk_max_track_tokens"
+                f"a single bar of a single track needs {length} tokens > max_seq_len={self.max_seq_len}: "
+                "raise data.max_seq_len"
             )
         drop_first = spec.task == "infill" and a > num_bars - b
         sl = slice(1, None) if drop_first else slice(None, -1)
@@ -284,6 +285,8 @@ class SequenceBuilder:
             spec.ac_bars = [x - 1 for x in spec.ac_bars if x > 0]
         else:
             spec.ac_bars = [x for x in spec.ac_bars if x < num_bars - 1]
+            if spec.task == "infill" and b == num_bars:
+                spec.span = (a, b - 1)
         return chunk
 
     def __call__(self, chunk: Mapping, rng: random.Random) -> tuple[np.ndarray, np.ndarray]:
