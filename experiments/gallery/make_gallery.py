@@ -1,9 +1,12 @@
-"""Make the docs gallery (docs/gallery/): infills, a new track and a piece from scratch written
-by the demo model, as piano rolls (original vs generated) and short audio excerpts.
+"""Make a gallery (by default docs/gallery/): infills, a new track and a piece from scratch
+written by a model (the demo model by default), as piano rolls (original vs generated) and
+short audio excerpts.
 
-    MMM_DATA_DIR=/tmp/mmmdata MMM_RUNS_DIR=/tmp/mmmruns python experiments/gallery/make_gallery.py
+    python experiments/gallery/make_gallery.py
+    python experiments/gallery/make_gallery.py --model models/mmm-music21-small --data-name music21_all \
+        --out models/mmm-music21-small/gallery --no-train
 
-Inputs are the first bars of chorales of the demo store's held-out splits (valid/test), so the
+Inputs are the first bars of chorales of the model's store's held-out splits (valid/test), so the
 model never trained on them. Audio: mmm.audio.render_wav (FluidSynth, GM soundfont), then Ogg
 Vorbis (oggenc, Debian package vorbis-tools) to keep the files small; without oggenc the WAVs
 are kept. The page docs/gallery.rst shows what docs/gallery/gallery.json lists.
