@@ -111,7 +111,7 @@ def documented_commands() -> list[tuple[str, str, list[str]]]:
         for line in code.replace("\\\n", " ").splitlines():
             line = line.split(" #")[0].strip()
             match = re.match(r"(?:srun )?python -m mmm\.(\w+)(.*)", line)
-            if match is None:
+            if match is None or match[1] == "checkpoint":  # mmm.checkpoint takes plain arguments, not Hydra overrides
                 continue
             args = [a for a in shlex.split(match[2]) if a not in ("-m", "--multirun")]
             if "--cfg" in args:
