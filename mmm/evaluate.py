@@ -926,9 +926,17 @@ def report_markdown(metrics: dict, plots: list[str]) -> str:
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate `cfg.ckpt` as configured; writes metrics.json, report.md and plots to `cfg.out_dir`."""
     check_config(cfg)
-    t0 = time.perf_counter()
+    previous = torch.get_num_threads()
     if cfg.num_threads:
         torch.set_num_threads(int(cfg.num_threads))
+    try:  # the caller's thread count is restored: a later training in the same process keeps its numerics
+        return _evaluate(cfg)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _evaluate(cfg: DictConfig) -> dict[str, Any]:
+    t0 = time.perf_counter()
     mmm = MMM.from_pretrained(cfg.ckpt, device=cfg.device, num_threads=cfg.num_threads)
     model, vocab = mmm.model, mmm.vocab
     store = open_store(cfg, mmm.tokenizer)

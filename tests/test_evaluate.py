@@ -220,12 +220,19 @@ def setup(tmp_path_factory):
 @pytest.fixture(scope="module")
 def evaluated(setup):
     root, corpus = setup
+    threads = torch.get_num_threads()
     runs = [evaluate(compose_eval(small_eval(root / "model", corpus, root / "data", root / f"run{k}"))) for k in (0, 1)]
-    return root, runs
+    return root, runs, threads
+
+
+def test_evaluate_gives_back_the_callers_torch_threads(evaluated):
+    """It runs with `num_threads` (1 here) and restores the caller's count: a training later in
+    the same process would otherwise compute with other reductions (resume tests compare bits)."""
+    assert torch.get_num_threads() == evaluated[2]
 
 
 def test_metrics_keys_and_sanity(evaluated):
-    root, (metrics, _) = evaluated
+    root, (metrics, _), _ = evaluated
     written = json.loads((root / "run0" / "metrics.json").read_text())
     assert written == metrics
     lik = metrics["likelihood"]
@@ -274,14 +281,14 @@ def test_pitch_in_range_counts_generated_notes_against_the_track_around_the_span
 
 
 def test_two_runs_give_identical_metrics(evaluated):
-    _, (a, b) = evaluated
+    _, (a, b), _ = evaluated
     a, b = dict(a), dict(b)
     assert a.pop("timings") and b.pop("timings")
     assert a == b
 
 
 def test_report_and_plots_are_written(evaluated):
-    root, (metrics, _) = evaluated
+    root, (metrics, _), _ = evaluated
     report = (root / "run0" / "report.md").read_text()
     for heading in ("## Likelihood", "## Structure", "## Attribute-control adherence", "## Musical statistics"):
         assert heading in report
