@@ -11,7 +11,7 @@ so the three rows always generate the same number of tokens. Latency = prefill +
 that many tokens; tokens/s = new tokens / latency. A first, cold call (empty grammar-mask
 cache) is reported on its own.
 
-    python experiments/generation_speed/bench.py --ckpt /tmp/mmmruns/demo/model \\
+    python experiments/generation_speed/bench.py --ckpt runs/demo/model \\
         --midi "$MMM_TEST_MIDI/multitrack/Funkytown.mid" --repeats 7 --threads 1
 """
 
@@ -50,7 +50,7 @@ def default_midi() -> tuple[Score, str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ckpt", default="/tmp/mmmruns/demo/model")
+    parser.add_argument("--ckpt", default="runs/demo/model", help="checkpoint folder or .ckpt (default: what make demo writes)")
     parser.add_argument("--midi", default=None, help="multi-track MIDI (default: first of $MMM_TEST_MIDI/multitrack, else a Bach chorale)")
     parser.add_argument("--track", type=int, default=None, help="target track (default: the pitched track with most notes in the span)")
     parser.add_argument("--bars", type=int, nargs=2, default=None, help="span [start end) (default: 4 bars in the middle)")
@@ -186,6 +186,7 @@ def main() -> None:
           f"{results['grammar_cost']['us_per_step_cold_cache']:.1f} us/step with an empty mask cache "
           f"({100 * results['grammar_cost']['share_of_unconstrained_decode_cold']:.1f}%)")
     if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(results, indent=2))
 
 
