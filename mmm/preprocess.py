@@ -46,6 +46,7 @@ from mmm.data.store import (
     atomic_write_bytes,
     atomic_write_json,
     done_shards,
+    remove_partial_shard,
     setting_changes,
     shard_paths,
     tokenizer_settings,
@@ -268,6 +269,7 @@ def _run_isolated(jobs: list[tuple[int, range]], num_workers: int, timeout: floa
             if shard in done_shards(store):  # done by another task meanwhile
                 lock.__exit__(None, None, None)
                 continue
+            remove_partial_shard(store, shard)  # left by a run killed while writing it
             w.job, w.lock, w.file, w.since = (shard, indices), lock, -1, time.monotonic()
             w.conn.send((shard, indices, todo.skips.get(shard, {})))
 
@@ -342,7 +344,8 @@ def _run_isolated(jobs: list[tuple[int, range]], num_workers: int, timeout: floa
             if w.proc.is_alive():
                 w.proc.kill()
                 w.proc.join()
-            if w.lock is not None:
+            if w.lock is not None:  # killed mid-shard: its half-written files go before the lock
+                remove_partial_shard(store, w.job[0])
                 w.lock.__exit__(None, None, None)
 
 

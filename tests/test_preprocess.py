@@ -108,12 +108,15 @@ def test_rerun_after_interruption_redoes_only_missing_shards(source, built, tmp_
     shard_paths(copy, 1)[1].unlink()
     shard_paths(copy, 2)[1].unlink()
     (copy / "shards" / ".00003.arrow.tmp123").write_bytes(b"partial")
+    for leftover in (".00001.arrow.tmp123", ".00002.json.tmp77"):  # of the shards to redo
+        (copy / "shards" / leftover).write_bytes(b"partial")
     kept_mtime = shard_paths(copy, 0)[0].stat().st_mtime_ns
     assert done_shards(copy) == {0, 3}
     report = preprocess(data_cfg(source, copy), tok_cfg())
     assert report["files_processed_this_run"] == 8  # shards 1 and 2 only
     assert shard_paths(copy, 0)[0].stat().st_mtime_ns == kept_mtime
     assert store_rows(copy) == store_rows(store)  # nothing lost, nothing duplicated
+    assert not list(copy.glob("shards/.0000[12].*"))  # a redone shard's leftovers are removed
 
 
 def test_changed_settings_refuse_to_mix_into_a_store(source, built):

@@ -86,13 +86,15 @@ def test_killed_task_rerun_redoes_only_its_missing_shards(source, single, tmp_pa
     assert report["complete"] is False and not (store / "report.json").exists()
     task1 = start(source, store, tmp_path, task=1)
     deadline = time.monotonic() + 120
-    while done_shards(store) != set(range(9)):  # every shard but the hanging one
+    hanging_lock = store / "shards" / "00009.lock"
+    # Every shard but the hanging one done, and the hanging one started (its lock taken).
+    while done_shards(store) != set(range(9)) or not hanging_lock.exists():
         assert task1.poll() is None and time.monotonic() < deadline, task1.communicate()[0][-3000:]
         time.sleep(0.05)
     os.killpg(task1.pid, signal.SIGKILL)  # the whole task, as a node failure would
     task1.wait()
     assert not shard_paths(store, 9)[1].exists()
-    assert (store / "shards" / "00009.lock").exists()  # left behind by the killed task
+    assert hanging_lock.exists()  # left behind by the killed task
     kept_mtime = shard_paths(store, 1)[0].stat().st_mtime_ns
 
     monkeypatch.setenv(TEST_FAULTS_ENV, "1")

@@ -82,6 +82,13 @@ def write_shard(store: Path, shard: int, rows: Sequence[tuple[str, int, str, str
     atomic_write_json(report_path, report)
 
 
+def remove_partial_shard(store: Path, shard: int) -> None:
+    """Delete the temporary files a killed writer of `shard` left (`.<shard>.arrow.tmp<pid>`...).
+    Only the holder of the shard's lock may call this: nobody else is writing them."""
+    for tmp in (store / "shards").glob(f".{shard:05d}.*.tmp*"):
+        tmp.unlink(missing_ok=True)
+
+
 def done_shards(store: Path) -> set[int]:
     folder = store / "shards"
     if not folder.is_dir():
