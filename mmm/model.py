@@ -600,3 +600,22 @@ def _to_hf_key(key: str) -> str:
 
 def _from_hf_key(key: str) -> str:
     return key.removeprefix("model.")
+
+
+# --- the training objective ------------------------------------------------------------------
+
+
+def next_token_nll(model: MMMTransformer, input_ids: Tensor, labels: Tensor, ignore_index: int,
+                   reduction: str = "none") -> Tensor:
+    """NLL (nats, float32) of each next token: the logits of ``input_ids[:, :-1]`` scored against
+    ``labels[:, 1:]``, positions labelled ``ignore_index`` (prompt, padding) excluded.
+
+    ``reduction="none"``: ``[B, T-1]``, 0 at excluded positions; ``"sum"``: the total over the
+    batch (training and validation divide it by the number of targets). Batches are right-padded
+    (``mmm.data.datamodule.collate``), which causal attention never lets reach a real position.
+    """
+    logits = model(input_ids[:, :-1])
+    targets = labels[:, 1:]
+    nll = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=ignore_index,
+                          reduction=reduction)
+    return nll.view(targets.shape) if reduction == "none" else nll

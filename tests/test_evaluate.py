@@ -179,6 +179,33 @@ def test_adherence_scores():
     assert histogram_overlap([0, 0], [10, 10]) == 0
 
 
+# --- model NLL --------------------------------------------------------------------------------
+def test_model_nll_is_the_training_objective_per_target():
+    """Evaluation scores sequences in padded batches with `next_token_nll`, the training loss:
+    each sequence's per-target NLL is the same as scored alone, and sums to the batch loss."""
+    from mmm.data.datamodule import collate
+    from mmm.evaluate.likelihood import model_nll
+    from mmm.model import next_token_nll
+
+    torch.manual_seed(0)
+    config = model_config_from_preset("tiny", vocab_size=50, max_seq_len=64, hidden_size=32, num_layers=2,
+                                      num_heads=2, num_kv_heads=1, intermediate_size=64)
+    model = MMMTransformer(config).eval()
+    rng = np.random.default_rng(0)
+    seqs = []
+    for length in (9, 30, 17, 30, 5):
+        ids = rng.integers(1, 50, length)
+        seqs.append((ids, np.where(rng.random(length) < 0.3, X, ids)))
+    batched = model_nll(model, seqs, 2, 0, "")
+    for (ids, labels), nll in zip(seqs, batched):
+        assert len(nll) == (labels[1:] != X).sum()
+        assert np.allclose(nll, model_nll(model, [(ids, labels)], 1, 0, "")[0], atol=1e-5)
+    batch = collate([{"input_ids": i, "labels": l, "num_notes": 0, "index": k} for k, (i, l) in enumerate(seqs)], 0)
+    with torch.no_grad():
+        total = next_token_nll(model, batch["input_ids"], batch["labels"], IGNORE_INDEX, reduction="sum")
+    assert float(total) == pytest.approx(sum(float(n.sum()) for n in batched), rel=1e-5)
+
+
 # --- the whole evaluation ---------------------------------------------------------------------
 def compose_eval(overrides: list[str]):
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
@@ -265,7 +292,7 @@ def test_metrics_keys_and_sanity(evaluated):
 def test_pitch_in_range_counts_generated_notes_against_the_track_around_the_span():
     from symusic import Note, Track
 
-    from mmm.evaluate import pitch_in_range
+    from mmm.evaluate.analysis import pitch_in_range
 
     def track(notes):
         t = Track("x", 0, False)

@@ -18,7 +18,7 @@ from mmm.api import MMM, BarGrid, bar_grid
 from mmm.data.checks import check_midi_header, check_score
 from mmm.data.controls import bar_controls, track_controls
 from mmm.data.pieces import Rejected
-from mmm.evaluate import ControlCodec, analyse, bar_ticks_of
+from mmm.evaluate.analysis import analyse, bar_ticks_of
 
 
 class BadUpload(ValueError):
@@ -72,10 +72,9 @@ class Measure:
 
     def __init__(self, mmm: MMM) -> None:
         self.mmm = mmm
-        self.codec = ControlCodec(mmm.controls)
 
     def _values(self, ids: Sequence[int]) -> dict[str, Any]:
-        return {k: _plain(v) for k, v in self.codec.values(ids).items()}
+        return {k: _plain(v) for k, v in self.mmm.controls.values(ids).items()}
 
     def piece(self, score: Score, num_bars: int) -> dict[int, dict[str, Any]]:
         """{input track index: {"track": {...}, "bars": [{...} per bar]}} for tracks with notes."""

@@ -1,0 +1,193 @@
+"""`python -m mmm.evaluate ckpt=<folder|.ckpt> data=<source>`: evaluate a checkpoint on the
+test split of a token store; writes `metrics.json`, `report.md` and PNG plots to `out_dir`.
+
+1. Likelihood of test sequences built like training samples (same SequenceBuilder, seeded):
+   nats and bits per token, bits per note (total NLL / notes of the predicted targets:
+   comparable across tokenizers) and per bar, beside unigram and bigram baselines fitted on
+   train-split sequences of the same builder (`mmm.metrics`). Test pieces are taken as they
+   are; the same draws with the training augmentation are measured too. For the bar-infill
+   samples, the NLL of the fill section (the bars after FillBar_Start) with the other tracks
+   in the prompt and with the target track alone: the same bars, ACs and random choices.
+2. Generation through the `mmm.MMM` API on test pieces: infill requests (a span of bars of
+   one track) and add-track requests (one track regenerated over a window of bars), each
+   once without controls and once per attribute-control family with a value drawn from
+   the test split's own AC values. Every output is checked for structure (decodes, exact
+   bar count, every note outside the span untouched); each control family is scored by
+   recomputing it on the output with miditok's classes (`mmm.data.controls`), beside the
+   output of the same request without the control; the generated spans of the uncontrolled
+   infills are compared with the real bars they replace (musical statistics).
+
+Modules: `likelihood` (1.), `requests` (2.), `analysis` (scores and musical statistics),
+`report` (plots and Markdown); this one checks the config, opens the store and runs them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from tqdm import tqdm
+
+from mmm.api import MMM
+from mmm.config import plain, require_keys
+from mmm.data.sequences import SequenceBuilder
+from mmm.data.store import Store
+from mmm.evaluate.likelihood import EvalSequence, Pairs, build_sequences, likelihood
+from mmm.evaluate.report import json_safe, plot, report_markdown
+from mmm.evaluate.requests import Requests
+from mmm.generation import SamplingConfig
+from mmm.tokenizer import vocab_fingerprint
+
+log = logging.getLogger(__name__)
+
+EVAL_KEYS = {
+    "ckpt", "split", "seed", "out_dir", "device", "num_threads", "max_seq_len", "max_chunks",
+    "samples_per_chunk", "augment", "batch_size", "baseline_samples_per_chunk", "baseline_max_chunks",
+    "kn_discount", "num_requests", "infill_bars", "piece_bars", "track_bars", "controls", "sampling",
+    "max_bar_tokens", "max_failures_listed",
+}
+GROUPS = {"data", "tokenizer", "paths", "hydra"}
+_POSITIVE_INTS = ("samples_per_chunk", "batch_size", "baseline_samples_per_chunk", "infill_bars", "piece_bars",
+                  "track_bars")
+METRICS_FILE, REPORT_FILE = "metrics.json", "report.md"
+
+
+# --- config and inputs ------------------------------------------------------------------------
+def check_config(cfg: DictConfig) -> None:
+    """Fail before any work on settings that cannot run, naming the key."""
+    top = {k: v for k, v in cfg.items() if k not in GROUPS}
+    require_keys("evaluate", top, EVAL_KEYS)
+    for key in _POSITIVE_INTS:
+        value = cfg[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{key}={value!r}: expected an integer >= 1")
+    for key in ("num_requests", "seed"):
+        if isinstance(cfg[key], bool) or not isinstance(cfg[key], int) or cfg[key] < 0:
+            raise ValueError(f"{key}={cfg[key]!r}: expected an integer >= 0")
+    for key in ("max_chunks", "baseline_max_chunks", "max_seq_len"):
+        value = cfg[key]
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{key}={value!r}: expected null or an integer >= 1")
+    if cfg.split not in ("train", "valid", "test"):
+        raise ValueError(f"split={cfg.split!r}: expected test (or valid, train)")
+    require_keys("sampling", cfg.sampling, {"temperature", "top_k", "top_p"})
+    SamplingConfig(**plain(cfg.sampling)).validate()
+    if cfg.infill_bars > cfg.piece_bars:
+        raise ValueError(f"infill_bars={cfg.infill_bars} exceeds piece_bars={cfg.piece_bars}")
+
+
+def open_store(cfg: DictConfig, tokenizer) -> Store:
+    """The store split to evaluate; preprocessed first when missing. Its base vocabulary must
+    be the checkpoint's (vocab fingerprints)."""
+    path = Path(cfg.data.store)
+    if not (path / "manifest.json").is_file() or not (path / "report.json").is_file():
+        from mmm.preprocess import preprocess
+
+        log.info("no complete store at %s: preprocessing %s first", path, cfg.data.name)
+        preprocess(cfg.data, cfg.tokenizer)
+    store = Store(path, cfg.split)
+    ours, theirs = vocab_fingerprint(tokenizer), store.manifest.get("vocab_fingerprint")
+    if ours != theirs:
+        raise ValueError(
+            f"vocabulary mismatch: the store at {path} was tokenized with base vocabulary {theirs}, but the "
+            f"checkpoint {cfg.ckpt} has base vocabulary {ours}. Evaluate on a store made with the checkpoint's "
+            "tokenizer settings (data=<its source>, or data.store=<its store>, or tokenizer=<its config> to "
+            "preprocess a new one into another data.dir)"
+        )
+    if len(store) == 0:
+        raise ValueError(f"the {cfg.split} split of {path} is empty: nothing to evaluate")
+    return store
+
+
+def _subset(n: int, limit: int | None, seed: str) -> list[int]:
+    """All indices, or a seeded random subset of `limit` of them (sorted)."""
+    if limit is None or limit >= n:
+        return list(range(n))
+    return sorted(random.Random(seed).sample(range(n), limit))
+
+# --- entry point ------------------------------------------------------------------------------
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """Evaluate `cfg.ckpt` as configured; writes metrics.json, report.md and plots to `cfg.out_dir`."""
+    check_config(cfg)
+    previous = torch.get_num_threads()
+    if cfg.num_threads:
+        torch.set_num_threads(int(cfg.num_threads))
+    try:  # the caller's thread count is restored: a later training in the same process keeps its numerics
+        return _evaluate(cfg)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _evaluate(cfg: DictConfig) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    mmm = MMM.from_pretrained(cfg.ckpt, device=cfg.device, num_threads=cfg.num_threads)
+    model, vocab = mmm.model, mmm.vocab
+    store = open_store(cfg, mmm.tokenizer)
+    context = model.config.max_seq_len
+    max_seq_len = context if cfg.max_seq_len is None else cfg.max_seq_len
+    if max_seq_len > context:
+        raise ValueError(f"max_seq_len={max_seq_len} exceeds the model context ({context})")
+    # The n-gram baselines are fitted on train-split sequences of the same builder as the test
+    # sequences: the pieces as they are, unless `augment`. Without `augment`, both are also
+    # measured on the training augmentation (what the model was trained on).
+    train_cfg = dict(plain(cfg.data.sequences))
+    augmenting = SequenceBuilder(vocab, train_cfg, max_seq_len)
+    builder = augmenting if cfg.augment else SequenceBuilder(
+        vocab, {**train_cfg, "pitch_shift": 0, "velocity_shift": 0}, max_seq_len)
+    chunks = _subset(len(store), cfg.max_chunks, f"{cfg.seed}-chunks")
+    train_store = Store(store.path, "train")
+    if len(train_store) == 0:
+        raise ValueError(f"the train split of {store.path} is empty: the n-gram baselines need it")
+    train_chunks = _subset(len(train_store), cfg.baseline_max_chunks, f"{cfg.seed}-train-chunks")
+    test_seed, train_seed = f"{cfg.seed}-{cfg.split}", f"{cfg.seed}-train"
+
+    def sequences(b: SequenceBuilder, what: str) -> tuple[list[EvalSequence], Pairs]:
+        test = build_sequences(store, chunks, b, cfg.samples_per_chunk, test_seed, b is builder, f"{cfg.split} {what}")
+        train = build_sequences(train_store, train_chunks, b, cfg.baseline_samples_per_chunk, train_seed, False,
+                                f"train {what}")
+        return test, [(s.ids, s.labels) for s in train]
+
+    test, train = sequences(builder, "sequences")
+    augmented = None if cfg.augment else sequences(augmenting, "sequences (augmented)")
+    lik = likelihood(model, vocab, test, train, cfg.batch_size, cfg.kn_discount, augmented)
+    t_lik = time.perf_counter() - t0
+
+    requests = Requests(mmm, store, chunks, cfg)
+    jobs = [(kind, r) for r in range(cfg.num_requests) for kind in ("infill", "add_track")]
+    for kind, r in tqdm(jobs, desc="API requests", unit="request"):
+        getattr(requests, kind)(r)
+    generated = requests.results(cfg.max_failures_listed)
+    t_gen = time.perf_counter() - t0 - t_lik
+
+    metrics: dict[str, Any] = {
+        "checkpoint": str(cfg.ckpt),
+        "model": {"parameters": model.num_parameters(), "vocab_size": vocab.size, "max_seq_len": context},
+        "data": {"store": str(store.path), "split": cfg.split, "chunks": len(chunks), "sequences": len(test),
+                 "vocab_fingerprint": store.manifest.get("vocab_fingerprint")},
+        "likelihood": lik,
+        **generated,
+        "settings": {k: plain(cfg[k]) for k in sorted(EVAL_KEYS - {"ckpt", "out_dir"})},
+    }
+    gen = requests.generation
+    metrics["timings"] = {
+        "likelihood_s": t_lik, "generation_s": t_gen, "api_calls": gen["calls"], "generated_tokens": gen["new_tokens"],
+        "tokens_per_s": gen["new_tokens"] / gen["decode_s"] if gen["decode_s"] > 0 else math.nan,
+    }
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    metrics["timings"]["total_s"] = time.perf_counter() - t0
+    metrics = json_safe(metrics)
+    plots = plot(metrics, requests.stats, out_dir)
+    metrics["timings"]["total_s"] = round(time.perf_counter() - t0, 3)
+    (out_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
+    (out_dir / REPORT_FILE).write_text(report_markdown(metrics, plots))
+    log.info("wrote %s, %s and %d plots to %s", METRICS_FILE, REPORT_FILE, len(plots), out_dir)
+    return metrics
+

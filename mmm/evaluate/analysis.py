@@ -1,0 +1,99 @@
+"""Scores as the tokenizer sees them, and the musical statistics of a span of bars: a stored
+test window decoded to a Score, bar start ticks, a track's notes in a span (`mmm.metrics`)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+from miditok.utils import get_bars_ticks
+from symusic import Score, Track
+
+from mmm.data.pieces import carry_tempo
+from mmm.metrics import musical_stats
+from mmm.tokenizer import Vocab
+
+
+def note_arrays(track: Track) -> dict[str, np.ndarray]:
+    return {k: v.astype(np.int64) for k, v in track.notes.numpy().items()}
+
+
+@dataclass
+class Analysed:
+    """A score as the tokenizer sees it: preprocessed, note-only tracks by input index."""
+
+    score: Score
+    tracks: dict[int, Track]
+
+
+def analyse(score: Score, tokenizer) -> Analysed:
+    marked = score.copy()
+    for i, track in enumerate(marked.tracks):
+        track.name = str(i)
+    pre = tokenizer.preprocess_score(marked)
+    tracks = {}
+    for track in pre.tracks:
+        notes = Track(track.name, track.program, track.is_drum)
+        notes.notes = track.notes.copy()
+        notes.sort()
+        tracks[int(track.name)] = notes
+    return Analysed(pre, tracks)
+
+
+def bar_ticks_of(pre: Score, num_bars: int) -> list[int]:
+    """Start ticks of `num_bars` + 1 bars (the last is the end of the last bar)."""
+    ticks = [int(t) for t in get_bars_ticks(pre, only_notes_onsets=True)][: num_bars + 1]
+    ts = pre.time_signatures[-1] if len(pre.time_signatures) else None
+    per_bar = ts.numerator * pre.tpq * 4 // ts.denominator if ts is not None else 4 * pre.tpq
+    while len(ticks) < num_bars + 1:
+        ticks.append(ticks[-1] + per_bar)
+    return ticks
+
+
+def window_score(chunk: Mapping, first: int, num_bars: int, tokenizer, vocab: Vocab) -> tuple[Score, list[int]]:
+    """Bars [first, first+num_bars) of a stored chunk decoded to a Score; tracks without notes
+    in the window are left out. Returns the score and the chunk track of each score track."""
+    ids, kept = [], []
+    for t, program in enumerate(chunk["programs"]):
+        bars = [list(b) for b in chunk["bars"][t][first:first + num_bars]]
+        if not any(vocab.is_note_start[i] for bar in bars for i in bar):
+            continue
+        if first > 0:
+            carry_tempo(chunk["bars"][t][:first], bars[0], vocab)
+        ids += [vocab.track_start, vocab.program_id[program], *(i for bar in bars for i in bar), vocab.track_end]
+        kept.append(t)
+    if not kept:
+        return Score(480), []
+    score = tokenizer.decode(ids)  # base ids are their own ids in model space
+    if len(score.tracks) != len(kept):
+        raise RuntimeError(f"decoding a test window gave {len(score.tracks)} tracks for {len(kept)}")
+    return score, kept
+
+
+def _span_notes(track: Track | None, start: int, end: int) -> dict[str, np.ndarray]:
+    if track is None:
+        return {k: np.zeros(0, dtype=np.int64) for k in ("time", "duration", "pitch", "velocity")}
+    notes = note_arrays(track)
+    inside = (notes["time"] >= start) & (notes["time"] < end)
+    return {k: v[inside] for k, v in notes.items()}
+
+
+def pitch_in_range(real: Track | None, generated: Track | None, start: int, end: int) -> tuple[int, int]:
+    """(generated notes in [start, end) within the pitch range the track has outside that span,
+    widened by 3 semitones; all generated notes there). (0, 0) when either side has no note."""
+    if real is None or generated is None:
+        return 0, 0
+    context = note_arrays(real)
+    outside = context["pitch"][(context["time"] < start) | (context["time"] >= end)]
+    if len(outside) == 0:
+        return 0, 0
+    pitches = _span_notes(generated, start, end)["pitch"]
+    return int(((pitches >= outside.min() - 3) & (pitches <= outside.max() + 3)).sum()), len(pitches)
+
+
+def span_stats(track: Track | None, is_drum: bool, start: int, end: int, tpq: int, ticks_per_bar: int) -> dict[str, float]:
+    notes = _span_notes(track, start, end)
+    return musical_stats(notes["time"] - start, notes["duration"], notes["pitch"], [is_drum] * len(notes["time"]),
+                         end - start, tpq, ticks_per_bar)
+
