@@ -31,7 +31,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import yaml
+from hydra import compose, initialize_config_dir
 
 ROOT = Path(__file__).resolve().parents[2]
 KINDS = ("flip", "truncate", "header", "delta", "status", "track_len", "score")
@@ -167,13 +167,14 @@ def main() -> None:
             made[kind] += 1
             (mutants / f"{kind}_{i:06d}.mid").write_bytes(data)
 
-        cfg = yaml.safe_load((ROOT / "configs/data/common.yaml").read_text())
-        cfg.pop("_target_")
-        cfg.update(source={"name": "folder", "path": str(mutants)}, store=str(out / "store"))
-        cfg["preprocess"].update(num_workers=args.workers, shard_size=64, file_timeout=args.file_timeout)
-        params = yaml.safe_load((ROOT / "configs/tokenizer/mmm.yaml").read_text())["params"]
+        # `python -m mmm.preprocess` on the mutants: the repository's configs, composed by Hydra.
+        overrides = ["data=folder", f"data.path={mutants.resolve()}", f"data.store={(out / 'store').resolve()}",
+                     f"data.preprocess.num_workers={args.workers}", "data.preprocess.shard_size=64",
+                     f"data.preprocess.file_timeout={args.file_timeout}"]
+        with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+            cfg = compose("preprocess", overrides=overrides)
         start = time.perf_counter()
-        report = preprocess(cfg, {"vocab_size": None, "path": "", "params": params})
+        report = preprocess(cfg.data, cfg.tokenizer)
         seconds = time.perf_counter() - start
 
     by_kind = {k: Counter() for k in KINDS}

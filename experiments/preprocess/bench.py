@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import yaml
+from hydra import compose, initialize_config_dir
 
 from mmm.preprocess import preprocess
 
@@ -23,13 +23,13 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def run(midi: Path, workers: int, store: Path) -> tuple[float, dict]:
-    data = yaml.safe_load((ROOT / "configs/data/common.yaml").read_text())
-    data.pop("_target_")
-    data.update(source={"name": "folder", "path": str(midi)}, store=str(store))
-    data["preprocess"]["num_workers"] = workers
-    params = yaml.safe_load((ROOT / "configs/tokenizer/mmm.yaml").read_text())["params"]
+    """One run of `python -m mmm.preprocess data=folder data.path=<midi> data.store=<store>
+    data.preprocess.num_workers=<workers>` (the repository's configs, composed by Hydra), timed."""
+    overrides = ["data=folder", f"data.path={midi.resolve()}", f"data.store={store}", f"data.preprocess.num_workers={workers}"]
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose("preprocess", overrides=overrides)
     start = time.perf_counter()
-    report = preprocess(data, {"vocab_size": None, "path": "", "params": params})
+    report = preprocess(cfg.data, cfg.tokenizer)
     return time.perf_counter() - start, report
 
 

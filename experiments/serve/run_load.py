@@ -20,7 +20,8 @@ import time
 from pathlib import Path
 
 import httpx
-import yaml
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from mmm.checkpoint import save_pretrained
 from mmm.model import MMMTransformer, model_config_from_preset
@@ -39,7 +40,9 @@ def main() -> None:
     parser.add_argument("--queue-size", type=int, default=8)
     parser.add_argument("--bars", default="[4,5]")
     args = parser.parse_args()
-    tokenizer = build_tokenizer(yaml.safe_load((REPO / "configs/tokenizer/mmm.yaml").read_text())["params"])
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        tokenizer_params = OmegaConf.to_container(compose("tokenizer").tokenizer.params)  # configs/tokenizer/mmm.yaml
+    tokenizer = build_tokenizer(tokenizer_params)
     model = MMMTransformer(model_config_from_preset(args.preset, Vocab(tokenizer).size, args.context)).eval()
     params = sum(p.numel() for p in model.parameters())
     with tempfile.TemporaryDirectory() as tmp, socket.socket() as s:

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))  # the slow reference path lives with the tests
@@ -34,16 +36,24 @@ from mmm.tokenizer import Vocab, load_tokenizer  # noqa: E402
 from mmm.train_tokenizer import train_tokenizer  # noqa: E402
 
 
-def build_data(midi: Path, work: Path, vocab_size: int) -> tuple[Path, Path]:
-    import yaml
+def config(*overrides: str):
+    """The repository's `python -m mmm.train_tokenizer` config (configs/tokenizer.yaml), composed
+    by Hydra with `overrides` on a folder source."""
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        return compose("tokenizer", overrides=["data=folder", *overrides])
 
-    data = yaml.safe_load((ROOT / "configs/data/common.yaml").read_text())
-    data.pop("_target_")
-    data.update(source={"name": "folder", "path": str(midi)}, store=str(work / "store"))
-    params = yaml.safe_load((ROOT / "configs/tokenizer/mmm.yaml").read_text())["params"]
-    tok = {"vocab_size": vocab_size, "path": str(work / "tokenizer.json"), "params": params}
-    train_tokenizer(data, tok)
+
+def build_data(midi: Path, work: Path, vocab_size: int) -> tuple[Path, Path]:
+    """Store and BPE tokenizer of the folder `midi` under `work`, as `python -m mmm.train_tokenizer` makes them."""
+    cfg = config(f"data.path={midi.resolve()}", f"data.store={work / 'store'}",
+                 f"tokenizer.vocab_size={vocab_size}", f"tokenizer.path={work / 'tokenizer.json'}")
+    train_tokenizer(cfg.data, cfg.tokenizer)
     return work / "store", work / "tokenizer.json"
+
+
+def sequences_config() -> dict:
+    """`data.sequences` of the repository's configs (configs/data/common.yaml), composed by Hydra."""
+    return OmegaConf.to_container(config("data.path=unused").data.sequences, resolve=True)
 
 
 def step_time(model, batch, autocast: bool) -> float:
@@ -78,10 +88,7 @@ def bench_models(vocab: Vocab, batches, preset: str, seq_len: int, steps: int, a
 
 
 def bench_loader(store: Store, tokenizer, vocab: Vocab, seq_len: int, n: int) -> dict:
-    import yaml
-
-    seq_cfg = yaml.safe_load((ROOT / "configs/data/common.yaml").read_text())["sequences"]
-    builder = SequenceBuilder(vocab, seq_cfg, max_seq_len=10**9)  # no length fitting: same work both ways
+    builder = SequenceBuilder(vocab, sequences_config(), max_seq_len=10**9)  # no length fitting: same work both ways
     rng = random.Random(0)
     chunks = [store[i % len(store)] for i in range(n)]
     specs = [builder.draw_spec(c, rng) for c in chunks]
@@ -111,17 +118,15 @@ def main() -> None:
         tokenizer = load_tokenizer(tok_path)
         vocab = Vocab(tokenizer)
         store = Store(store_path, "train")
-        import yaml
-
-        seq_cfg = yaml.safe_load((ROOT / "configs/data/common.yaml").read_text())["sequences"]
-        builder = SequenceBuilder(vocab, seq_cfg, args.seq_len)
+        builder = SequenceBuilder(vocab, sequences_config(), args.seq_len)
         rng = random.Random(1)
         batches = []
         for b in range(4):
             items = []
             for i in range(args.batch):
-                ids, labels = builder(store[(b * args.batch + i) % len(store)], rng)
-                items.append({"input_ids": ids, "labels": labels, "num_notes": 0})
+                index = (b * args.batch + i) % len(store)
+                ids, labels = builder(store[index], rng)
+                items.append({"input_ids": ids, "labels": labels, "num_notes": 0, "index": index})
             batches.append(collate(items, vocab.pad))
         rows = [bench_models(vocab, batches, p, args.seq_len, args.steps, ac) for p in ("tiny", "small") for ac in (False, True)]
         loader = bench_loader(store, tokenizer, vocab, args.seq_len, args.loader_samples)
