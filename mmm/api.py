@@ -36,7 +36,7 @@ from miditok.constants import MIDI_INSTRUMENTS
 from miditok.utils import get_bars_ticks
 from symusic import Note, Score, Tempo, TimeSignature, Track
 
-from mmm.checkpoint import generation_settings, load_pretrained, save_pretrained
+from mmm.checkpoint import checkpoint_location, generation_settings, load_pretrained, save_pretrained
 from mmm.data.checks import check_midi_header, check_score
 from mmm.data.pieces import Rejected, carry_tempo, score_to_bars
 from mmm.data.sequences import SampleSpec, TrackPart, assemble
@@ -346,14 +346,11 @@ class MMM:
         """From a checkpoint folder, a Lightning `.ckpt`, a DeepSpeed dir, or a Hugging Face hub
         repo id (downloaded with `huggingface_hub.snapshot_download`). A `.ckpt` holding anything
         but plain data is refused (unpickling it could run code) unless `trusted=True`."""
-        path = Path(path_or_hub_id)
-        if not path.exists():
-            text = str(path_or_hub_id)
-            if text.count("/") != 1 or text.startswith((".", "/", "~")) or text.endswith((".ckpt", ".json")):
-                raise FileNotFoundError(f"{text}: no such checkpoint folder/file, and not a hub repo id ('owner/name')")
+        path = checkpoint_location(path_or_hub_id)
+        if isinstance(path, str):  # a hub repo id
             from huggingface_hub import snapshot_download
 
-            path = Path(snapshot_download(repo_id=text, revision=revision, cache_dir=cache_dir, token=token))
+            path = Path(snapshot_download(repo_id=path, revision=revision, cache_dir=cache_dir, token=token))
         model, tokenizer = load_pretrained(path, trusted=trusted)
         return cls(model, tokenizer, device=device, **{**generation_settings(path), **kwargs})
 

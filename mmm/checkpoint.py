@@ -142,6 +142,22 @@ def _build(model_config: dict[str, Any], state: dict[str, torch.Tensor]) -> MMMT
     return model.eval()
 
 
+def checkpoint_location(ref: str | Path) -> Path | str:
+    """What `ckpt=` names: an existing local path, or a hub repo id ('owner/name') to download.
+    Anything else is a FileNotFoundError: a path that looks local (`./x`, `x.ckpt`, or one slash
+    under an existing local folder, such as a mistyped `runs/modle`) is never sent to the hub."""
+    path = Path(ref)
+    if path.exists():
+        return path
+    text = str(ref)
+    if text.count("/") != 1 or text.startswith((".", "/", "~")) or text.endswith((".ckpt", ".json")):
+        raise FileNotFoundError(f"{text}: no such checkpoint folder or file (nor a hub repo id 'owner/name')")
+    if Path(text.split("/")[0]).is_dir():
+        raise FileNotFoundError(f"{text}: no such checkpoint folder or file ({text.split('/')[0]}/ is a local "
+                                "folder, so this is not taken for a hub repo id)")
+    return text
+
+
 def load_pretrained(path: str | Path, trusted: bool = False) -> tuple[MMMTransformer, MMMTokenizer]:
     """Model and tokenizer from a checkpoint folder, a Lightning `.ckpt` or a DeepSpeed dir.
     A `.ckpt` or DeepSpeed dir is read without running code from it unless `trusted`
@@ -153,6 +169,9 @@ def load_pretrained(path: str | Path, trusted: bool = False) -> tuple[MMMTransfo
         config = json.loads((path / CONFIG_FILE).read_text())
         if "model" not in config:
             raise ValueError(f"{path / CONFIG_FILE}: no 'model' section; not an mmm checkpoint folder")
+        if config.get("mmm_format", 1) > FORMAT_VERSION:
+            raise ValueError(f"{path}: checkpoint format {config['mmm_format']} was written by a newer mmm "
+                             f"(this one reads format {FORMAT_VERSION}): upgrade mmm")
         return _build(config["model"], load_file(str(path / WEIGHTS_FILE))), load_tokenizer(path)
     if path.is_dir() and (path / "latest").is_file():
         return _from_deepspeed_dir(path, trusted)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import lightning as L
@@ -12,10 +13,25 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from torch.optim.lr_scheduler import LambdaLR
 
+from mmm.config import at_least, check_section, within
 from mmm.data.sequences import IGNORE_INDEX
 from mmm.model import MMMTransformer, ModelConfig
 
-OPTIM_KEYS = {"optimizer", "warmup_steps", "min_lr_ratio", "weight_decay"}
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """The `optim` section (configs/optim/adamw.yaml)."""
+
+    optimizer: dict  # a Hydra partial of a torch optimizer, given the parameter groups
+    weight_decay: float = field(metadata=at_least(0))  # on matrices only
+    warmup_steps: int = field(metadata=at_least(0))
+    min_lr_ratio: float = field(metadata=within(0, 1))
+
+    def check(self) -> None:
+        lr = self.optimizer.get("lr")
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or lr < 0:
+            raise ValueError(f"optimizer.lr={lr!r}: expected a number >= 0")
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
@@ -31,9 +47,7 @@ class MMMLitModule(L.LightningModule):
 
     def __init__(self, model_config: Mapping[str, Any], optim: Mapping[str, Any], tokenizer_json: str | None = None) -> None:
         super().__init__()
-        unknown = set(optim) - OPTIM_KEYS
-        if unknown:
-            raise ValueError(f"unknown optim key(s) {sorted(unknown)}; allowed: {sorted(OPTIM_KEYS)}")
+        check_section("optim", optim, OptimConfig)  # kept as a plain mapping in the checkpoint's hparams
         # The tokenizer travels inside every .ckpt so a checkpoint alone can be sampled from.
         self.save_hyperparameters()
         self.config = ModelConfig.from_dict(dict(model_config))
@@ -70,19 +84,19 @@ class MMMLitModule(L.LightningModule):
         self.log("val/loss_per_note", nll / notes.clamp(min=1))
 
     def configure_optimizers(self) -> dict[str, Any]:
-        optim = self.hparams.optim
+        optim = check_section("optim", self.hparams.optim, OptimConfig)
         decay, no_decay = [], []
         for name, p in self.model.named_parameters():
             # Norm gains and embeddings are not shrunk towards zero (standard GPT practice).
             (decay if p.ndim >= 2 and "embed" not in name else no_decay).append(p)
         groups = [
-            {"params": decay, "weight_decay": optim["weight_decay"]},
+            {"params": decay, "weight_decay": optim.weight_decay},
             {"params": no_decay, "weight_decay": 0.0},
         ]
-        optimizer = instantiate(optim["optimizer"])(groups)
+        optimizer = instantiate(optim.optimizer)(groups)
         total = int(self.trainer.estimated_stepping_batches)
         schedule = LambdaLR(
             optimizer,
-            lambda step: warmup_cosine(step, optim["warmup_steps"], total, optim["min_lr_ratio"]),
+            lambda step: warmup_cosine(step, optim.warmup_steps, total, optim.min_lr_ratio),
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

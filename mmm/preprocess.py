@@ -17,6 +17,7 @@ done, byte for byte the store a single run writes.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -36,7 +37,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from mmm.config import plain, require_keys
+from mmm.config import at_least, check_section, interval, plain, within
 from mmm.data.checks import check_midi_header, check_score
 from mmm.data.pieces import Rejected, tokenize_score
 from mmm.data.sources import build_source
@@ -57,11 +58,42 @@ from mmm.tokenizer import Vocab, build_tokenizer, vocab_fingerprint
 
 log = logging.getLogger(__name__)
 
-PREPROCESS_KEYS = {
-    "num_workers", "shard_size", "min_bars", "min_notes", "max_notes", "max_tracks", "max_bars",
-    "tempo_limits", "allow_drums_only", "chunk_max_tokens", "chunk_max_track_tokens", "chunk_min_bars",
-    "file_timeout",
-}
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """`data.preprocess`: which files are kept and how pieces are cut into chunks
+    (configs/data/common.yaml explains each key)."""
+
+    num_workers: int = field(metadata=at_least(1))
+    shard_size: int | None = field(metadata=at_least(1))
+    min_bars: int = field(metadata=at_least(1))
+    min_notes: int = field(metadata=at_least(0))
+    max_notes: int = field(metadata=at_least(1))
+    max_tracks: int = field(metadata=at_least(1))
+    max_bars: int = field(metadata=at_least(1))
+    tempo_limits: tuple[float, float] = field(metadata=interval(0, float("inf")))
+    allow_drums_only: bool
+    chunk_max_tokens: int = field(metadata=at_least(1))
+    chunk_max_track_tokens: int = field(metadata=at_least(1))
+    chunk_min_bars: int = field(metadata=at_least(1))
+    file_timeout: float
+
+    def check(self) -> None:
+        if self.file_timeout <= 0:
+            raise ValueError(f"file_timeout={self.file_timeout!r}: expected seconds > 0")
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    """`data.split`: fractions of the pieces held out, assigned by content hash (`split_of`)."""
+
+    valid: float = field(metadata=within(0, 1))
+    test: float = field(metadata=within(0, 1))
+
+    def check(self) -> None:
+        if self.valid + self.test >= 1:
+            raise ValueError(f"valid={self.valid:g} and test={self.test:g} leave no piece to train on: expected valid + test < 1")
+
+
 # How the work is run, not what the store holds: left out of the manifest.
 _RUN_KEYS = ("num_workers", "shard_size")
 # Test hook (see `_test_fault`): only honoured when this variable is "1".
@@ -408,13 +440,8 @@ def preprocess(data_cfg: Mapping, tokenizer_cfg: Mapping, task: tuple[int, int] 
     A complete store whose manifest matches is returned as is; one that does not is refused.
     """
     data_cfg, tokenizer_cfg = plain(data_cfg), plain(tokenizer_cfg)
-    settings = dict(data_cfg["preprocess"])
-    require_keys("data.preprocess", settings, PREPROCESS_KEYS)
-    require_keys("data.split", data_cfg["split"], {"valid", "test"})
-    if settings["num_workers"] < 1 or (settings["shard_size"] is not None and settings["shard_size"] < 1):
-        raise ValueError("data.preprocess.num_workers must be >= 1 and data.preprocess.shard_size null or >= 1")
-    if not settings["file_timeout"] or settings["file_timeout"] <= 0:
-        raise ValueError(f"data.preprocess.file_timeout={settings['file_timeout']!r}: expected seconds > 0")
+    settings = dataclasses.asdict(check_section("data.preprocess", data_cfg["preprocess"], PreprocessConfig))
+    check_section("data.split", data_cfg["split"], SplitConfig)
     store = Path(data_cfg["store"])
     settings["store"] = str(store)
     params = tokenizer_cfg["params"]

@@ -8,7 +8,6 @@ when the tokenizer is trained, base ids otherwise. `Vocab` converts between the 
 
 from __future__ import annotations
 
-import difflib
 import inspect
 import json
 from collections.abc import Iterable, Mapping, Sequence
@@ -20,7 +19,7 @@ from miditok import MMM, TokenizerConfig
 from miditok.attribute_controls import BarAttributeControl
 from miditok.constants import CHR_ID_START
 
-from mmm.config import plain
+from mmm.config import plain, require_keys
 from mmm.io import atomic_write
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -80,16 +79,8 @@ def tokenizer_config(cfg: Mapping) -> TokenizerConfig:
     Unknown keys are an error (miditok would silently keep a misspelled key and ignore it).
     """
     cfg = dict(plain(cfg))
-    unknown = sorted(set(cfg) - _CONFIG_KEYS)
-    if unknown:
-        hints = []
-        for key in unknown:
-            close = difflib.get_close_matches(key, _CONFIG_KEYS, n=1)
-            hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-        raise ValueError(
-            f"tokenizer config: unknown key(s) {', '.join(hints)}. "
-            "Allowed keys are the arguments of miditok.TokenizerConfig plus 'base_tokenizer'."
-        )
+    # miditok.TokenizerConfig's arguments plus 'base_tokenizer'
+    require_keys("tokenizer.params", cfg, _CONFIG_KEYS, required=())
     if cfg.get("base_tokenizer", "REMI") != "REMI":
         raise ValueError(
             f"tokenizer.base_tokenizer: only 'REMI' is supported (got {cfg['base_tokenizer']!r}): "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +23,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from mmm.checkpoint import load_pretrained, save_pretrained
 from mmm.checkpoint_io import MMMCheckpointIO
-from mmm.config import plain, require_keys
-from mmm.data.sequences import SEQUENCE_KEYS
+from mmm.config import at_least, check_section, check_value, plain
+from mmm.data.datamodule import DataConfig, MIDIDataModule
 from mmm.data.stats import generation_stats
 from mmm.data.store import Store
-from mmm.lit_module import OPTIM_KEYS, MMMLitModule
+from mmm.lit_module import MMMLitModule, OptimConfig
 from mmm.locking import acquire_lock
 from mmm.model import PRESETS, model_config_from_preset
 from mmm.tokenizer import Vocab, load_tokenizer
@@ -35,40 +36,28 @@ from mmm.train_tokenizer import check_tokenizer_cfg, ensure_store, train_tokeniz
 log = logging.getLogger(__name__)
 
 
-# Keys whose type Hydra cannot check (the YAML has no schema): key -> (type, minimum).
-_TYPED_KEYS = {
-    "seed": (int, 0),
-    "data.max_seq_len": (int, 16),
-    "data.loader.batch_size": (int, 1),
-    "data.loader.num_workers": (int, 0),
-    "model.max_seq_len": (int, 16),
-    "trainer.max_steps": (int, 1),
-    "trainer.val_check_interval": (int, 1),
-    "optim.optimizer.lr": (float, 0.0),
-    "optim.warmup_steps": (int, 0),
-    "optim.min_lr_ratio": (float, 0.0),
-    "optim.weight_decay": (float, 0.0),
-}
+@dataclass(frozen=True)
+class ModelSection:
+    """The `model` section (configs/model/*.yaml): a preset, its context and overrides of it."""
 
+    preset: str
+    max_seq_len: int = field(metadata=at_least(16))
+    overrides: dict  # ModelConfig fields, e.g. num_layers
 
-def _check_types(cfg: DictConfig) -> None:
-    for key, (kind, minimum) in _TYPED_KEYS.items():
-        value = OmegaConf.select(cfg, key)
-        ok = isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool)
-        if not ok or value < minimum:
-            raise ValueError(f"{key}={value!r}: expected {kind.__name__} >= {minimum}")
-    for key, value in plain(cfg.data.sequences).items():
-        if key.endswith("_ratio") and isinstance(value, list) and not (len(value) == 2 and 0 <= value[0] <= value[1] <= 1):
-            raise ValueError(f"data.sequences.{key}={value}: expected [low, high] with 0 <= low <= high <= 1")
+    def check(self) -> None:
+        if self.preset not in PRESETS:
+            raise ValueError(f"preset={self.preset!r} is not one of {sorted(PRESETS)}")
 
 
 def check_config(cfg: DictConfig) -> None:
     """Fail before any work on settings that cannot run, naming the key and the fix."""
-    _check_types(cfg)
-    require_keys("data.sequences", cfg.data.sequences, SEQUENCE_KEYS)
-    require_keys("data.loader", cfg.data.loader, {"batch_size", "num_workers", "pin_memory"}, required={"batch_size", "num_workers"})
-    require_keys("optim", cfg.optim, OPTIM_KEYS)
-    check_tokenizer_cfg(plain(cfg.tokenizer))
+    data = check_section("data", cfg.data, DataConfig)
+    model = check_section("model", cfg.model, ModelSection)
+    check_section("optim", cfg.optim, OptimConfig)
+    check_value("seed", cfg.seed, int, at_least(0))
+    for key in ("trainer.max_steps", "trainer.val_check_interval"):
+        check_value(key, OmegaConf.select(cfg, key), int, at_least(1))
+    check_tokenizer_cfg(cfg.tokenizer)
     tokenizer_path = Path(cfg.tokenizer.path)
     if tokenizer_path.is_file():
         trained = Vocab(load_tokenizer(tokenizer_path))
@@ -78,12 +67,10 @@ def check_config(cfg: DictConfig) -> None:
                 f"the tokenizer at {tokenizer_path} has {trained.size} tokens but tokenizer.vocab_size={expected}: "
                 "delete that file to retrain it, or set tokenizer.vocab_size to match"
             )
-    if cfg.model.preset not in PRESETS:
-        raise ValueError(f"model.preset={cfg.model.preset!r} is not one of {sorted(PRESETS)}")
-    if cfg.data.max_seq_len > cfg.model.max_seq_len:
+    if data.max_seq_len > model.max_seq_len:
         raise ValueError(
-            f"data.max_seq_len={cfg.data.max_seq_len} exceeds the model context model.max_seq_len="
-            f"{cfg.model.max_seq_len}: lower data.max_seq_len or raise model.max_seq_len"
+            f"data.max_seq_len={data.max_seq_len} exceeds the model context model.max_seq_len="
+            f"{model.max_seq_len}: lower data.max_seq_len or raise model.max_seq_len"
         )
     strategy = OmegaConf.select(cfg, "trainer.strategy")
     uses_deepspeed = "DeepSpeed" in str(strategy.get("_target_", "") if isinstance(strategy, Mapping) else strategy)
@@ -146,7 +133,7 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     model_config = model_config_from_preset(
         cfg.model.preset, vocab_size=vocab.size, max_seq_len=cfg.model.max_seq_len, **plain(cfg.model.overrides)
     )
-    datamodule = instantiate(cfg.data, tokenizer_path=str(tokenizer_path), seed=cfg.seed, _recursive_=False, _convert_="all")
+    datamodule = MIDIDataModule.from_config(check_section("data", cfg.data, DataConfig), str(tokenizer_path), cfg.seed)
     module = MMMLitModule(model_config.to_dict(), optim=plain(cfg.optim), tokenizer_json=tokenizer_path.read_text())
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
     loggers = [instantiate(c) for c in cfg.get("logger", {}).values() if c is not None]

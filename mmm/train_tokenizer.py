@@ -11,9 +11,10 @@ import logging
 import random
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from mmm.config import plain, require_keys
+from mmm.config import at_least, check_section, plain
 from mmm.data.sequences import SampleSpec, SequenceBuilder
 from mmm.data.store import Store
 from mmm.locking import acquire_lock
@@ -21,14 +22,19 @@ from mmm.preprocess import preprocess
 from mmm.tokenizer import Vocab, build_tokenizer, save_tokenizer, train_bpe
 
 log = logging.getLogger(__name__)
-TOKENIZER_KEYS = {"vocab_size", "path", "params"}
 
 
-def check_tokenizer_cfg(tokenizer_cfg: Mapping) -> None:
-    require_keys("tokenizer", tokenizer_cfg, TOKENIZER_KEYS)
-    size = tokenizer_cfg["vocab_size"]
-    if size is not None and (not isinstance(size, int) or size < 0):
-        raise ValueError(f"tokenizer.vocab_size must be null or a positive int, got {size!r}")
+@dataclass(frozen=True)
+class TokenizerSection:
+    """The `tokenizer` section (configs/tokenizer/mmm.yaml): miditok settings and the BPE size."""
+
+    vocab_size: int | None = field(metadata=at_least(0))  # null or 0: no BPE
+    path: str
+    params: dict  # miditok.TokenizerConfig arguments, checked by `mmm.tokenizer.tokenizer_config`
+
+
+def check_tokenizer_cfg(tokenizer_cfg: Mapping) -> TokenizerSection:
+    return check_section("tokenizer", tokenizer_cfg, TokenizerSection)
 
 
 def ensure_store(data_cfg: Mapping, tokenizer_cfg: Mapping) -> Store:
@@ -45,7 +51,7 @@ def augmented_bars(store: Store, vocab: Vocab, sequences_cfg: Mapping, seed: int
     unmerged: on a corpus with a single velocity, ~3x more tokens per note."""
     builder = SequenceBuilder(vocab, sequences_cfg, max_seq_len=1)
     rng = random.Random(seed)
-    velocity = sequences_cfg["velocity_shift"]
+    velocity = builder.cfg.velocity_shift
     for i in range(len(store)):
         chunk = store[i]
         for t, bars in enumerate(chunk["bars"]):

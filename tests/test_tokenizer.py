@@ -100,7 +100,7 @@ def test_misspelled_key_is_named_with_a_suggestion(wrong, right):
     params[wrong] = params.pop(right, True)
     with pytest.raises(ValueError, match=wrong) as err:
         build_tokenizer(params)
-    assert f"did you mean {right!r}" in str(err.value)
+    assert f"did you mean tokenizer.params.{right}?" in str(err.value)
 
 
 def test_miditok_alone_accepts_a_misspelled_key():

@@ -14,8 +14,8 @@ from symusic import Score
 
 from mmm.data.pieces import Rejected
 
-# Defaults used where no config is at hand (sampling); preprocessing passes its own.
-DEFAULT_LIMITS = {
+# What a generation request's music may hold (api, server); preprocessing passes data.preprocess.
+REQUEST_LIMITS = {
     "max_notes": 200_000,
     "max_tracks": 64,
     "max_bars": 5000,
@@ -45,7 +45,7 @@ def check_midi_header(data: bytes) -> None:
 
 def check_score(score: Score, limits: Mapping[str, Any] | None = None) -> None:
     """Reject scores without usable notes or with absurd timing, before tokenizing them."""
-    lim = {**DEFAULT_LIMITS, **(limits or {})}
+    lim = {**REQUEST_LIMITS, **(limits or {})}
     if score.tpq <= 0:
         raise Rejected("bad_ticks_per_quarter", f"{score.tpq} ticks per quarter note")
     with_notes = [t for t in score.tracks if len(t.notes) > 0]

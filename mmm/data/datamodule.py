@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -12,20 +12,49 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from mmm.data.sequences import IGNORE_INDEX, SequenceBuilder
+from mmm.config import at_least, check_section
+from mmm.data.sequences import IGNORE_INDEX, SequenceBuilder, SequenceConfig
 from mmm.data.store import Store, check_vocab
+from mmm.preprocess import PreprocessConfig, SplitConfig
 from mmm.tokenizer import Vocab, load_tokenizer
+
+
+@dataclass(frozen=True)
+class LoaderConfig:
+    """`data.loader`: torch DataLoader settings."""
+
+    batch_size: int = field(metadata=at_least(1))
+    num_workers: int = field(metadata=at_least(0))
+    pin_memory: bool = False
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """The `data` section (configs/data/common.yaml + one source file): where the corpus comes
+    from, how it is preprocessed into a store, and how training samples are drawn from it."""
+
+    name: str  # the folder under paths.data_dir holding this source's store and tokenizer
+    dir: str
+    store: str
+    source: dict  # checked by `mmm.data.sources.build_source` (each source has its own keys)
+    split: SplitConfig
+    preprocess: PreprocessConfig
+    samples_per_epoch: int | None = field(metadata=at_least(1))
+    max_seq_len: int = field(metadata=at_least(16))
+    sequences: SequenceConfig
+    loader: LoaderConfig
+    path: str | None = None  # data=folder's input folder (also in source.path)
 
 
 class SequenceDataset(Dataset):
     """Item i of epoch e is a sample of chunk i drawn with a seed of (seed, e, i): runs are
     reproducible, every epoch sees new samples, and a resumed run draws what it would have."""
 
-    def __init__(self, store_path: str | Path, split: str, tokenizer_path: str | Path, sequences: Mapping,
+    def __init__(self, store_path: str | Path, split: str, tokenizer_path: str | Path, sequences: SequenceConfig,
                  max_seq_len: int, seed: int, vary_per_epoch: bool, length: int | None = None) -> None:
         self.store_path, self.split = Path(store_path), split
         self.tokenizer_path = Path(tokenizer_path)
-        self.sequences, self.max_seq_len = dict(sequences), max_seq_len
+        self.sequences, self.max_seq_len = sequences, max_seq_len
         self.seed, self.vary_per_epoch = seed, vary_per_epoch
         self.epoch = 0
         self._store: Store | None = None
@@ -112,17 +141,13 @@ class _Collate:
 class MIDIDataModule(L.LightningDataModule):
     """Train/valid/test loaders over a preprocessed store (see `mmm.preprocess`)."""
 
-    def __init__(self, *, name: str, dir: str, store: str, split: Mapping, preprocess: Mapping,
-                 max_seq_len: int, sequences: Mapping, loader: Mapping, source: Mapping,
-                 tokenizer_path: str, samples_per_epoch: int | None = None, seed: int = 0,
-                 path: str | None = None) -> None:
+    def __init__(self, *, store: str, max_seq_len: int, sequences: SequenceConfig | Any, loader: LoaderConfig | Any,
+                 tokenizer_path: str, samples_per_epoch: int | None = None, seed: int = 0) -> None:
         super().__init__()
-        del dir, split, preprocess, source, path  # used by preprocessing, not by loading
-        self.name = name
         self.store = store
         self.max_seq_len = max_seq_len
-        self.sequences = dict(sequences)
-        self.loader = dict(loader)
+        self.sequences = check_section("data.sequences", sequences, SequenceConfig)
+        self.loader = check_section("data.loader", loader, LoaderConfig)
         self.tokenizer_path = tokenizer_path
         self.seed = seed
         self.samples_per_epoch = samples_per_epoch
@@ -143,15 +168,19 @@ class MIDIDataModule(L.LightningDataModule):
         if len(self.datasets["train"]) == 0:
             raise ValueError(f"the train split of {self.store} is empty: nothing to train on")
 
+    @classmethod
+    def from_config(cls, data: DataConfig, tokenizer_path: str, seed: int) -> MIDIDataModule:
+        return cls(store=data.store, max_seq_len=data.max_seq_len, sequences=data.sequences, loader=data.loader,
+                   tokenizer_path=tokenizer_path, samples_per_epoch=data.samples_per_epoch, seed=seed)
+
     def _loader(self, split: str, sampler: Sampler | None = None) -> DataLoader:
-        workers = int(self.loader["num_workers"])
         return DataLoader(
             self.datasets[split],
-            batch_size=int(self.loader["batch_size"]),
+            batch_size=self.loader.batch_size,
             sampler=sampler,
-            num_workers=workers,
+            num_workers=self.loader.num_workers,
             collate_fn=_Collate(self.pad_id),
-            pin_memory=bool(self.loader.get("pin_memory", False)),
+            pin_memory=self.loader.pin_memory,
             persistent_workers=False,
             drop_last=False,
         )
@@ -185,7 +214,7 @@ class MIDIDataModule(L.LightningDataModule):
         if trainer is None:
             return {}
         done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        return {"epoch": trainer.current_epoch, "samples_done": done * int(self.loader["batch_size"])}
+        return {"epoch": trainer.current_epoch, "samples_done": done * self.loader.batch_size}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self._resume = dict(state) if state else None

@@ -26,12 +26,28 @@ from dataclasses import dataclass, field
 import numpy as np
 from miditok.constants import MIDI_INSTRUMENTS
 
+from mmm.config import at_least, check_section, interval, within
 from mmm.data.controls import pitch_class_rotation
 from mmm.tokenizer import Vocab
 
 IGNORE_INDEX = -100
-SEQUENCE_KEYS = {"infill_ratio", "tracks_ratio", "infill_bars_ratio", "track_acs_ratio", "bar_acs_ratio",
-                 "uncontrolled_ratio", "ac_bars_ratio", "context_loss", "pitch_shift", "velocity_shift"}
+
+
+@dataclass(frozen=True)
+class SequenceConfig:
+    """`data.sequences`: how training samples are drawn (configs/data/common.yaml explains each key).
+    `*_ratio` pairs are ranges [a, b] a fraction is drawn from uniformly."""
+
+    infill_ratio: float = field(metadata=within(0, 1))
+    tracks_ratio: tuple[float, float] = field(metadata=interval())
+    infill_bars_ratio: tuple[float, float] = field(metadata=interval())
+    track_acs_ratio: tuple[float, float] = field(metadata=interval())
+    uncontrolled_ratio: float = field(metadata=within(0, 1))
+    bar_acs_ratio: tuple[float, float] = field(metadata=interval())
+    ac_bars_ratio: tuple[float, float] = field(metadata=interval())
+    context_loss: bool
+    pitch_shift: int = field(metadata=at_least(0))
+    velocity_shift: int = field(metadata=at_least(0))
 
 
 @dataclass
@@ -126,12 +142,9 @@ def empty_bar_marker(vocab: Vocab) -> int | None:
 class SequenceBuilder:
     """Draws a `SampleSpec` for a stored chunk and builds its sequence from token ids."""
 
-    def __init__(self, vocab: Vocab, cfg: Mapping, max_seq_len: int) -> None:
-        unknown = set(cfg) - SEQUENCE_KEYS
-        if unknown:
-            raise ValueError(f"unknown data.sequences key(s): {sorted(unknown)}; allowed: {sorted(SEQUENCE_KEYS)}")
+    def __init__(self, vocab: Vocab, cfg: SequenceConfig | Mapping, max_seq_len: int) -> None:
         self.vocab = vocab
-        self.cfg = dict(cfg)
+        self.cfg = check_section("data.sequences", cfg, SequenceConfig)
         self.empty_marker = empty_bar_marker(vocab)
         self.max_seq_len = max_seq_len
         self.rotation = pitch_class_rotation(vocab)
@@ -145,30 +158,30 @@ class SequenceBuilder:
         num_tracks, num_bars = len(bars), len(bars[0])
         with_notes = [t for t in range(num_tracks) if any(self._has_notes(bar) for bar in bars[t])]
         target = rng.choice(with_notes or list(range(num_tracks)))
-        keep = max(1, round(rng.uniform(*cfg["tracks_ratio"]) * num_tracks))
+        keep = max(1, round(rng.uniform(*cfg.tracks_ratio) * num_tracks))
         others = [t for t in range(num_tracks) if t != target]
         rng.shuffle(others)
         context = others[: keep - 1]
-        task = "infill" if rng.random() < cfg["infill_ratio"] else "track"
+        task = "infill" if rng.random() < cfg.infill_ratio else "track"
         spec = SampleSpec(task=task, tracks=[], target=target)
         spec.tracks = context + [target]
         if task == "infill":
             rng.shuffle(spec.tracks)
-            n = min(num_bars, max(1, round(rng.uniform(*cfg["infill_bars_ratio"]) * num_bars)))
+            n = min(num_bars, max(1, round(rng.uniform(*cfg.infill_bars_ratio) * num_bars)))
             a = rng.randrange(0, num_bars - n + 1)
             spec.span = (a, a + n)
         generated = list(range(*spec.span)) if task == "infill" else list(range(num_bars))
         n_track_acs = len(self.vocab.track_acs)
-        spec.track_acs = sorted(rng.sample(range(n_track_acs), round(rng.uniform(*cfg["track_acs_ratio"]) * n_track_acs)))
+        spec.track_acs = sorted(rng.sample(range(n_track_acs), round(rng.uniform(*cfg.track_acs_ratio) * n_track_acs)))
         # Uncontrolled samples (no bar AC at all) teach the model what a bar is like when the
         # user gives no control, the common case at inference.
-        if rng.random() >= cfg["uncontrolled_ratio"]:
+        if rng.random() >= cfg.uncontrolled_ratio:
             n_bar_acs = len(self.vocab.bar_acs)
-            spec.bar_acs = sorted(rng.sample(range(n_bar_acs), round(rng.uniform(*cfg["bar_acs_ratio"]) * n_bar_acs)))
-            n = round(rng.uniform(*cfg["ac_bars_ratio"]) * len(generated))
+            spec.bar_acs = sorted(rng.sample(range(n_bar_acs), round(rng.uniform(*cfg.bar_acs_ratio) * n_bar_acs)))
+            n = round(rng.uniform(*cfg.ac_bars_ratio) * len(generated))
             spec.ac_bars = sorted(rng.sample(generated, n))
         spec.pitch_shift = rng.choice(self.feasible_shifts(chunk, spec.tracks))
-        spec.velocity_shift = rng.randint(-cfg["velocity_shift"], cfg["velocity_shift"])
+        spec.velocity_shift = rng.randint(-cfg.velocity_shift, cfg.velocity_shift)
         return spec
 
     def _has_notes(self, bar: Sequence[int]) -> bool:
@@ -177,7 +190,7 @@ class SequenceBuilder:
     def feasible_shifts(self, chunk: Mapping, tracks: Sequence[int]) -> list[int]:
         """Transpositions within ±pitch_shift keeping every pitched note inside the tokenizer
         range and inside the instrument's tessitura (or its own range, if already wider)."""
-        k = self.cfg["pitch_shift"]
+        k = self.cfg.pitch_shift
         lo_shift, hi_shift = -k, k
         for t in tracks:
             program = chunk["programs"][t]
@@ -251,7 +264,7 @@ class SequenceBuilder:
         fits `max_seq_len`. A bar is never cut and every track keeps its Track_End."""
         while True:
             parts = self.parts(chunk, spec)
-            ids, labels = encode_sample(assemble(spec, parts, self.vocab), self.vocab, self.cfg["context_loss"])
+            ids, labels = encode_sample(assemble(spec, parts, self.vocab), self.vocab, self.cfg.context_loss)
             if len(ids) <= self.max_seq_len:
                 return ids, labels
             if len(spec.tracks) > 1:

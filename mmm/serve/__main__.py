@@ -9,13 +9,27 @@ import json
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from mmm.config import plain, require_keys
+from mmm.checkpoint import checkpoint_location
+from mmm.config import at_least, check_section
+from mmm.serve.settings import Settings
 
-KEYS = {"ckpt", "host", "port", "token", "allow_unauthenticated", "cors_origins", "max_upload_mb", "queue_size",
-        "keep_jobs", "max_variations", "max_new_bars", "license", "device", "num_threads", "max_bar_tokens",
-        "log_level"}
+
+@dataclasses.dataclass
+class ServeConfig(Settings):
+    """configs/serve.yaml: the server's settings plus which model to load and how."""
+
+    ckpt: str = ""
+    device: str = "cpu"
+    num_threads: int | None = dataclasses.field(default=None, metadata=at_least(1))
+    max_bar_tokens: int | None = dataclasses.field(default=None, metadata=at_least(1))
+    log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = "info"
+
+    def check(self) -> None:
+        super().check()
+        if not self.ckpt:
+            raise ValueError("ckpt is empty: give ckpt=<checkpoint folder|.ckpt|hub id>")
 
 
 def model_card(ckpt: str) -> dict[str, Any]:
@@ -31,27 +45,23 @@ def model_card(ckpt: str) -> dict[str, Any]:
 
 
 def serve(cfg: Mapping[str, Any]) -> None:
-    cfg = plain(cfg)
-    require_keys("serve", cfg, KEYS, required={"ckpt"})
+    cfg = check_section("serve", cfg, ServeConfig)
+    checkpoint_location(cfg.ckpt)  # a missing folder fails before the extra is even imported
     try:
         import uvicorn
 
-        from mmm.serve.app import Settings, create_app
+        from mmm.serve.app import create_app
     except ImportError as err:
         raise ValueError(f"the server needs the serve extra ({err.name} is missing): pip install -e \".[serve]\"") from None
-    fields = {f.name for f in dataclasses.fields(Settings)}
-    settings = Settings(**{k: cfg[k] for k in fields if k in cfg})
-    settings.check()
-    ckpt = str(cfg["ckpt"])
-    if not Path(ckpt).exists() and ckpt.count("/") != 1:
-        raise ValueError(f"ckpt={ckpt!r}: no such checkpoint folder or file (nor a hub id 'owner/name')")
+    settings = Settings(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(Settings)})
+    ckpt = cfg.ckpt
     from mmm.api import MMM
 
-    options = {k: cfg[k] for k in ("num_threads", "max_bar_tokens") if cfg.get(k) is not None}
-    mmm = MMM.from_pretrained(ckpt, device=cfg["device"], **options)
+    options = {k: getattr(cfg, k) for k in ("num_threads", "max_bar_tokens") if getattr(cfg, k) is not None}
+    mmm = MMM.from_pretrained(ckpt, device=cfg.device, **options)
     app = create_app(mmm, settings, model_card(ckpt))
     print(f"MMM studio: http://{settings.host}:{settings.port}/  (API docs: /docs)", flush=True)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=cfg["log_level"])
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=cfg.log_level)
 
 
 def main() -> None:

@@ -32,6 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartParser
 
 from mmm.api import MMM, bar_grid, check_program, check_spans, check_tracks
+from mmm.serve.settings import Settings
 from mmm.generation import SamplingConfig
 from mmm.serve.jobs import TERMINAL, Job, Jobs, QueueFull
 from mmm.serve.music import EXAMPLES, BadUpload, Measure, analyze, example_midi, json_keys_to_bars, \
@@ -40,42 +41,6 @@ from mmm.serve.music import EXAMPLES, BadUpload, Measure, analyze, example_midi,
 log = logging.getLogger("mmm.serve")
 
 STATIC = Path(__file__).parent / "static"
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
-
-
-@dataclass
-class Settings:
-    """Server settings (configs/serve.yaml holds the same keys with their documentation)."""
-
-    host: str = "127.0.0.1"
-    port: int = 8765
-    token: str | None = None
-    allow_unauthenticated: bool = False
-    max_upload_mb: float = 4.0
-    queue_size: int = 8
-    keep_jobs: int = 64
-    max_variations: int = 8
-    max_new_bars: int = 64
-    cors_origins: list[str] = field(default_factory=list)
-    license: str | None = None
-
-    def check(self) -> None:
-        if self.host not in LOOPBACK and not self.token and not self.allow_unauthenticated:
-            raise ValueError(
-                f"host={self.host!r} is reachable from other machines: set token=<a secret> (clients then send "
-                "'Authorization: Bearer <token>') or, on a trusted network only, allow_unauthenticated=true")
-        for name in ("queue_size", "keep_jobs", "max_variations", "max_new_bars", "port"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "port" else 1):
-                raise ValueError(f"{name}={value!r}: expected a positive integer")
-        if not isinstance(self.max_upload_mb, (int, float)) or self.max_upload_mb <= 0:
-            raise ValueError(f"max_upload_mb={self.max_upload_mb!r}: expected a positive number")
-
-    @property
-    def max_upload_bytes(self) -> int:
-        return int(self.max_upload_mb * 1024 * 1024)
-
-
 class ApiError(Exception):
     def __init__(self, status: int, code: str, message: str, field: str | None = None,
                  headers: Mapping[str, str] | None = None) -> None:
