@@ -1,46 +1,137 @@
-"""Shared fixtures of the data-pipeline tests: the tokenizer of `configs/tokenizer/mmm.yaml`,
-a small BPE-trained copy of it, synthetic multi-track MIDI written into tmp folders (so the
-tests need nothing outside the repository), and the real test MIDI of `$MMM_TEST_MIDI`."""
+"""Shared helpers and fixtures of the test suite, in one place (no test module imports another):
+
+- configs: `compose_config` composes configs/ with Hydra as the entry points do; the data and
+  tokenizer configs, preprocessing settings and the small training run are derived from it;
+- synthetic music: multi-track MIDI written into tmp folders (so the tests need nothing outside
+  the repository), corpora to preprocess and train on, a fake GigaMIDI download;
+- models: a tiny random-weight transformer;
+- fixtures: the tokenizer of `configs/tokenizer/mmm.yaml`, a small BPE-trained copy of it,
+  synthetic chunks, corpora, the real test MIDI of `$MMM_TEST_MIDI`, a served model.
+
+Callback classes that runs started by the tests instantiate by name (`_target_`) live in
+tests/rank_probe.py."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
+import hashlib
+import json
 import os
 import random
 from collections import Counter
+from collections.abc import Iterable
 from fractions import Fraction
 from pathlib import Path
 from types import SimpleNamespace
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
-import yaml
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, OmegaConf
 from symusic import ControlChange, Note, PitchBend, Score, Tempo, TimeSignature, Track
 
+import mmm.config  # noqa: F401 (registers the ${mmm.slug:...} resolver the data configs use)
+import mmm.data.sources as sources
 from mmm.data.pieces import tokenize_score
+from mmm.data.store import Store
 from mmm.tokenizer import Vocab, build_tokenizer, train_bpe
 
 REPO = Path(__file__).resolve().parents[1]
-TOKENIZER_YAML = REPO / "configs" / "tokenizer" / "mmm.yaml"
-DATA_YAML = REPO / "configs" / "data" / "common.yaml"
+CONFIGS = REPO / "configs"
 BPE_VOCAB_SIZE = 1000
 
 
 # -- configs -------------------------------------------------------------------------------
+def compose_config(config_name: str, overrides: Iterable[str] = ()) -> DictConfig:
+    """`configs/<config_name>.yaml` composed by Hydra with `overrides` (command-line syntax),
+    as `python -m mmm.<entry point> <overrides>` composes it, without running anything. The
+    one way the tests build a config from configs/ (a fresh, unresolved config each call)."""
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        return compose(config_name, overrides=list(overrides))
+
+
+@functools.lru_cache(maxsize=None)
+def _resolved_preprocess_config(overrides: tuple[str, ...]) -> dict:
+    """`compose_config("preprocess", overrides)` as plain resolved containers (cached: treat
+    as read-only, callers get deep copies)."""
+    return OmegaConf.to_container(compose_config("preprocess", overrides), resolve=True)
+
+
+def data_config(path: str | Path = "unused", store: str | Path | None = None) -> dict:
+    """The `data` config `python -m mmm.preprocess data=folder data.path=<path> [data.store=<store>]`
+    hands to `mmm.data.preprocess.preprocess`, composed by Hydra and resolved into plain, mutable
+    containers (a fresh copy each call). Its `preprocess`, `split` and `sequences` sections
+    are those of configs/data/common.yaml; `path` defaults to a placeholder."""
+    overrides = ["data=folder", f"data.path={path}"] + ([f"data.store={store}"] if store is not None else [])
+    return copy.deepcopy(_resolved_preprocess_config(tuple(overrides))["data"])
+
+
+def tokenizer_config() -> dict:
+    """The composed `tokenizer` config (configs/tokenizer/mmm.yaml: `vocab_size`, `path`,
+    `params`), resolved into plain containers (a fresh copy each call)."""
+    return copy.deepcopy(_resolved_preprocess_config(("data=folder", "data.path=unused"))["tokenizer"])
+
+
 def tokenizer_params() -> dict:
     """The `params:` mapping of configs/tokenizer/mmm.yaml (a fresh copy each call)."""
-    return yaml.safe_load(TOKENIZER_YAML.read_text())["params"]
-
-
-def data_config() -> dict:
-    return yaml.safe_load(DATA_YAML.read_text())
+    return tokenizer_config()["params"]
 
 
 def preprocess_settings(**overrides) -> SimpleNamespace:
+    """The `data.preprocess` settings (configs/data/common.yaml) with `overrides`, as the
+    namespace `mmm.data.pieces.tokenize_score` takes."""
     return SimpleNamespace(**{**data_config()["preprocess"], **overrides})
 
 
 def sequences_config(**overrides) -> dict:
+    """The `data.sequences` settings (configs/data/common.yaml) with `overrides`."""
     return {**data_config()["sequences"], **overrides}
+
+
+def data_cfg(source_path: Path, store: Path, **preprocess_overrides) -> dict:
+    """The data config of a folder source for `mmm.data.preprocess.preprocess`, with small test
+    settings (1 worker, shards of 4 files, pieces of at least 16 notes) and
+    `preprocess_overrides` on top (e.g. `num_workers=2`, `shard_size=1`)."""
+    cfg = data_config(source_path, store)
+    cfg["preprocess"].update({"num_workers": 1, "shard_size": 4, "min_notes": 16, **preprocess_overrides})
+    return cfg
+
+
+def tok_cfg() -> dict:
+    """The tokenizer config for `mmm.data.preprocess.preprocess`: the YAML params, no BPE, no file."""
+    return {**tokenizer_config(), "vocab_size": None, "path": "unused"}
+
+
+def small_overrides(corpus: Path, root: Path) -> list[str]:
+    """Overrides of the real train config (`compose_config("train", ...)`, `python -m mmm.train`)
+    that shrink it to seconds on a CPU: the folder `corpus`, data and run folder under `root`,
+    a 2-layer model of width 32, 6 steps with checkpoints and validation every 3."""
+    return [
+        "data=folder",
+        f"data.path={corpus}",
+        f"paths.data_dir={root / 'data'}",
+        f"run_dir={root / 'run'}",
+        "data.split.valid=0.3",
+        "data.split.test=0.1",
+        "data.max_seq_len=256",
+        "data.loader.batch_size=2",
+        "data.loader.num_workers=0",
+        "data.preprocess.num_workers=1",
+        "data.preprocess.min_notes=16",
+        "tokenizer.vocab_size=800",
+        "++model.overrides={hidden_size: 32, num_layers: 2, num_heads: 2, num_kv_heads: 1, intermediate_size: 64}",
+        "trainer=cpu",
+        "trainer.precision=32",
+        "trainer.max_steps=6",
+        "trainer.val_check_interval=3",
+        "trainer.limit_val_batches=2",
+        "callbacks.model_checkpoint.every_n_train_steps=3",
+        "callbacks.progress_bar=null",
+        "optim.warmup_steps=2",
+    ]
 
 
 # -- synthetic music -----------------------------------------------------------------------
@@ -124,14 +215,109 @@ def synthetic_score(seed: int = 0, num_bars: int = 12, tpq: int = TPQ) -> Score:
 
 
 def write_synthetic_midi(path: Path, seed: int = 0, num_bars: int = 12) -> Path:
+    """`synthetic_score(seed, num_bars)` written as a MIDI file at `path` (folders created)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     synthetic_score(seed, num_bars).dump_midi(path)
     return path
 
 
+def corpus_with_bad_files(root: Path, n: int = 10) -> Path:
+    """n synthetic pieces under `root/songs` plus files every real collection has, under
+    `root/bad`: garbage, empty, truncated (and a README.txt that is not a music file)."""
+    for seed in range(n):
+        write_synthetic_midi(root / "songs" / f"song_{seed:02d}.mid", seed, 10 + seed % 5)
+    (root / "bad").mkdir(parents=True)
+    (root / "bad" / "not_midi.mid").write_bytes(b"this is a text file, not a MIDI file\n" * 10)
+    (root / "bad" / "zero.mid").write_bytes(b"")
+    good = (root / "songs" / "song_00.mid").read_bytes()
+    (root / "bad" / "truncated.mid").write_bytes(good[: len(good) // 3])
+    (root / "songs" / "README.txt").write_text("not music: ignored by extension")
+    return root
+
+
+def store_rows(store: Path) -> list[tuple]:
+    """Every row of a token store (all splits) as comparable tuples (name, chunk, split, bars,
+    bar ACs), sorted: two stores with the same rows hold the same data."""
+    rows = []
+    for split in ("train", "valid", "test"):
+        s = Store(store, split)
+        rows += [(r["name"], r["chunk"], r["split"], json.dumps(r["bars"]), json.dumps(r["bar_acs"])) for r in map(s.__getitem__, range(len(s)))]
+    return sorted(rows)
+
+
+def midi_bytes(seed: int, tracks: int = 2) -> bytes:
+    """A small valid MIDI file (one bar of 4 notes per track) whose bytes differ for every seed."""
+    score = Score(480)
+    for k in range(tracks):
+        track = Track(name=f"t{k}", program=k)
+        for j in range(4):
+            track.notes.append(Note(j * 480, 480, 40 + (seed + 7 * k + j) % 60, 64 + seed % 60))
+        score.tracks.append(track)
+    return score.dumps_midi()
+
+
+# -- a fake GigaMIDI download --------------------------------------------------------------
+SUBSETS = ("all-instruments-with-drums", "drums-only", "no-drums")
+ROWS = 2  # per subset and split
+SCHEMA = pa.schema([("md5", pa.string()), ("music", pa.binary()), ("instrument_category", pa.string()),
+                    ("music_styles_curated", pa.list_(pa.string())), ("split", pa.string())])
+LAYOUTS = ("per-subset", "per-subset-sharded", "column-str", "column-int")  # the layouts `make_gigamidi` writes
+
+
+def gigamidi_rows(subset: str, split: str) -> list[dict]:
+    """The `ROWS` parquet rows of one subset and split (`midi_bytes` pieces, distinct everywhere)."""
+    base = 100 * SUBSETS.index(subset) + 10 * sources.GIGAMIDI_SPLITS.index(split)
+    rows = []
+    for k in range(ROWS):
+        music = midi_bytes(base + k)
+        rows.append({"md5": hashlib.md5(music).hexdigest(), "music": music, "instrument_category": subset,
+                     "music_styles_curated": ["rock"] if k else ["jazz", "pop"], "split": split})
+    return rows
+
+
+def write_parquet(path: Path, rows: list[dict], int_category: bool = False) -> None:
+    """Write GigaMIDI rows as a parquet file of `SCHEMA`; `int_category`: the newer releases'
+    0/1/2 codes in a long-named column instead of the subset names."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table = pa.Table.from_pylist(rows, schema=SCHEMA)
+    if int_category:
+        codes = pa.array([sources._CATEGORY_CODES[c] for c in table["instrument_category"].to_pylist()], pa.int64())
+        table = table.drop_columns(["instrument_category"]).append_column(
+            "instrument_category__drums-only__0__all-instruments-with-drums__1_no-drums__2", codes)
+    pq.write_table(table, path)
+
+
+def make_gigamidi(root: Path, layout: str) -> str:
+    """Write a tiny GigaMIDI download in one of the known `LAYOUTS`; returns its version."""
+    splits = sources.GIGAMIDI_SPLITS
+    if layout == "per-subset":  # v1.0.0: {subset}/{split}.parquet
+        for subset in SUBSETS:
+            for split in splits:
+                write_parquet(root / "v1.0.0" / subset / f"{split}.parquet", gigamidi_rows(subset, split))
+        return "v1.0.0"
+    if layout == "per-subset-sharded":  # v1.1.0/{subset}/{split}/*.parquet
+        for subset in SUBSETS:
+            for split in splits:
+                rows = gigamidi_rows(subset, split)
+                for shard in range(ROWS):
+                    write_parquet(root / "v1.1.0" / subset / split / f"{shard:05d}.parquet", rows[shard:shard + 1])
+        return "v1.1.0"
+    # Hub layout v1.1.0/{split}/*.parquet: subsets only in a column, rows mixed in shards.
+    for split in splits:
+        rows = [r for subset in SUBSETS for r in gigamidi_rows(subset, split)]
+        half = len(rows) // 2
+        for shard, part in enumerate((rows[:half], rows[half:])):
+            write_parquet(root / "v1.1.0" / split / f"{split}-{shard:05d}-of-00002.parquet", part,
+                          int_category=layout == "column-int")
+    # Hidden folders (download caches, like the ".cache" of `huggingface-cli download`) are ignored.
+    write_parquet(root / "v1.1.0" / ".cache" / "stale-train.parquet", gigamidi_rows("drums-only", "train"))
+    return "v1.1.0"
+
+
 # -- notes as exact musical times ----------------------------------------------------------
 def note_key(track) -> tuple[int, bool]:
+    """(program, is_drum) of a track; drums are program -1 whatever their MIDI program."""
     return (-1 if track.is_drum else int(track.program), bool(track.is_drum))
 
 
@@ -153,14 +339,29 @@ def chunk_dict(chunk) -> dict:
     return dataclasses.asdict(chunk)
 
 
+# -- models --------------------------------------------------------------------------------
+def tiny_model(vocab_size: int, max_seq_len: int = 512, seed: int = 0):
+    """A random-weight `MMMTransformer` of 2 layers and width 32 (seeded), in eval mode."""
+    import torch
+
+    from mmm.model import MMMTransformer, ModelConfig
+
+    torch.manual_seed(seed)
+    config = ModelConfig(vocab_size=vocab_size, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
+                         intermediate_size=64, max_seq_len=max_seq_len, attention="sdpa")
+    return MMMTransformer(config).eval()
+
+
 # -- fixtures ------------------------------------------------------------------------------
 @pytest.fixture(scope="session")
 def tokenizer():
+    """The miditok tokenizer of configs/tokenizer/mmm.yaml, without BPE."""
     return build_tokenizer(tokenizer_params())
 
 
 @pytest.fixture(scope="session")
 def vocab(tokenizer):
+    """The `Vocab` of the `tokenizer` fixture."""
     return Vocab(tokenizer)
 
 
@@ -213,6 +414,7 @@ def bpe_tokenizer(synthetic_chunks):
 
 @pytest.fixture(scope="session")
 def bpe_vocab(bpe_tokenizer):
+    """The `Vocab` of the `bpe_tokenizer` fixture."""
     return Vocab(bpe_tokenizer)
 
 
@@ -221,6 +423,7 @@ REAL_FOLDERS = ("multitrack", "single_track", "abc")
 
 @pytest.fixture(scope="session")
 def real_files(midi_dir) -> list[Path]:
+    """The real test files of `$MMM_TEST_MIDI` (multi-track, single-track and ABC folders)."""
     files = sorted(p for folder in REAL_FOLDERS for p in (midi_dir / folder).iterdir() if p.is_file())
     assert len(files) >= 30, f"expected the shared test MIDI under {midi_dir}"
     return files
@@ -240,3 +443,12 @@ def corpus(tmp_path_factory) -> Path:
     for seed in range(10):
         write_synthetic_midi(root / f"piece_{seed}.mid", seed, 12)
     return root
+
+
+@pytest.fixture(scope="module")
+def serve_mmm(tokenizer, vocab):
+    """An `MMM` over a `tiny_model` (context 1024) and the base tokenizer, as the serve, studio
+    and load tests serve it."""
+    from mmm.api import MMM
+
+    return MMM(tiny_model(vocab.size, max_seq_len=1024), tokenizer, max_bar_tokens=24, num_threads=1)

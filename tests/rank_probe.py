@@ -1,5 +1,7 @@
-"""Callbacks that tests/test_distributed.py adds to multi-process `python -m mmm.train` runs
-(with PYTHONPATH=tests and `+callbacks.<name>._target_=rank_probe.<Class>`)."""
+"""Callbacks that tests add by name to training runs: tests/test_distributed.py to
+multi-process `python -m mmm.train` runs, tests/test_reliability.py to runs in process and as a
+command (with PYTHONPATH=tests and `+callbacks.<name>._target_=rank_probe.<Class>`). They live
+here, not in a test module, so that a run imports no test module."""
 
 from __future__ import annotations
 
@@ -36,6 +38,18 @@ class KillJobAt(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.global_step == self.step and trainer.is_global_zero:
             os.killpg(os.getpgid(0), signal.SIGKILL)
+
+
+class SendSignal(L.Callback):
+    """The process sends itself `signum` when training step `at_step` starts (SIGTERM: a
+    Slurm preemption; SIGKILL: no chance to save)."""
+
+    def __init__(self, at_step: int, signum: int) -> None:
+        self.at_step, self.signum = at_step, signum
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.at_step:
+            os.kill(os.getpid(), self.signum)
 
 
 class WriteSpy(L.Callback):

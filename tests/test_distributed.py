@@ -19,8 +19,7 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from conftest import REPO, write_synthetic_midi
-from test_train import compose_train, small_overrides
+from conftest import REPO, compose_config, small_overrides, write_synthetic_midi
 from mmm.data.datamodule import ResumableSampler
 from mmm.train import ensure_data, resume_path
 
@@ -37,7 +36,7 @@ def run_overrides(corpus: Path, data_root: Path) -> list[str]:
 def data_root(corpus, tmp_path_factory) -> Path:
     """Store and tokenizer made once, in this process; every run below finds them."""
     root = tmp_path_factory.mktemp("distributed")
-    ensure_data(compose_train(small_overrides(corpus, root)))
+    ensure_data(compose_config("train", small_overrides(corpus, root)))
     return root
 
 
@@ -116,13 +115,13 @@ def test_deepspeed_cpu_config_is_the_gpu_config_but_the_accelerator(tmp_path):
     from mmm.strategies import MMMDeepSpeedStrategy
     from mmm.train import check_config
 
-    gpu, cpu = (OmegaConf.to_container(compose_train([f"trainer={t}", f"run_dir={tmp_path}"]).trainer)
+    gpu, cpu = (OmegaConf.to_container(compose_config("train", [f"trainer={t}", f"run_dir={tmp_path}"]).trainer)
                 for t in ("deepspeed", "deepspeed_cpu"))
     assert {k for k in gpu if gpu[k] != cpu[k]} == {"accelerator", "devices"}
     assert (cpu["accelerator"], cpu["devices"]) == ("cpu", 2)
     strategy = instantiate(cpu["strategy"])
     assert isinstance(strategy, MMMDeepSpeedStrategy) and strategy.config["zero_optimization"]["stage"] == 2
-    stage3 = compose_train(["trainer=deepspeed_cpu", "trainer.strategy.stage=3", f"run_dir={tmp_path}"])
+    stage3 = compose_config("train", ["trainer=deepspeed_cpu", "trainer.strategy.stage=3", f"run_dir={tmp_path}"])
     assert instantiate(stage3.trainer.strategy).config["zero_optimization"]["stage"] == 3
     check_config(stage3)  # runs without CUDA: no "needs CUDA GPUs" refusal
 

@@ -51,7 +51,7 @@ MODULES = {
     "tokenizer": ["mmm.tokenizer", "conftest"],
     "folder": ["mmm.checkpoint", "mmm.model", "conftest"],
     "lightning_ckpt": ["mmm.checkpoint_io"],
-    "preprocess": ["mmm.preprocess", "test_preprocess"],
+    "preprocess": ["mmm.data.preprocess", "conftest"],
 }
 
 
@@ -100,9 +100,8 @@ def write_lightning_ckpt(path: str, version: str) -> None:
 
 def write_preprocess(store: str, version: str) -> dict:
     """Preprocess `<store>/../corpus` with 2 worker processes (they write the shards)."""
-    from test_preprocess import data_cfg, tok_cfg
-
-    from mmm.preprocess import preprocess
+    from conftest import data_cfg, tok_cfg
+    from mmm.data.preprocess import preprocess
 
     return preprocess(data_cfg(Path(store).parent / "corpus", Path(store), num_workers=2), tok_cfg())
 

@@ -33,22 +33,14 @@ from miditok import MMM as MiditokMMM
 from miditok.utils import get_bars_ticks
 from symusic import Note, Score, Tempo, TimeSignature, Track
 
-from conftest import preprocess_settings, synthetic_score
+from conftest import preprocess_settings, synthetic_score, tiny_model
 from mmm.api import MMM, Controls, _piece_from_score, _ticks_per_bar
 from mmm.data.controls import bar_controls, track_controls
 from mmm.data.pieces import tokenize_score
 from mmm.generation import SamplingConfig, generate_ids, make_generator, sample_next
 from mmm.grammar import BarGrammar, BarPlan, GrammarTables
-from mmm.model import MMMTransformer, ModelConfig
 
 MULTITRACK = sorted((Path(os.environ["MMM_TEST_MIDI"]) / "multitrack").glob("*.mid")) if os.environ.get("MMM_TEST_MIDI") else []
-
-
-def tiny_model(vocab_size: int, max_seq_len: int = 512, seed: int = 0) -> MMMTransformer:
-    torch.manual_seed(seed)
-    config = ModelConfig(vocab_size=vocab_size, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
-                         intermediate_size=64, max_seq_len=max_seq_len, attention="sdpa")
-    return MMMTransformer(config).eval()
 
 
 @pytest.fixture(scope="module")

@@ -161,8 +161,7 @@ def test_runs_racing_for_a_stale_lock_get_exactly_one_winner(tmp_path, procs):
 def test_training_refuses_a_run_folder_in_use(corpus, tmp_path, procs):
     """A second `python -m mmm.train` on a run folder in use fails before any work, naming
     the holder."""
-    from conftest import REPO
-    from test_train import small_overrides
+    from conftest import REPO, small_overrides
 
     holder, line = start_holder(tmp_path / "run", tmp_path / "release", clean_env(), name="train")
     procs.append(holder)
@@ -209,8 +208,7 @@ def test_waiting_for_the_holder_instead_of_failing(tmp_path, procs):
 def test_a_two_process_ddp_training_holds_its_run_folder_once(corpus, tmp_path):
     """Lightning launches rank 1 as a subprocess of rank 0, which holds the run lock: rank 1
     shares it instead of failing, and the lock is gone when the job ends."""
-    from conftest import REPO
-    from test_train import small_overrides
+    from conftest import REPO, small_overrides
 
     overrides = small_overrides(corpus, tmp_path) + [
         "trainer.devices=2", "+trainer.strategy=ddp", "trainer.max_steps=2", "validate_before_training=false", "logger=none",

@@ -11,48 +11,14 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from conftest import REPO, data_config, tokenizer_params, write_synthetic_midi
+from conftest import REPO, corpus_with_bad_files, data_cfg, store_rows, tok_cfg
 from mmm.data.store import Store, done_shards, shard_paths
-from mmm.preprocess import preprocess, split_of
-
-
-def corpus(root: Path, n: int = 10) -> Path:
-    """n synthetic pieces plus files every real collection has: garbage, empty, truncated."""
-    for seed in range(n):
-        write_synthetic_midi(root / "songs" / f"song_{seed:02d}.mid", seed, 10 + seed % 5)
-    (root / "bad").mkdir(parents=True)
-    (root / "bad" / "not_midi.mid").write_bytes(b"this is a text file, not a MIDI file\n" * 10)
-    (root / "bad" / "zero.mid").write_bytes(b"")
-    good = (root / "songs" / "song_00.mid").read_bytes()
-    (root / "bad" / "truncated.mid").write_bytes(good[: len(good) // 3])
-    (root / "songs" / "README.txt").write_text("not music: ignored by extension")
-    return root
-
-
-def data_cfg(source_path: Path, store: Path, **preprocess_overrides) -> dict:
-    cfg = data_config()
-    cfg.pop("_target_")
-    cfg["source"] = {"name": "folder", "path": str(source_path)}
-    cfg["store"] = str(store)
-    cfg["preprocess"].update({"num_workers": 1, "shard_size": 4, "min_notes": 16, **preprocess_overrides})
-    return cfg
-
-
-def tok_cfg() -> dict:
-    return {"vocab_size": None, "path": "unused", "params": tokenizer_params()}
-
-
-def store_rows(store: Path) -> list[tuple]:
-    rows = []
-    for split in ("train", "valid", "test"):
-        s = Store(store, split)
-        rows += [(r["name"], r["chunk"], r["split"], json.dumps(r["bars"]), json.dumps(r["bar_acs"])) for r in map(s.__getitem__, range(len(s)))]
-    return sorted(rows)
+from mmm.data.preprocess import preprocess, split_of
 
 
 @pytest.fixture(scope="module")
 def source(tmp_path_factory) -> Path:
-    return corpus(tmp_path_factory.mktemp("corpus"))
+    return corpus_with_bad_files(tmp_path_factory.mktemp("corpus"))
 
 
 @pytest.fixture(scope="module")

@@ -15,11 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, corpus_with_bad_files, data_cfg, tok_cfg
 from mmm.data.store import done_shards, shard_paths
 from mmm.locking import LockHeld
-from mmm.preprocess import TEST_FAULTS_ENV, array_task, preprocess
-from test_preprocess import corpus, data_cfg, tok_cfg
+from mmm.data.preprocess import TEST_FAULTS_ENV, array_task, preprocess
 
 TIMEOUT = 3  # file_timeout of every run here (it is part of the store's settings)
 
@@ -52,7 +51,7 @@ def files(store: Path) -> dict[str, bytes]:
 
 @pytest.fixture(scope="module")
 def source(tmp_path_factory) -> Path:
-    root = corpus(tmp_path_factory.mktemp("array"), n=6)  # 9 files, 9 shards of one file
+    root = corpus_with_bad_files(tmp_path_factory.mktemp("array"), n=6)  # 9 files, 9 shards of one file
     # Sorted last, so it is the last shard (shard 9) of task 1 of 2: it hangs until file_timeout.
     (root / "zz_hang.mid").write_bytes(b"MMM-TEST-HANG" + b"\0" * 64)
     return root

@@ -8,14 +8,14 @@ import signal
 
 import pytest
 
-from mmm.preprocess import TEST_FAULTS_ENV, preprocess
-from test_preprocess import corpus, data_cfg, store_rows, tok_cfg
+from conftest import corpus_with_bad_files, data_cfg, store_rows, tok_cfg
+from mmm.data.preprocess import TEST_FAULTS_ENV, preprocess
 
 
 @pytest.fixture(scope="module")
 def clean(tmp_path_factory):
     """A corpus and its store, without the faulty files."""
-    root = corpus(tmp_path_factory.mktemp("clean"), n=8)
+    root = corpus_with_bad_files(tmp_path_factory.mktemp("clean"), n=8)
     store = root / "store"
     preprocess(data_cfg(root / "songs", store, shard_size=3), tok_cfg())
     return root, store

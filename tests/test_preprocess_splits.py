@@ -11,13 +11,11 @@ import pyarrow.parquet as pq
 import pytest
 import symusic
 
-from conftest import write_synthetic_midi
+from conftest import LAYOUTS, SCHEMA, data_cfg, make_gigamidi, midi_bytes, store_rows, tok_cfg, write_synthetic_midi
 from mmm.data.store import Store
-from mmm.preprocess import preprocess, split_of
-from test_preprocess import data_cfg, store_rows, tok_cfg
-from test_sources import LAYOUTS, SCHEMA, make_gigamidi, midi_bytes
+from mmm.data.preprocess import preprocess, split_of
 
-SMALL = {"min_bars": 1, "min_notes": 1, "chunk_min_bars": 1}  # test_sources' pieces are one bar long
+SMALL = {"min_bars": 1, "min_notes": 1, "chunk_min_bars": 1}  # midi_bytes pieces are one bar long
 
 
 def gigamidi_cfg(root, version, store, tmp_path, subset: str = "all") -> dict:
@@ -32,7 +30,7 @@ def gigamidi_cfg(root, version, store, tmp_path, subset: str = "all") -> dict:
 def test_gigamidi_splits_are_kept(tmp_path, layout):
     root = tmp_path / "gigamidi"
     version = make_gigamidi(root, layout)
-    # One subset: test_sources' rows of different subsets repeat the same music.
+    # One subset: make_gigamidi's rows of different subsets repeat the same music.
     report = preprocess(gigamidi_cfg(root, version, tmp_path / "store", tmp_path, "drums-only"), tok_cfg())
     assert report["kept"] == 6 and report["duplicates"] == 0
     ours = {"train": "train", "validation": "valid", "test": "test"}

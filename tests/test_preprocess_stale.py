@@ -12,20 +12,19 @@ import sys
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import REPO, data_config
+from conftest import REPO, corpus_with_bad_files, data_cfg, data_config, tok_cfg
 from mmm.data.datamodule import MIDIDataModule
 from mmm.data.store import Store
 from mmm.locking import acquire_lock
-from mmm.preprocess import preprocess
+from mmm.data.preprocess import preprocess
 from mmm.tokenizer import build_tokenizer, save_tokenizer
 from mmm.train import ensure_data
-from mmm.train_tokenizer import train_tokenizer
-from test_preprocess import corpus, data_cfg, tok_cfg
+from mmm.data.prepare import train_tokenizer
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    root = corpus(tmp_path_factory.mktemp("stale"), n=4)
+    root = corpus_with_bad_files(tmp_path_factory.mktemp("stale"), n=4)
     store = root / "store"
     preprocess(data_cfg(root / "songs", store), tok_cfg())
     return root, store

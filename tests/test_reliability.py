@@ -9,26 +9,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from safetensors.torch import load_file
 
-from conftest import REPO, write_synthetic_midi
-from test_train import compose_train, small_overrides
+from conftest import REPO, compose_config, small_overrides, write_synthetic_midi
 from mmm.train import train
-
-
-class SendSignal(L.Callback):
-    """Test helper: the process signals itself when a given training step starts."""
-
-    def __init__(self, at_step: int, signum: int) -> None:
-        self.at_step, self.signum = at_step, signum
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if trainer.global_step == self.at_step:
-            os.kill(os.getpid(), self.signum)
 
 
 def resume_overrides(corpus: Path, root: Path) -> list[str]:
@@ -47,7 +34,7 @@ def final_weights(root: Path) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def uninterrupted(corpus, tmp_path_factory) -> dict[str, torch.Tensor]:
     root = tmp_path_factory.mktemp("uninterrupted")
-    metrics = train(compose_train(resume_overrides(corpus, root)))
+    metrics = train(compose_config("train", resume_overrides(corpus, root)))
     assert metrics["global_step"] == 10
     return final_weights(root)
 
@@ -63,12 +50,12 @@ def test_sigterm_saves_a_checkpoint_and_resume_is_exact(corpus, tmp_path, uninte
     the resumed run ends with exactly the weights of an uninterrupted run: same step count,
     optimizer state, LR schedule and data order."""
     overrides = resume_overrides(corpus, tmp_path)
-    killer = "+callbacks.kill={_target_: test_reliability.SendSignal, at_step: 8, signum: %d}" % signal.SIGTERM
+    killer = "+callbacks.kill={_target_: rank_probe.SendSignal, at_step: 8, signum: %d}" % signal.SIGTERM
     with pytest.raises(SIGTERMException):
-        train(compose_train(overrides + [killer]))
+        train(compose_config("train", overrides + [killer]))
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
     assert ckpt["global_step"] == 9  # the step in flight when the signal came was finished
-    metrics = train(compose_train(overrides + ["ckpt_path=last"]))
+    metrics = train(compose_config("train", overrides + ["ckpt_path=last"]))
     assert metrics["global_step"] == 10
     assert_same_weights(final_weights(tmp_path), uninterrupted)
 
@@ -77,7 +64,7 @@ def test_sigkill_resumes_from_the_last_periodic_checkpoint(corpus, tmp_path, uni
     """SIGKILL gives no chance to save: the run resumes from the last periodic checkpoint
     (every 3 steps) and still ends with the uninterrupted weights."""
     overrides = resume_overrides(corpus, tmp_path)
-    killer = "+callbacks.kill={_target_: test_reliability.SendSignal, at_step: 7, signum: %d}" % signal.SIGKILL
+    killer = "+callbacks.kill={_target_: rank_probe.SendSignal, at_step: 7, signum: %d}" % signal.SIGKILL
     env = {**os.environ, "PYTHONPATH": str(REPO / "tests"), "WANDB_MODE": "disabled"}
     proc = subprocess.run([sys.executable, "-m", "mmm.train", *overrides, killer], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)
@@ -86,7 +73,7 @@ def test_sigkill_resumes_from_the_last_periodic_checkpoint(corpus, tmp_path, uni
     assert ckpt["global_step"] == 6
     lock = tmp_path / "run" / "train.lock"
     assert "SendSignal" in json.loads(lock.read_text())["command"]  # the killed run's lock is left...
-    metrics = train(compose_train(overrides + ["ckpt_path=last"]))
+    metrics = train(compose_config("train", overrides + ["ckpt_path=last"]))
     assert metrics["global_step"] == 10
     assert not lock.exists()  # ...taken over as stale by the resumed run, which released it at the end
     assert_same_weights(final_weights(tmp_path), uninterrupted)
@@ -145,9 +132,8 @@ def bad_files(root: Path) -> dict[str, str]:
 
 
 def test_every_kind_of_bad_midi_is_skipped_with_its_reason(tmp_path):
-    from test_preprocess import data_cfg, tok_cfg
-
-    from mmm.preprocess import preprocess
+    from conftest import data_cfg, tok_cfg
+    from mmm.data.preprocess import preprocess
 
     expected = bad_files(tmp_path / "bad")
     write_synthetic_midi(tmp_path / "bad" / "fine.mid", 5, 12)
@@ -163,9 +149,8 @@ def test_fuzzed_midi_never_crashes_or_hangs_preprocessing(tmp_path, request):
     with 2 workers: every file ends up kept or rejected with a reason."""
     import random
 
-    from test_preprocess import data_cfg, tok_cfg
-
-    from mmm.preprocess import preprocess
+    from conftest import data_cfg, tok_cfg
+    from mmm.data.preprocess import preprocess
 
     root = os.environ.get("MMM_TEST_MIDI")
     seeds = sorted(Path(root, "multitrack").glob("*.mid"))[:4] if root else []
@@ -363,7 +348,7 @@ def test_resuming_from_a_checkpoint_carrying_code_is_refused(corpus, tmp_path):
 
     marker = tmp_path / "pwned"
     bad = mmm_ckpt(tmp_path / "bad.ckpt", callbacks={"Innocent": {"state": Trap(marker)}})
-    cfg = compose_train(small_overrides(corpus, tmp_path) + [f"ckpt_path={bad}", "logger=none"])
+    cfg = compose_config("train", small_overrides(corpus, tmp_path) + [f"ckpt_path={bad}", "logger=none"])
     with pytest.raises(UnsafeCheckpoint, match="posix.system.*trust_checkpoint=true"):
         train(cfg)
     assert not marker.exists()
@@ -388,7 +373,7 @@ def test_resuming_from_a_checkpoint_carrying_code_is_refused(corpus, tmp_path):
 def test_bad_config_fails_before_any_work(override, message, corpus, tmp_path):
     if "CUDA" in message and torch.cuda.is_available():
         pytest.skip("a GPU is visible")
-    cfg = compose_train(small_overrides(corpus, tmp_path) + [override])
+    cfg = compose_config("train", small_overrides(corpus, tmp_path) + [override])
     with pytest.raises(ValueError, match=message):
         train(cfg)
     assert not (tmp_path / "data").exists(), "nothing was preprocessed"
@@ -398,13 +383,13 @@ def test_unknown_key_is_refused_by_hydra(corpus, tmp_path):
     from hydra.errors import ConfigCompositionException
 
     with pytest.raises(ConfigCompositionException, match="max_step"):
-        compose_train(small_overrides(corpus, tmp_path) + ["trainer.max_step=3"])
+        compose_config("train", small_overrides(corpus, tmp_path) + ["trainer.max_step=3"])
 
 
 def test_tokenizer_vocab_size_mismatch_fails_before_training(corpus, tmp_path):
-    cfg = compose_train(small_overrides(corpus, tmp_path) + ["trainer.max_steps=1", "validate_before_training=false"])
+    cfg = compose_config("train", small_overrides(corpus, tmp_path) + ["trainer.max_steps=1", "validate_before_training=false"])
     train(cfg)  # builds the store and a tokenizer of 800
-    bad = compose_train(small_overrides(corpus, tmp_path) + [f"tokenizer.path={cfg.tokenizer.path}", "tokenizer.vocab_size=900"])
+    bad = compose_config("train", small_overrides(corpus, tmp_path) + [f"tokenizer.path={cfg.tokenizer.path}", "tokenizer.vocab_size=900"])
     with pytest.raises(ValueError, match="has 800 tokens but tokenizer.vocab_size=900"):
         train(bad)
 

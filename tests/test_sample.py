@@ -17,15 +17,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hydra import compose, initialize_config_dir
 from symusic import Score
 
-from conftest import REPO, synthetic_score, write_synthetic_midi
+from conftest import compose_config, synthetic_score, tiny_model, write_synthetic_midi
 from mmm import sample as sample_module
 from mmm.checkpoint import save_pretrained
 from mmm.pianoroll import GENERATED_COLOR, ORIGINAL_COLOR, plot_pianoroll
 from mmm.sample import sample
-from test_generation import tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +39,8 @@ def midi(tmp_path_factory) -> Path:
 
 
 def config(*overrides: str):
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        return compose("sample", overrides=["num_threads=1", "max_bar_tokens=16", *overrides])
+    """configs/sample.yaml composed with 1 thread, 16 tokens per bar and `overrides`."""
+    return compose_config("sample", ["num_threads=1", "max_bar_tokens=16", *overrides])
 
 
 def _colour_fraction(png: Path, colour: str) -> float:

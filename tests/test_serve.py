@@ -38,15 +38,9 @@ from mmm.api import MMM, bar_grid, count_bars  # noqa: E402
 from mmm.checkpoint import save_pretrained  # noqa: E402
 from mmm.serve.app import Settings, create_app  # noqa: E402
 from mmm.serve.jobs import Job  # noqa: E402
-from test_generation import tiny_model  # noqa: E402
 
 
-# --- fixtures shared with the browser and load tests ---------------------------------------------
-@pytest.fixture(scope="module")
-def serve_mmm(tokenizer, vocab) -> MMM:
-    return MMM(tiny_model(vocab.size, max_seq_len=1024), tokenizer, max_bar_tokens=24, num_threads=1)
-
-
+# --- fixtures (`serve_mmm`, the served model, is conftest's: the browser and load tests share it) ---
 def make_client(mmm: MMM, **settings) -> TestClient:
     return TestClient(create_app(mmm, Settings(**settings)))
 

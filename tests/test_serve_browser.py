@@ -15,7 +15,6 @@ import os
 import shutil
 import time
 from collections import Counter
-from pathlib import Path
 
 import pytest
 
@@ -29,7 +28,6 @@ from symusic import Score  # noqa: E402
 
 from conftest import synthetic_score  # noqa: E402
 from mmm.serve.app import Settings, create_app, serve_in_thread  # noqa: E402
-from test_serve import serve_mmm  # noqa: E402,F401 (fixture)
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"

@@ -12,10 +12,9 @@ pytest.importorskip("fastapi", reason="the serve extra is not installed (pip ins
 from conftest import synthetic_score  # noqa: E402
 from mmm.serve.app import Settings, create_app, serve_in_thread  # noqa: E402
 from mmm.serve.load import load_test  # noqa: E402
-from test_serve import serve_mmm  # noqa: E402,F401 (fixture)
 
 
-def test_load_16_clients_x_4_requests(serve_mmm):  # noqa: F811
+def test_load_16_clients_x_4_requests(serve_mmm):
     midi = synthetic_score(seed=1, num_bars=8).dumps_midi()
     with serve_in_thread(create_app(serve_mmm, Settings(queue_size=4))) as url:
         result = load_test(url, midi, clients=16, requests=4, fields={"track": "1", "bars": "[0,1]", "seed": "0"})

@@ -15,6 +15,7 @@ import pytest
 import symusic
 
 import mmm.data.sources as sources
+from conftest import LAYOUTS, ROWS, SCHEMA, SUBSETS, gigamidi_rows, make_gigamidi, midi_bytes, write_parquet
 from mmm.data.sources import (
     EmbeddedSource,
     FolderSource,
@@ -26,17 +27,6 @@ from mmm.data.sources import (
 )
 
 ABC_TUNE = "X:1\nT:Scale\nM:4/4\nL:1/8\nK:G\nGABc defg|g2f2 e2d2|]\n"
-
-
-def midi_bytes(seed: int, tracks: int = 2) -> bytes:
-    """A small valid MIDI file whose bytes differ for every seed."""
-    score = symusic.Score(480)
-    for k in range(tracks):
-        track = symusic.Track(name=f"t{k}", program=k)
-        for j in range(4):
-            track.notes.append(symusic.Note(j * 480, 480, 40 + (seed + 7 * k + j) % 60, 64 + seed % 60))
-        score.tracks.append(track)
-    return score.dumps_midi()
 
 
 def test_music_file_md5_and_load():
@@ -151,65 +141,6 @@ def test_real_invalid_files():
 
 
 # ----------------------------------------------------------------------------- GigaMIDI
-
-SUBSETS = ("all-instruments-with-drums", "drums-only", "no-drums")
-ROWS = 2  # per subset and split
-
-
-def gigamidi_rows(subset: str, split: str) -> list[dict]:
-    base = 100 * SUBSETS.index(subset) + 10 * sources.GIGAMIDI_SPLITS.index(split)
-    rows = []
-    for k in range(ROWS):
-        music = midi_bytes(base + k)
-        rows.append({"md5": hashlib.md5(music).hexdigest(), "music": music, "instrument_category": subset,
-                     "music_styles_curated": ["rock"] if k else ["jazz", "pop"], "split": split})
-    return rows
-
-
-SCHEMA = pa.schema([("md5", pa.string()), ("music", pa.binary()), ("instrument_category", pa.string()),
-                    ("music_styles_curated", pa.list_(pa.string())), ("split", pa.string())])
-
-
-def write_parquet(path: Path, rows: list[dict], int_category: bool = False) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    table = pa.Table.from_pylist(rows, schema=SCHEMA)
-    if int_category:
-        # Newer releases: 0/1/2 codes in a long-named column.
-        codes = pa.array([sources._CATEGORY_CODES[c] for c in table["instrument_category"].to_pylist()], pa.int64())
-        table = table.drop_columns(["instrument_category"]).append_column(
-            "instrument_category__drums-only__0__all-instruments-with-drums__1_no-drums__2", codes)
-    pq.write_table(table, path)
-
-
-def make_gigamidi(root: Path, layout: str) -> str:
-    """Write a tiny GigaMIDI download in one of the known layouts; returns its version."""
-    splits = sources.GIGAMIDI_SPLITS
-    if layout == "per-subset":  # v1.0.0: {subset}/{split}.parquet
-        for subset in SUBSETS:
-            for split in splits:
-                write_parquet(root / "v1.0.0" / subset / f"{split}.parquet", gigamidi_rows(subset, split))
-        return "v1.0.0"
-    if layout == "per-subset-sharded":  # v1.1.0/{subset}/{split}/*.parquet
-        for subset in SUBSETS:
-            for split in splits:
-                rows = gigamidi_rows(subset, split)
-                for shard in range(ROWS):
-                    write_parquet(root / "v1.1.0" / subset / split / f"{shard:05d}.parquet", rows[shard:shard + 1])
-        return "v1.1.0"
-    # Hub layout v1.1.0/{split}/*.parquet: subsets only in a column, rows mixed in shards.
-    for split in splits:
-        rows = [r for subset in SUBSETS for r in gigamidi_rows(subset, split)]
-        half = len(rows) // 2
-        for shard, part in enumerate((rows[:half], rows[half:])):
-            write_parquet(root / "v1.1.0" / split / f"{split}-{shard:05d}-of-00002.parquet", part,
-                          int_category=layout == "column-int")
-    # Hidden folders (download caches, like the ".cache" of `huggingface-cli download`) are ignored.
-    write_parquet(root / "v1.1.0" / ".cache" / "stale-train.parquet", gigamidi_rows("drums-only", "train"))
-    return "v1.1.0"
-
-
-LAYOUTS = ("per-subset", "per-subset-sharded", "column-str", "column-int")
-
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_gigamidi_layouts_subset_and_splits(tmp_path, layout):

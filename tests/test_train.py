@@ -10,61 +10,27 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from lightning.pytorch.strategies import DeepSpeedStrategy
 
-from conftest import REPO
+from conftest import CONFIGS, REPO, compose_config, small_overrides
 from mmm.checkpoint import load_pretrained
 from mmm.data.sequences import IGNORE_INDEX
 from mmm.train import check_config, train
 
-CONFIGS = REPO / "configs"
 EXPERIMENTS = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))
-
-
-def small_overrides(corpus: Path, root: Path) -> list[str]:
-    """The real train config, shrunk to seconds on a CPU."""
-    return [
-        "data=folder",
-        f"data.path={corpus}",
-        f"paths.data_dir={root / 'data'}",
-        f"run_dir={root / 'run'}",
-        "data.split.valid=0.3",
-        "data.split.test=0.1",
-        "data.max_seq_len=256",
-        "data.loader.batch_size=2",
-        "data.loader.num_workers=0",
-        "data.preprocess.num_workers=1",
-        "data.preprocess.min_notes=16",
-        "tokenizer.vocab_size=800",
-        "++model.overrides={hidden_size: 32, num_layers: 2, num_heads: 2, num_kv_heads: 1, intermediate_size: 64}",
-        "trainer=cpu",
-        "trainer.precision=32",
-        "trainer.max_steps=6",
-        "trainer.val_check_interval=3",
-        "trainer.limit_val_batches=2",
-        "callbacks.model_checkpoint.every_n_train_steps=3",
-        "callbacks.progress_bar=null",
-        "optim.warmup_steps=2",
-    ]
-
-
-def compose_train(overrides: list[str]):
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        return compose("train", overrides=overrides)
 
 
 @pytest.fixture(scope="module")
 def trained(corpus, tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
-    cfg = compose_train(small_overrides(corpus, root))
+    cfg = compose_config("train", small_overrides(corpus, root))
     return root, cfg, train(cfg)
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_experiment_composes_and_instantiates(experiment, tmp_path):
-    cfg = compose_train([f"+experiment={experiment}", f"run_dir={tmp_path}", f"paths.data_dir={tmp_path}/data"])
+    cfg = compose_config("train", [f"+experiment={experiment}", f"run_dir={tmp_path}", f"paths.data_dir={tmp_path}/data"])
     assert cfg.experiment_name == experiment
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
     assert callbacks
@@ -83,7 +49,7 @@ def test_every_experiment_composes_and_instantiates(experiment, tmp_path):
 
 
 def test_gigamidi_is_the_published_setup(tmp_path):
-    cfg = compose_train(["+experiment=gigamidi", f"run_dir={tmp_path}"])
+    cfg = compose_config("train", ["+experiment=gigamidi", f"run_dir={tmp_path}"])
     assert cfg.model.preset == "base" and cfg.tokenizer.vocab_size == 16000
     assert cfg.trainer.precision == "bf16-mixed" and cfg.data.source.name == "gigamidi"
 
@@ -91,11 +57,11 @@ def test_gigamidi_is_the_published_setup(tmp_path):
 def test_bad_configs_fail_before_work(corpus, tmp_path):
     base = small_overrides(corpus, tmp_path)
     with pytest.raises(ValueError, match="exceeds the model context"):
-        check_config(compose_train(base + ["model.max_seq_len=128"]))
+        check_config(compose_config("train", base + ["model.max_seq_len=128"]))
     with pytest.raises(ValueError, match="model.preset"):
-        check_config(compose_train(base + ["model.preset=huge"]))
+        check_config(compose_config("train", base + ["model.preset=huge"]))
     with pytest.raises(ValueError, match="tokenizer.vocab_siz"):
-        check_config(compose_train(base + ["+tokenizer.vocab_siz=3"]))
+        check_config(compose_config("train", base + ["+tokenizer.vocab_siz=3"]))
     assert not (tmp_path / "data").exists()
 
 
@@ -146,7 +112,7 @@ def test_export_carries_generation_settings_measured_on_the_data(trained):
 
 def test_resume_continues_step_and_schedule(trained, corpus):
     root, cfg, _ = trained
-    resumed = compose_train(small_overrides(corpus, root) + ["trainer.max_steps=9", "ckpt_path=last"])
+    resumed = compose_config("train", small_overrides(corpus, root) + ["trainer.max_steps=9", "ckpt_path=last"])
     metrics = train(resumed)
     assert metrics["global_step"] == 9
     ckpt = torch.load(Path(resumed.run_dir) / "checkpoints" / "last.ckpt", weights_only=False)
@@ -160,7 +126,10 @@ def test_batches_mask_prompt_only_tokens(trained):
     from mmm.tokenizer import Vocab, load_tokenizer
 
     vocab = Vocab(load_tokenizer(cfg.tokenizer.path))
-    dm = instantiate(cfg.data, tokenizer_path=cfg.tokenizer.path, seed=0, _recursive_=False, _convert_="all")
+    from mmm.config import check_section
+    from mmm.data.datamodule import DataConfig, MIDIDataModule
+
+    dm = MIDIDataModule.from_config(check_section("data", cfg.data, DataConfig), cfg.tokenizer.path, seed=0)
     dm.setup("fit")
     batch = next(iter(dm.val_dataloader()))
     ids, labels = batch["input_ids"], batch["labels"]
@@ -171,7 +140,8 @@ def test_batches_mask_prompt_only_tokens(trained):
 
 def test_wandb_logger_works_offline(corpus, tmp_path):
     pytest.importorskip("wandb")
-    cfg = compose_train(
+    cfg = compose_config(
+        "train",
         small_overrides(corpus, tmp_path)
         + ["logger=wandb", "logger.wandb.offline=true", "trainer.max_steps=2", "validate_before_training=false"]
     )
@@ -214,7 +184,7 @@ def test_export_cli_turns_a_ckpt_into_a_folder(trained, tmp_path):
 def test_bpe_is_learned_on_bars_augmented_like_training_samples(trained):
     from mmm.data.store import Store
     from mmm.tokenizer import Vocab, load_tokenizer
-    from mmm.train_tokenizer import augmented_bars
+    from mmm.data.prepare import augmented_bars
 
     root, cfg, _ = trained
     store = Store(cfg.data.store, "train")

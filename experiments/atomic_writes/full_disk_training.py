@@ -3,7 +3,8 @@ file-size limit below the checkpoint size (the step-6 save fails), then to step 
 
     python experiments/atomic_writes/full_disk_training.py --corpus <folder of MIDI> --root runs/full_disk
 
-Uses the small settings of tests/test_train.py (a model of a few thousand parameters).
+Uses the small training settings of the tests (`small_overrides` in tests/conftest.py: a model of a
+few thousand parameters).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def child(corpus: Path, root: Path, steps: int, limit: int) -> None:
     sys.path.insert(0, str(REPO / "tests"))
-    from test_train import compose_train, small_overrides
+    from conftest import compose_config, small_overrides
 
     from mmm.checkpoint import load_checkpoint_file
     from mmm.train import train
@@ -30,7 +31,7 @@ def child(corpus: Path, root: Path, steps: int, limit: int) -> None:
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
     overrides = small_overrides(corpus, root) + [f"trainer.max_steps={steps}", "logger=none", "validate_before_training=false"]
     try:
-        print("result:", {k: v for k, v in train(compose_train(overrides)).items() if k == "global_step"})
+        print("result:", {k: v for k, v in train(compose_config("train", overrides)).items() if k == "global_step"})
     except Exception as e:
         print("result:", type(e).__name__, e)
     checkpoints = root / "run" / "checkpoints"
