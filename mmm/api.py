@@ -37,12 +37,14 @@ from miditok.utils import get_bars_ticks
 from symusic import Note, Score, Tempo, TimeSignature, Track
 
 from mmm.checkpoint import checkpoint_location, generation_settings, load_pretrained, save_pretrained
+from mmm.controls import Controls
 from mmm.data.checks import check_midi_header, check_score
 from mmm.data.pieces import Rejected, carry_tempo, score_to_bars
 from mmm.data.sequences import SampleSpec, TrackPart, assemble
 from mmm.generation import SamplingConfig, generate_ids, make_generator
 from mmm.grammar import BarGrammar, BarPlan, GrammarTables, make_grammar, time_signature_of
 from mmm.model import MMMTransformer
+from mmm.request import Plan, Request, RequestError, check_request, check_tracks
 from mmm.tokenizer import Vocab
 
 # Per-bar generation budget (model ids) when the checkpoint does not carry one measured on its
@@ -74,58 +76,6 @@ def read_score(score: Score | str | Path) -> Score:
     return loaded
 
 
-def describe_tracks(score: Score) -> str:
-    return ", ".join(
-        f"{i}: {t.name or '?'!r} ({'drums' if t.is_drum else f'program {t.program}'}, {len(t.notes)} notes)"
-        for i, t in enumerate(score.tracks)
-    )
-
-
-def check_tracks(track: int | Sequence[int], score: Score) -> list[int]:
-    tracks = [track] if isinstance(track, (int, np.integer)) else list(track)
-    if not tracks:
-        raise ValueError("track: give a track index or a non-empty list of them")
-    n = len(score.tracks)
-    for t in tracks:
-        if isinstance(t, bool) or not isinstance(t, (int, np.integer)) or not 0 <= t < n:
-            raise ValueError(
-                f"unknown track {t!r}: the score has {n} track(s), valid indices 0..{n - 1} ({describe_tracks(score)})"
-            )
-    if len(set(tracks)) != len(tracks):
-        raise ValueError(f"track: duplicated index in {tracks}")
-    return [int(t) for t in tracks]
-
-
-def check_spans(bars: Sequence, num_bars: int) -> list[tuple[int, int]]:
-    """`(start, end)` or a list of them -> validated, non-overlapping spans."""
-    if isinstance(bars, Sequence) and len(bars) == 2 and all(isinstance(x, (int, np.integer)) for x in bars):
-        spans = [tuple(bars)]
-    elif isinstance(bars, Sequence) and len(bars) > 0 and all(isinstance(s, Sequence) and len(s) == 2 for s in bars):
-        spans = [tuple(s) for s in bars]
-    else:
-        raise ValueError(f"bars must be (start, end) or a list of (start, end) spans, got {bars!r}")
-    out = []
-    for a, b in spans:
-        if any(isinstance(x, bool) or not isinstance(x, (int, np.integer)) for x in (a, b)) or not 0 <= a < b <= num_bars:
-            raise ValueError(
-                f"bars ({a}, {b}) out of range: the piece has {num_bars} bars; a span is (start, end) "
-                f"with 0 <= start < end <= {num_bars} (end excluded)"
-            )
-        out.append((int(a), int(b)))
-    ordered = sorted(out)
-    for (a1, b1), (a2, _) in zip(ordered, ordered[1:]):
-        if a2 < b1:
-            raise ValueError(f"bars: spans {ordered} overlap")
-    return out
-
-
-def check_program(program: Any, tokenizer: MMMTokenizer | None = None) -> int:
-    allowed = tokenizer.config.programs if tokenizer is not None else range(-1, 128)
-    if isinstance(program, bool) or not isinstance(program, (int, np.integer)) or program not in allowed:
-        raise ValueError(f"program {program!r} is not valid: use -1 (drums) or a General MIDI program 0..127")
-    return int(program)
-
-
 def count_bars(score: Score, tokenizer: MMMTokenizer | None = None) -> int:
     """Bars of the piece as the API counts them (with the tokenizer: exactly; without: the score's
     bars up to its last onset, which can differ by a few bars)."""
@@ -137,10 +87,6 @@ def count_bars(score: Score, tokenizer: MMMTokenizer | None = None) -> int:
         return _piece_from_score(score, tokenizer, Vocab(tokenizer)).num_bars
     except ValueError:
         return 0
-
-
-# --- attribute controls ----------------------------------------------------------------------
-from mmm.controls import Controls  # noqa: E402  (the one control table, `mmm.controls`)
 
 
 # --- the piece being worked on -----------------------------------------------------------
@@ -330,7 +276,9 @@ class MMM:
         self.model.eval()
         self.controls = Controls(tokenizer, self.vocab, controls_seen)
         self.controls_seen = None if controls_seen is None else sorted(controls_seen)
-        self.max_bar_tokens = max_bar_tokens
+        if isinstance(max_bar_tokens, bool) or not isinstance(max_bar_tokens, (int, np.integer)) or max_bar_tokens < 4:
+            raise ValueError(f"max_bar_tokens must be an integer >= 4, got {max_bar_tokens!r}")
+        self.max_bar_tokens = int(max_bar_tokens)
         self.num_threads = num_threads
         self.tables = GrammarTables.of(self.vocab)
         self.last_report: GenerationReport | None = None
@@ -386,22 +334,10 @@ class MMM:
         other, each seeing the previous results. `controls` / `track_controls` may be a list
         with one entry per track. Generated notes end at the end of their span (they would
         otherwise sound over the kept bars after it) unless `clip_notes=False`."""
-        score = read_score(score)
-        tracks = check_tracks(track, score)
-        self._check_window(bars_before, bars_after)
-        bar_ctl, track_ctl = self._per_track(controls, len(tracks), "tracks"), self._per_track(track_controls, len(tracks), "tracks")
-        piece = _piece_from_score(score, self.tokenizer, self.vocab)
-        spans = check_spans(bars, piece.num_bars)
-        run = self._run(score, piece, temperature, top_k, top_p, seed, num_variations, max_bar_tokens)
-        jobs = []
-        for k, t in enumerate(tracks):
-            generated = [b for a, e in spans for b in range(a, e)]
-            acs = self.controls.bar_ids(bar_ctl[k], generated)
-            tacs = self.controls.track_ids(track_ctl[k])
-            jobs.extend((t, a, e, acs, tacs) for a, e in spans)
-        for t, a, e, acs, tacs in jobs:
-            run.infill(t, a, e, acs, tacs, bars_before, bars_after, clip_notes)
-        return run.finish()
+        return self.run(Request("infill", track=track, bars=bars, controls=controls, track_controls=track_controls,
+                                bars_before=bars_before, bars_after=bars_after, num_variations=num_variations,
+                                seed=seed, sampling=SamplingConfig(temperature, top_k, top_p),
+                                max_bar_tokens=max_bar_tokens, clip_notes=clip_notes), score)
 
     def add_track(self, score: Score | str | Path, program: int,
                   controls: Mapping | None = None, track_controls: Mapping | None = None, *,
@@ -410,14 +346,9 @@ class MMM:
                   max_bar_tokens: int | None = None) -> Score | list[Score]:
         """Write a new track (`program`, -1 = drums) over every bar of `score`; it is appended
         as the last track of the output."""
-        score = read_score(score)
-        program = check_program(program, self.tokenizer)
-        piece = _piece_from_score(score, self.tokenizer, self.vocab)
-        acs = self.controls.bar_ids(controls, range(piece.num_bars))
-        tacs = self.controls.track_ids(track_controls)
-        run = self._run(score, piece, temperature, top_k, top_p, seed, num_variations, max_bar_tokens)
-        run.new_track(program, acs, tacs)
-        return run.finish()
+        return self.run(Request("add_track", program=program, controls=controls, track_controls=track_controls,
+                                num_variations=num_variations, seed=seed, sampling=SamplingConfig(temperature, top_k, top_p),
+                                max_bar_tokens=max_bar_tokens), score)
 
     def generate(self, programs: Sequence[int], num_bars: int,
                  controls: Mapping | Sequence[Mapping] | None = None,
@@ -428,28 +359,44 @@ class MMM:
                  max_bar_tokens: int | None = None) -> Score | list[Score]:
         """Write a piece from scratch: one track per program (-1 = drums), in order, each seeing
         the previous ones; `num_bars` bars in `time_signature` at `tempo`."""
-        if isinstance(programs, (int, np.integer)) or not programs:
-            raise ValueError("programs must be a non-empty list of programs (-1 = drums)")
-        programs = [check_program(p, self.tokenizer) for p in programs]
-        if isinstance(num_bars, bool) or not isinstance(num_bars, (int, np.integer)) or num_bars < 1:
-            raise ValueError(f"num_bars must be a positive integer, got {num_bars!r}")
-        ts = self._time_signature(time_signature)
-        if isinstance(tempo, bool) or not isinstance(tempo, (int, float)) or tempo <= 0:
-            raise ValueError(f"tempo must be a positive number of quarter notes per minute, got {tempo!r}")
-        if isinstance(tpq, bool) or not isinstance(tpq, (int, np.integer)) or tpq < 1:
-            raise ValueError(f"tpq must be a positive integer (ticks per quarter note), got {tpq!r}")
-        bar_ctl, track_ctl = self._per_track(controls, len(programs), "programs"), self._per_track(track_controls, len(programs), "programs")
-        acs = [self.controls.bar_ids(c, range(num_bars)) for c in bar_ctl]
-        tacs = [self.controls.track_ids(c) for c in track_ctl]
-        score = Score(tpq)
-        num, den = time_signature_of(self.vocab.token_of[ts])
-        score.time_signatures.append(TimeSignature(0, num, den))
-        score.tempos.append(Tempo(0, float(tempo)))
-        per_bar = _ticks_per_bar(self.vocab.token_of[ts], tpq)
-        piece = _Piece([], [], [], [], [ts] * num_bars, [b * per_bar for b in range(num_bars)], tpq)
-        run = self._run(score, piece, temperature, top_k, top_p, seed, num_variations, max_bar_tokens)
-        for program, a, ta in zip(programs, acs, tacs):
-            run.new_track(program, a, ta)
+        return self.run(Request("generate", programs=programs, num_bars=num_bars, controls=controls,
+                                track_controls=track_controls, time_signature=time_signature, tempo=tempo, tpq=tpq,
+                                num_variations=num_variations, seed=seed, sampling=SamplingConfig(temperature, top_k, top_p),
+                                max_bar_tokens=max_bar_tokens))
+
+    def check(self, request: Request, score: Score | str | Path | None = None) -> tuple[Plan, Score | None, _Piece | None]:
+        """`request` checked against this model (and the input score): its plan, or a `RequestError`."""
+        if request.task == "generate":
+            return check_request(request, self.tokenizer, self.controls), None, None
+        if score is None:
+            raise RequestError("file", f"{request.task} needs an input score")
+        score = read_score(score)
+        if request.task == "infill":
+            check_tracks(request.track, score)  # before the bars: an unknown track is the first thing to say
+        piece = _piece_from_score(score, self.tokenizer, self.vocab)
+        return check_request(request, self.tokenizer, self.controls, score, piece.num_bars), score, piece
+
+    def run(self, request: Request, score: Score | str | Path | None = None) -> Score | list[Score]:
+        """Run a `Request` (what `infill`, `add_track` and `generate` build); one output per
+        variation (a single Score when `num_variations` is 1)."""
+        plan, score, piece = self.check(request, score)
+        if request.task == "generate":
+            tpq, ts = int(request.tpq), plan.time_signature
+            score = Score(tpq)
+            num, den = time_signature_of(self.vocab.token_of[ts])
+            score.time_signatures.append(TimeSignature(0, num, den))
+            score.tempos.append(Tempo(0, float(request.tempo)))
+            per_bar = _ticks_per_bar(self.vocab.token_of[ts], tpq)
+            piece = _Piece([], [], [], [], [ts] * plan.num_bars, [b * per_bar for b in range(plan.num_bars)], tpq)
+        run = self._run(score, piece, request)
+        if request.task == "infill":
+            for k, t in enumerate(plan.tracks):
+                for a, e in plan.spans:
+                    run.infill(t, a, e, plan.bar_acs[k], plan.track_acs[k], request.bars_before, request.bars_after,
+                               request.clip_notes)
+        else:
+            for program, acs, tacs in zip(plan.programs, plan.bar_acs, plan.track_acs):
+                run.new_track(program, acs, tacs)
         return run.finish()
 
     def bar_grid(self, score: Score | str | Path) -> BarGrid:
@@ -458,41 +405,11 @@ class MMM:
         return bar_grid(read_score(score), self.tokenizer, self.vocab)
 
     # -- helpers ---------------------------------------------------------------------------
-    def _time_signature(self, ts: str | tuple[int, int]) -> int:
-        text = ts if isinstance(ts, str) else "/".join(str(x) for x in ts)
-        base = self.tokenizer.vocab.get(f"TimeSig_{text}")
-        if base is None:
-            valid = sorted(t.split("_", 1)[1] for t in self.tokenizer.vocab if t.startswith("TimeSig_"))
-            raise ValueError(f"time_signature {text!r} is not in the tokenizer's vocabulary; valid: {valid}")
-        return base
-
-    @staticmethod
-    def _per_track(value: Any, n: int, what: str) -> list:
-        if isinstance(value, (list, tuple)):
-            if len(value) != n:
-                raise ValueError(f"a list of controls needs one mapping per {what[:-1]} ({n}), got {len(value)}")
-            return list(value)
-        return [value] * n
-
-    @staticmethod
-    def _check_window(bars_before: Any, bars_after: Any) -> None:
-        for name, v in (("bars_before", bars_before), ("bars_after", bars_after)):
-            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0):
-                raise ValueError(f"{name} must be None or an integer >= 0, got {v!r}")
-
-    def _run(self, score: Score, piece: _Piece, temperature: float, top_k: int | None, top_p: float | None,
-             seed: int | None, num_variations: int, max_bar_tokens: int | None) -> _Run:
-        if isinstance(num_variations, bool) or not isinstance(num_variations, (int, np.integer)) or num_variations < 1:
-            raise ValueError(f"num_variations must be a positive integer, got {num_variations!r}")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
-            raise ValueError(f"seed must be an integer or None, got {seed!r}")
-        bar_tokens = self.max_bar_tokens if max_bar_tokens is None else max_bar_tokens
-        if isinstance(bar_tokens, bool) or not isinstance(bar_tokens, (int, np.integer)) or bar_tokens < 4:
-            raise ValueError(f"max_bar_tokens must be an integer >= 4, got {bar_tokens!r}")
-        sampling = SamplingConfig(temperature, top_k, top_p)
-        sampling.validate()
+    def _run(self, score: Score, piece: _Piece, request: Request) -> _Run:
+        bar_tokens = self.max_bar_tokens if request.max_bar_tokens is None else int(request.max_bar_tokens)
         device = self.model.embed_tokens.weight.device
-        return _Run(self, score, piece, sampling, make_generator(seed, device), int(num_variations), int(bar_tokens))
+        return _Run(self, score, piece, request.sampling, make_generator(request.seed, device),
+                    int(request.num_variations), bar_tokens)
 
 
 class _Run:
@@ -503,7 +420,9 @@ class _Run:
         self.mmm, self.vocab, self.tables = mmm, mmm.vocab, mmm.tables
         self.max_len = mmm.model.config.max_seq_len
         self.sampling, self.generator, self.n = sampling, generator, num_variations
-        self.max_bar_tokens = max_bar_tokens
+        if isinstance(max_bar_tokens, bool) or not isinstance(max_bar_tokens, (int, np.integer)) or max_bar_tokens < 4:
+            raise ValueError(f"max_bar_tokens must be an integer >= 4, got {max_bar_tokens!r}")
+        self.max_bar_tokens = int(max_bar_tokens)
         self.pieces = [piece] + [piece.copy() for _ in range(num_variations - 1)]
         self.scores = [score.copy() for _ in range(num_variations)]
         self.report = GenerationReport(regions=[[] for _ in range(num_variations)])

@@ -28,7 +28,7 @@ class SamplingConfig:
     top_k: int | None = None
     top_p: float | None = 0.95
 
-    def validate(self) -> None:
+    def check(self) -> None:
         if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) or self.temperature < 0:
             raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got {self.temperature!r}")
         if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1):
@@ -140,7 +140,7 @@ def _generate(
     on_step: Callable[[Sequence[BarGrammar] | None], None] | None = None,
 ) -> GenerationOutput:
     sampling = sampling or SamplingConfig()
-    sampling.validate()
+    sampling.check()
     if grammars is not None and len(grammars) != num_variations:
         raise ValueError(f"{len(grammars)} grammars for {num_variations} variations")
     if len(prompt) == 0:

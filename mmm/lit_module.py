@@ -9,13 +9,12 @@ from typing import Any
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from hydra.utils import instantiate
 from torch.optim.lr_scheduler import LambdaLR
 
 from mmm.config import at_least, check_section, within
 from mmm.data.sequences import IGNORE_INDEX
-from mmm.model import MMMTransformer, ModelConfig
+from mmm.model import MMMTransformer, ModelConfig, next_token_nll
 
 
 
@@ -58,10 +57,9 @@ class MMMLitModule(L.LightningModule):
         return self.model(input_ids)
 
     def _nll(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.model(batch["input_ids"][:, :-1])
-        targets = batch["labels"][:, 1:]
-        nll = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
-        return nll, (targets != IGNORE_INDEX).sum()
+        """Summed next-token NLL of the batch and its number of targets (evaluation scores the same way)."""
+        nll = next_token_nll(self.model, batch["input_ids"], batch["labels"], IGNORE_INDEX, reduction="sum")
+        return nll, (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
 
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         nll, count = self._nll(batch)

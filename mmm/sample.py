@@ -7,31 +7,70 @@ file, bars out of range, unknown track, bad program or controls), so a typo cost
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import sys
 import time
-from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mmm.api import (
-    MMM,
-    Controls,
-    check_program,
-    check_spans,
-    check_tracks,
-    count_bars,
-    read_score,
-)
-from mmm.config import plain, require_keys
+from symusic import Score
+
+from mmm.api import MMM, count_bars, read_score
+from mmm.checkpoint import checkpoint_location
+from mmm.config import at_least, check_section
+from mmm.controls import Controls
+from mmm.generation import SamplingConfig
+from mmm.request import Request, check_request
+from mmm.tokenizer import Vocab
 
 log = logging.getLogger(__name__)
 
-TASKS = ("infill", "add_track", "generate")
-KEYS = {"ckpt", "input", "task", "track", "bars", "bars_before", "bars_after", "program", "programs", "num_bars",
-        "time_signature", "tempo", "controls", "track_controls", "num_variations", "seed", "temperature", "top_k",
-        "top_p", "max_bar_tokens", "device", "num_threads", "out_dir", "render", "soundfont", "paths"}
+
+@dataclass(frozen=True)
+class SampleConfig:
+    """configs/sample.yaml. The request fields (track ... track_controls) are checked as a
+    `mmm.request.Request`; the rest here."""
+
+    ckpt: str
+    input: str | None
+    task: str
+    track: Any
+    bars: Any
+    bars_before: Any
+    bars_after: Any
+    program: Any
+    programs: Any
+    num_bars: Any
+    time_signature: str
+    tempo: float
+    controls: dict | list | None
+    track_controls: dict | list | None
+    num_variations: int = field(metadata=at_least(1))
+    seed: int
+    temperature: float
+    top_k: int | None
+    top_p: float | None
+    max_bar_tokens: int | None = field(metadata=at_least(4))
+    device: str
+    num_threads: int | None = field(metadata=at_least(1))
+    out_dir: str
+    render: bool
+    soundfont: str | None
+    paths: dict  # Hydra's paths group (out_dir is made from it)
+
+    def request(self) -> Request:
+        bars = self.bars
+        if isinstance(bars, list) and bars and isinstance(bars[0], list):
+            bars = [tuple(span) for span in bars]
+        return Request(self.task, track=self.track, bars=bars, program=self.program, programs=self.programs,
+                       num_bars=self.num_bars, time_signature=self.time_signature, tempo=self.tempo,
+                       controls=self.controls or None, track_controls=self.track_controls or None,
+                       bars_before=self.bars_before, bars_after=self.bars_after, num_variations=self.num_variations,
+                       seed=self.seed, sampling=SamplingConfig(self.temperature, self.top_k, self.top_p),
+                       max_bar_tokens=self.max_bar_tokens)
 
 
 def _tokenizer_if_cheap(ckpt: str):
@@ -45,110 +84,49 @@ def _tokenizer_if_cheap(ckpt: str):
     return None
 
 
-def validate(cfg: Mapping[str, Any]):
-    """Check the request without loading the model; returns (score or None, tokenizer or None)."""
-    require_keys("sample", cfg, KEYS, required={"ckpt", "task"})
-    task = cfg["task"]
-    if task not in TASKS:
-        raise ValueError(f"task={task!r}: expected one of {', '.join(TASKS)}")
-    ckpt = cfg["ckpt"]
-    if not ckpt or (not Path(str(ckpt)).exists() and str(ckpt).count("/") != 1):
-        raise FileNotFoundError(f"ckpt={ckpt!r}: no such checkpoint folder or file (nor a hub id 'owner/name')")
-    for key in ("num_variations", "max_bar_tokens"):
-        value = cfg[key]
-        if key == "max_bar_tokens" and value is None:  # the checkpoint's own, measured on its training data
-            continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{key}={value!r}: expected a positive integer")
-    if cfg["render"]:  # a missing FluidSynth fails here, not after minutes of generation
+def validate(cfg: Any) -> tuple[SampleConfig, Score | None]:
+    """Check the config and the request without loading the model; returns them with the input
+    score (None for generate)."""
+    cfg = check_section("sample", cfg, SampleConfig)
+    checkpoint_location(cfg.ckpt)
+    if cfg.render:  # a missing FluidSynth fails here, not after minutes of generation
         from mmm.audio import find_fluidsynth, find_soundfont
 
         find_fluidsynth()
-        find_soundfont(cfg["soundfont"])
-    tokenizer = _tokenizer_if_cheap(str(ckpt))
-    controls = Controls(tokenizer, _vocab(tokenizer)) if tokenizer is not None else None
-    score = None
-    if task in ("infill", "add_track"):
-        if not cfg["input"]:
-            raise ValueError(f"task={task} needs input=<MIDI file>")
-        score = read_score(cfg["input"])
+        find_soundfont(cfg.soundfont)
+    tokenizer = _tokenizer_if_cheap(cfg.ckpt)
+    score, num_bars = None, None
+    if cfg.task in ("infill", "add_track"):
+        if not cfg.input:
+            raise ValueError(f"task={cfg.task} needs input=<MIDI file>")
+        score = read_score(cfg.input)
         num_bars = count_bars(score, tokenizer)
         if num_bars == 0:
-            raise ValueError(f"{cfg['input']}: no notes{' the tokenizer can represent' if tokenizer else ''}")
-    if task == "infill":
-        tracks = check_tracks(cfg["track"], score)
-        spans = check_spans(cfg["bars"], num_bars)
-        if controls is not None:
-            for bar_ctl, track_ctl in zip(_each(cfg["controls"], len(tracks)), _each(cfg["track_controls"], len(tracks))):
-                controls.bar_ids(bar_ctl, [b for a, e in spans for b in range(a, e)])
-                controls.track_ids(track_ctl)
-    elif task == "add_track":
-        check_program(cfg["program"], tokenizer)
-        if controls is not None:
-            controls.bar_ids(cfg["controls"], range(num_bars))
-            controls.track_ids(cfg["track_controls"])
-    else:
-        programs = cfg["programs"]
-        if not isinstance(programs, list) or not programs:
-            raise ValueError(f"programs={programs!r}: expected a non-empty list such as [0, 33, -1]")
-        for p in programs:
-            check_program(p, tokenizer)
-        if isinstance(cfg["num_bars"], bool) or not isinstance(cfg["num_bars"], int) or cfg["num_bars"] < 1:
-            raise ValueError(f"num_bars={cfg['num_bars']!r}: expected a positive integer")
-        if controls is not None:
-            for bar_ctl, track_ctl in zip(_each(cfg["controls"], len(programs)), _each(cfg["track_controls"], len(programs))):
-                controls.bar_ids(bar_ctl, range(cfg["num_bars"]))
-                controls.track_ids(track_ctl)
-    return score, tokenizer
+            raise ValueError(f"{cfg.input}: no notes{' the tokenizer can represent' if tokenizer else ''}")
+    # Without the tokenizer (a .ckpt or hub id) the controls and time signature wait for the model.
+    controls = Controls(tokenizer, Vocab(tokenizer)) if tokenizer is not None else None
+    check_request(cfg.request(), tokenizer, controls, score, num_bars)
+    return cfg, score
 
 
-def _vocab(tokenizer):
-    from mmm.tokenizer import Vocab
-
-    return Vocab(tokenizer)
-
-
-def _each(value: Any, n: int) -> list:
-    """Controls are one mapping or a list with one per track: the mapping of each track."""
-    if isinstance(value, list):
-        if len(value) != n:
-            raise ValueError(f"a list of controls needs one mapping per track ({n}), got {len(value)}")
-        return value
-    return [value] * n
-
-
-def sample(cfg: Mapping[str, Any]) -> dict[str, Any]:
+def sample(cfg: Any) -> dict[str, Any]:
     """Run one request (see configs/sample.yaml); returns the summary also written as JSON."""
-    cfg = plain(cfg)
-    score, _ = validate(cfg)
+    cfg, score = validate(cfg)
     t0 = time.perf_counter()
-    budget = {} if cfg["max_bar_tokens"] is None else {"max_bar_tokens": cfg["max_bar_tokens"]}
-    model = MMM.from_pretrained(cfg["ckpt"], device=cfg["device"], num_threads=cfg["num_threads"], **budget)
+    model = MMM.from_pretrained(cfg.ckpt, device=cfg.device, num_threads=cfg.num_threads)
     load_s = time.perf_counter() - t0
-    common = dict(temperature=cfg["temperature"], top_k=cfg["top_k"], top_p=cfg["top_p"], seed=cfg["seed"],
-                  num_variations=cfg["num_variations"])
-    controls, track_controls = cfg["controls"] or None, cfg["track_controls"] or None
-    task = cfg["task"]
+    task = cfg.task
     t0 = time.perf_counter()
-    if task == "infill":
-        bars = cfg["bars"]
-        outputs = model.infill(score, cfg["track"], [tuple(s) for s in bars] if isinstance(bars[0], list) else tuple(bars),
-                               controls, track_controls, bars_before=cfg["bars_before"], bars_after=cfg["bars_after"],
-                               **common)
-    elif task == "add_track":
-        outputs = model.add_track(score, cfg["program"], controls, track_controls, **common)
-    else:
-        outputs = model.generate(cfg["programs"], cfg["num_bars"], controls, track_controls,
-                                 time_signature=cfg["time_signature"], tempo=cfg["tempo"], **common)
+    outputs = model.run(cfg.request(), score)
     total_s = time.perf_counter() - t0
     outputs = outputs if isinstance(outputs, list) else [outputs]
     report = model.last_report
 
     from mmm.pianoroll import plot_pianoroll
 
-    out_dir = Path(cfg["out_dir"])
+    out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = Path(cfg["input"]).stem if task != "generate" else "generated"
+    stem = Path(cfg.input).stem if task != "generate" else "generated"
     files = []
     for v, out in enumerate(outputs):
         name = f"{stem}_{task}_{v}"
@@ -156,13 +134,13 @@ def sample(cfg: Mapping[str, Any]) -> dict[str, Any]:
         out.dump_midi(str(midi))
         png = plot_pianoroll(out, out_dir / f"{name}.png", report.regions[v], title=f"{stem}: {task} (variation {v})")
         files.append({"midi": str(midi), "png": str(png), "generated_regions": [list(r) for r in report.regions[v]]})
-        if cfg["render"]:
+        if cfg.render:
             from mmm.audio import render_wav
 
-            files[-1]["wav"] = str(render_wav(out, out_dir / f"{name}.wav", soundfont=cfg["soundfont"]))
+            files[-1]["wav"] = str(render_wav(out, out_dir / f"{name}.wav", soundfont=cfg.soundfont))
     summary = {
-        "request": {k: cfg[k] for k in sorted(KEYS - {"paths"}) if k in cfg},
-        "seed": cfg["seed"],
+        "request": {k: v for k, v in sorted(dataclasses.asdict(cfg).items()) if k != "paths"},
+        "seed": cfg.seed,
         "timings": {"load_s": round(load_s, 4), "total_s": round(total_s, 4), **report.summary()},
         "tokens_per_s": report.summary()["tokens_per_s"],
         "generations": [

@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 import json
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from miditok import MMM, TokenizerConfig
 from miditok.attribute_controls import BarAttributeControl
 from miditok.constants import CHR_ID_START
 
-from mmm.config import plain, require_keys
+from mmm.config import at_least, check_section, plain, require_keys
 from mmm.io import atomic_write
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -267,3 +268,27 @@ def vocab_fingerprint(tokenizer: MMM) -> str:
 
     payload = json.dumps(sorted(tokenizer.vocab.items(), key=lambda kv: kv[1]))
     return hashlib.sha1(payload.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class TokenizerSection:
+    """The `tokenizer` section (configs/tokenizer/mmm.yaml): miditok settings and the BPE size."""
+
+    vocab_size: int | None = field(metadata=at_least(0))  # null or 0: no BPE
+    path: str
+    params: dict  # miditok.TokenizerConfig arguments, checked by `tokenizer_config`
+
+
+def check_tokenizer_cfg(tokenizer_cfg: Any) -> TokenizerSection:
+    return check_section("tokenizer", tokenizer_cfg, TokenizerSection)
+
+
+def check_tokenizer_file(path: str | Path, vocab_size: int | None) -> None:
+    """Refuse a trained tokenizer file whose size is not `tokenizer.vocab_size`."""
+    trained = Vocab(load_tokenizer(path))
+    expected = vocab_size or trained.base_size
+    if trained.size != expected:
+        raise ValueError(
+            f"the tokenizer at {path} has {trained.size} tokens but tokenizer.vocab_size={expected}: "
+            "delete that file to retrain it, or set tokenizer.vocab_size to match"
+        )

@@ -25,13 +25,13 @@ from mmm.checkpoint import load_pretrained, save_pretrained
 from mmm.checkpoint_io import MMMCheckpointIO
 from mmm.config import at_least, check_section, check_value, plain
 from mmm.data.datamodule import DataConfig, MIDIDataModule
+from mmm.data.prepare import ensure_tokenizer
 from mmm.data.stats import generation_stats
 from mmm.data.store import Store
 from mmm.lit_module import MMMLitModule, OptimConfig
 from mmm.locking import acquire_lock
 from mmm.model import PRESETS, model_config_from_preset
-from mmm.tokenizer import Vocab, load_tokenizer
-from mmm.train_tokenizer import check_tokenizer_cfg, ensure_store, train_tokenizer
+from mmm.tokenizer import Vocab, check_tokenizer_cfg, check_tokenizer_file, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -57,16 +57,9 @@ def check_config(cfg: DictConfig) -> None:
     check_value("seed", cfg.seed, int, at_least(0))
     for key in ("trainer.max_steps", "trainer.val_check_interval"):
         check_value(key, OmegaConf.select(cfg, key), int, at_least(1))
-    check_tokenizer_cfg(cfg.tokenizer)
-    tokenizer_path = Path(cfg.tokenizer.path)
-    if tokenizer_path.is_file():
-        trained = Vocab(load_tokenizer(tokenizer_path))
-        expected = cfg.tokenizer.vocab_size or trained.base_size
-        if trained.size != expected:
-            raise ValueError(
-                f"the tokenizer at {tokenizer_path} has {trained.size} tokens but tokenizer.vocab_size={expected}: "
-                "delete that file to retrain it, or set tokenizer.vocab_size to match"
-            )
+    tokenizer = check_tokenizer_cfg(cfg.tokenizer)
+    if Path(tokenizer.path).is_file():
+        check_tokenizer_file(tokenizer.path, tokenizer.vocab_size)
     if data.max_seq_len > model.max_seq_len:
         raise ValueError(
             f"data.max_seq_len={data.max_seq_len} exceeds the model context model.max_seq_len="
@@ -82,17 +75,6 @@ def check_config(cfg: DictConfig) -> None:
         )
     if accelerator == "gpu" and not torch.cuda.is_available():
         raise ValueError("trainer.accelerator=gpu but no CUDA GPU is visible: use trainer=cpu")
-
-
-def ensure_data(cfg: DictConfig) -> Path:
-    """Preprocess and train the tokenizer when their outputs are missing; return the tokenizer path.
-    The store is checked even when the tokenizer exists: a stale one is refused, a missing one rebuilt."""
-    ensure_store(cfg.data, cfg.tokenizer)
-    tokenizer_path = Path(cfg.tokenizer.path)
-    if not tokenizer_path.is_file():
-        log.info("no tokenizer at %s: preprocessing and training it first", tokenizer_path)
-        train_tokenizer(cfg.data, cfg.tokenizer)
-    return tokenizer_path
 
 
 def resume_path(cfg: DictConfig) -> str | None:
@@ -127,7 +109,7 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     # The jobs of a sweep share the data folder: the first builds the store and tokenizer, the
     # others wait for it (instead of failing on its preprocessing lock), then find them done.
     with acquire_lock(cfg.data.dir, "prepare", wait=None):
-        tokenizer_path = ensure_data(cfg)
+        tokenizer_path = ensure_tokenizer(cfg.data, cfg.tokenizer)
     tokenizer = load_tokenizer(tokenizer_path)
     vocab = Vocab(tokenizer)
     model_config = model_config_from_preset(

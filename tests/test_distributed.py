@@ -21,7 +21,8 @@ from safetensors.torch import load_file
 
 from conftest import REPO, compose_config, small_overrides, write_synthetic_midi
 from mmm.data.datamodule import ResumableSampler
-from mmm.train import ensure_data, resume_path
+from mmm.data.prepare import ensure_tokenizer
+from mmm.train import resume_path
 
 STEPS_PER_EPOCH = 6  # data.samples_per_epoch=24 / (2 ranks x batch 2)
 
@@ -36,7 +37,8 @@ def run_overrides(corpus: Path, data_root: Path) -> list[str]:
 def data_root(corpus, tmp_path_factory) -> Path:
     """Store and tokenizer made once, in this process; every run below finds them."""
     root = tmp_path_factory.mktemp("distributed")
-    ensure_data(compose_config("train", small_overrides(corpus, root)))
+    cfg = compose_config("train", small_overrides(corpus, root))
+    ensure_tokenizer(cfg.data, cfg.tokenizer)
     return root
 
 

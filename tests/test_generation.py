@@ -220,7 +220,7 @@ def test_sample_next_semantics():
     assert Counter(hot.tolist())[3] > Counter(sample_next(logits, SamplingConfig(1.0, None, None), gen).tolist())[3]
     for bad in (SamplingConfig(-1.0), SamplingConfig(1.0, 0), SamplingConfig(1.0, None, 0.0), SamplingConfig(1.0, None, 1.5)):
         with pytest.raises(ValueError):
-            bad.validate()
+            bad.check()
 
 
 def test_kv_cache_loop_matches_full_recompute(bpe_vocab):

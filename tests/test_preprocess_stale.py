@@ -18,7 +18,7 @@ from mmm.data.store import Store
 from mmm.locking import acquire_lock
 from mmm.data.preprocess import preprocess
 from mmm.tokenizer import build_tokenizer, save_tokenizer
-from mmm.train import ensure_data
+from mmm.data.prepare import ensure_tokenizer
 from mmm.data.prepare import train_tokenizer
 
 
@@ -57,8 +57,8 @@ def test_a_store_of_another_download_is_refused(built, tmp_path):
 def test_datamodule_refuses_a_tokenizer_of_other_settings(built, tmp_path):
     root, store = built
     path = save_tokenizer(build_tokenizer({**tok_cfg()["params"], "num_velocities": 16}), tmp_path / "tok.json")
-    cfg = {k: v for k, v in data_config().items() if k != "_target_"}
-    cfg.update(name="x", store=str(store), source={}, dir=str(tmp_path))
+    data = data_config()
+    cfg = {"store": str(store), "max_seq_len": data["max_seq_len"], "sequences": data["sequences"], "loader": data["loader"]}
     with pytest.raises(ValueError, match=r"tokenized with other tokenizer settings .*tokenizer\.params\.num_velocities: 24 -> 16.*delete"):
         MIDIDataModule(**cfg, tokenizer_path=str(path))
     ok = save_tokenizer(build_tokenizer(tok_cfg()["params"]), tmp_path / "ok.json")
@@ -72,11 +72,11 @@ def test_a_tokenizer_whose_store_is_missing_gets_its_store_rebuilt(built, tmp_pa
     store = tmp_path / "store"
     data = {**data_cfg(root / "songs", store), "dir": str(tmp_path)}
     cfg = OmegaConf.create({"data": data, "tokenizer": tokenizer_cfg(tok)})
-    assert ensure_data(cfg) == tok
+    assert ensure_tokenizer(cfg.data, cfg.tokenizer) == tok
     assert len(Store(store, "train")) > 0 and tok.read_bytes() == before
     cfg.data.preprocess.min_bars = 9  # the tokenizer exists, yet `mmm.train` still checks the store
     with pytest.raises(RuntimeError, match=r"changed: data\.preprocess\.min_bars: 8 -> 9"):
-        ensure_data(cfg)
+        ensure_tokenizer(cfg.data, cfg.tokenizer)
 
 
 def test_a_store_of_an_older_format_is_refused(built, tmp_path):

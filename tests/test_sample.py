@@ -159,7 +159,7 @@ def test_default_config(tmp_path, monkeypatch):
     cfg = plain(config("ckpt=somewhere"))
     assert cfg["out_dir"].startswith(f"{tmp_path}/samples/")  # under the (git-ignored) runs folder
     assert (cfg["task"], cfg["bars"], cfg["num_variations"], cfg["top_p"]) == ("infill", [0, 4], 1, 0.95)
-    with pytest.raises(FileNotFoundError, match="ckpt='somewhere'"):
+    with pytest.raises(FileNotFoundError, match="somewhere: no such checkpoint folder or file"):
         sample(cfg)
 
 

@@ -187,7 +187,7 @@ def test_bad_uploads_are_400(client, bad_files, name):
     ("/v1/infill", {"track": "1", "bars": "[0,1]", "tempature": "1"}, 422, "tempature", "unknown field"),
     ("/v1/infill", {"track": "1"}, 422, "bars", "needs the field(s) bars"),
     ("/v1/infill", {"track": "1", "bars": "[0,1]", "num_variations": "50"}, 422, "num_variations", "1..8"),
-    ("/v1/infill", {"track": "1", "bars": "[0,1]", "top_p": "2"}, 422, "temperature", "top_p"),
+    ("/v1/infill", {"track": "1", "bars": "[0,1]", "top_p": "2"}, 422, "top_p", "top_p"),
     ("/v1/add_track", {"program": "200"}, 422, "program", "General MIDI program"),
     ("/v1/generate", {"programs": "[0]", "num_bars": "4", "time_signature": "13/7"}, 422, "time_signature", "valid"),
     ("/v1/generate", {"programs": "[0]", "num_bars": "1000"}, 422, "num_bars", "1..64"),

@@ -507,11 +507,17 @@ class ConfigDirective(_ConfigDirective):
         return out
 
 
+def entry_module(entry: str) -> Path:
+    """The file of entry point `python -m mmm.<entry>`: a module, or a package's __init__.py."""
+    path = REPO / "mmm" / f"{entry}.py"
+    return path if path.is_file() else REPO / "mmm" / entry / "__init__.py"
+
+
 def module_docstring(entry: str) -> str:
     """The module docstring of `mmm/<entry>.py`, read without importing it."""
     import ast
 
-    path = REPO / "mmm" / f"{entry}.py"
+    path = entry_module(entry)
     if not path.is_file():
         return ""
     return ast.get_docstring(ast.parse(path.read_text())) or ""
@@ -567,7 +573,7 @@ class ModuleDocDirective(SphinxDirective):
         from docutils.statemachine import StringList
 
         entry = self.arguments[0]
-        path = REPO / "mmm" / f"{entry}.py"
+        path = entry_module(entry)
         if not path.is_file():
             if "optional" not in self.options:
                 logger.warning(f"mmm-module-doc: no module mmm/{entry}.py", location=(self.env.docname, self.lineno))

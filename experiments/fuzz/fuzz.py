@@ -149,7 +149,7 @@ def main() -> None:
     ap.add_argument("--write-readme", action="store_true")
     args = ap.parse_args()
 
-    from mmm.preprocess import preprocess
+    from mmm.data.preprocess import preprocess
 
     with tempfile.TemporaryDirectory() as tmp:
         out = args.out or Path(tmp)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 
-from mmm.preprocess import preprocess
+from mmm.data.preprocess import preprocess
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -57,7 +57,7 @@ def config(midi: Path, work: Path, vocab_size: int):
 
 
 def measure_preprocessing(cfg) -> dict:
-    from mmm.preprocess import preprocess
+    from mmm.data.preprocess import preprocess
 
     with Clock() as c:
         report = preprocess(cfg.data, cfg.tokenizer)
@@ -158,7 +158,7 @@ def main() -> None:
         results["preprocess"] = measure_preprocessing(cfg)
         print("preprocess", results["preprocess"], flush=True)
     if "loader" in args.only:
-        from mmm.train_tokenizer import train_tokenizer
+        from mmm.data.prepare import train_tokenizer
 
         tokenizer_path = Path(cfg.tokenizer.path)
         if not tokenizer_path.is_file():

@@ -33,7 +33,7 @@ from mmm.data.sequences import SequenceBuilder  # noqa: E402
 from mmm.data.store import Store  # noqa: E402
 from mmm.model import MMMTransformer, model_config_from_preset, to_hf_mistral  # noqa: E402
 from mmm.tokenizer import Vocab, load_tokenizer  # noqa: E402
-from mmm.train_tokenizer import train_tokenizer  # noqa: E402
+from mmm.data.prepare import train_tokenizer  # noqa: E402
 
 
 def config(*overrides: str):

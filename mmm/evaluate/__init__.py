@@ -28,70 +28,79 @@ import logging
 import math
 import random
 import time
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from omegaconf import DictConfig
 from tqdm import tqdm
 
 from mmm.api import MMM
-from mmm.config import plain, require_keys
+from mmm.config import at_least, check_section, plain, within
+from mmm.data.datamodule import DataConfig
+from mmm.data.prepare import ensure_store
 from mmm.data.sequences import SequenceBuilder
 from mmm.data.store import Store
 from mmm.evaluate.likelihood import EvalSequence, Pairs, build_sequences, likelihood
 from mmm.evaluate.report import json_safe, plot, report_markdown
 from mmm.evaluate.requests import Requests
 from mmm.generation import SamplingConfig
-from mmm.tokenizer import vocab_fingerprint
+from mmm.tokenizer import check_tokenizer_cfg, vocab_fingerprint
 
 log = logging.getLogger(__name__)
 
-EVAL_KEYS = {
-    "ckpt", "split", "seed", "out_dir", "device", "num_threads", "max_seq_len", "max_chunks",
-    "samples_per_chunk", "augment", "batch_size", "baseline_samples_per_chunk", "baseline_max_chunks",
-    "kn_discount", "num_requests", "infill_bars", "piece_bars", "track_bars", "controls", "sampling",
-    "max_bar_tokens", "max_failures_listed",
-}
-GROUPS = {"data", "tokenizer", "paths", "hydra"}
-_POSITIVE_INTS = ("samples_per_chunk", "batch_size", "baseline_samples_per_chunk", "infill_bars", "piece_bars",
-                  "track_bars")
 METRICS_FILE, REPORT_FILE = "metrics.json", "report.md"
 
 
 # --- config and inputs ------------------------------------------------------------------------
-def check_config(cfg: DictConfig) -> None:
+@dataclass(frozen=True)
+class EvalConfig:
+    """configs/evaluate.yaml without its groups (`data` is a `DataConfig`, `tokenizer` a
+    `TokenizerSection`; `paths` and `hydra` are Hydra's)."""
+
+    ckpt: str
+    split: Literal["test", "valid", "train"]
+    seed: int = field(metadata=at_least(0))
+    out_dir: str
+    device: str
+    num_threads: int | None = field(metadata=at_least(1))
+    max_chunks: int | None = field(metadata=at_least(1))
+    max_seq_len: int | None = field(metadata=at_least(1))
+    samples_per_chunk: int = field(metadata=at_least(1))
+    augment: bool
+    batch_size: int = field(metadata=at_least(1))
+    baseline_samples_per_chunk: int = field(metadata=at_least(1))
+    baseline_max_chunks: int | None = field(metadata=at_least(1))
+    kn_discount: float = field(metadata=within(0, 1))
+    num_requests: int = field(metadata=at_least(0))
+    infill_bars: int = field(metadata=at_least(1))
+    piece_bars: int = field(metadata=at_least(1))
+    track_bars: int = field(metadata=at_least(1))
+    controls: bool  # measure control adherence
+    sampling: SamplingConfig
+    max_bar_tokens: int | None = field(metadata=at_least(4))
+    max_failures_listed: int = field(metadata=at_least(0))
+
+    def check(self) -> None:
+        if self.infill_bars > self.piece_bars:
+            raise ValueError(f"infill_bars={self.infill_bars} exceeds piece_bars={self.piece_bars}")
+
+
+_GROUPS = ("data", "tokenizer", "paths", "hydra")
+
+
+def check_config(cfg: DictConfig) -> EvalConfig:
     """Fail before any work on settings that cannot run, naming the key."""
-    top = {k: v for k, v in cfg.items() if k not in GROUPS}
-    require_keys("evaluate", top, EVAL_KEYS)
-    for key in _POSITIVE_INTS:
-        value = cfg[key]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{key}={value!r}: expected an integer >= 1")
-    for key in ("num_requests", "seed"):
-        if isinstance(cfg[key], bool) or not isinstance(cfg[key], int) or cfg[key] < 0:
-            raise ValueError(f"{key}={cfg[key]!r}: expected an integer >= 0")
-    for key in ("max_chunks", "baseline_max_chunks", "max_seq_len"):
-        value = cfg[key]
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ValueError(f"{key}={value!r}: expected null or an integer >= 1")
-    if cfg.split not in ("train", "valid", "test"):
-        raise ValueError(f"split={cfg.split!r}: expected test (or valid, train)")
-    require_keys("sampling", cfg.sampling, {"temperature", "top_k", "top_p"})
-    SamplingConfig(**plain(cfg.sampling)).validate()
-    if cfg.infill_bars > cfg.piece_bars:
-        raise ValueError(f"infill_bars={cfg.infill_bars} exceeds piece_bars={cfg.piece_bars}")
+    check_section("data", cfg.data, DataConfig)
+    check_tokenizer_cfg(cfg.tokenizer)
+    return check_section("evaluate", {k: v for k, v in cfg.items() if k not in _GROUPS}, EvalConfig)
 
 
 def open_store(cfg: DictConfig, tokenizer) -> Store:
     """The store split to evaluate; preprocessed first when missing. Its base vocabulary must
     be the checkpoint's (vocab fingerprints)."""
-    path = Path(cfg.data.store)
-    if not (path / "manifest.json").is_file() or not (path / "report.json").is_file():
-        from mmm.preprocess import preprocess
-
-        log.info("no complete store at %s: preprocessing %s first", path, cfg.data.name)
-        preprocess(cfg.data, cfg.tokenizer)
+    path = ensure_store(cfg.data, cfg.tokenizer)
     store = Store(path, cfg.split)
     ours, theirs = vocab_fingerprint(tokenizer), store.manifest.get("vocab_fingerprint")
     if ours != theirs:
@@ -173,7 +182,7 @@ def _evaluate(cfg: DictConfig) -> dict[str, Any]:
                  "vocab_fingerprint": store.manifest.get("vocab_fingerprint")},
         "likelihood": lik,
         **generated,
-        "settings": {k: plain(cfg[k]) for k in sorted(EVAL_KEYS - {"ckpt", "out_dir"})},
+        "settings": {k: plain(cfg[k]) for k in sorted(f.name for f in fields(EvalConfig)) if k not in ("ckpt", "out_dir")},
     }
     gen = requests.generation
     metrics["timings"] = {

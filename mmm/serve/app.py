@@ -18,7 +18,8 @@ import logging
 import secrets
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,8 @@ from miditok.constants import MIDI_INSTRUMENTS
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartParser
 
-from mmm.api import MMM, bar_grid, check_program, check_spans, check_tracks
+from mmm.api import MMM, bar_grid
+from mmm.request import Request as MusicRequest  # FastAPI's Request is the HTTP one
 from mmm.serve.settings import Settings
 from mmm.generation import SamplingConfig
 from mmm.serve.jobs import TERMINAL, Job, Jobs, QueueFull
@@ -85,6 +87,7 @@ TASK_FIELDS = {
         "track_controls": "track-level controls (one mapping, or a list with one per program)",
     },
 }
+REQUEST_FIELDS = sorted({name for fields in TASK_FIELDS.values() for name in fields})  # -> MusicRequest
 REQUIRED = {"infill": ("track", "bars"), "add_track": ("program",), "generate": ("programs", "num_bars")}
 STRING_FIELDS = {"time_signature"}  # accepted bare (4/4) as well as JSON ("4/4")
 
@@ -110,6 +113,7 @@ class Prepared:
 
     task: str
     values: dict[str, Any]  # decoded fields (file excluded)
+    request: MusicRequest  # checked; run once per variation with its seed
     score: Any  # symusic.Score, None for generate
     num_bars: int
     tracks: list[int]  # the tracks that get new notes (output indices)
@@ -161,76 +165,41 @@ class Server:
         seed = values.get("seed")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63 - 64):
             raise ApiError(422, "invalid_field", f"seed={seed!r}: expected a non-negative integer or null", "seed")
-        self._check(lambda: SamplingConfig(values.get("temperature", 1.0), values.get("top_k"),
-                                           values.get("top_p", 0.95)).validate(), "temperature")
+        request = MusicRequest(task, **{k: values[k] for k in REQUEST_FIELDS if k in values},
+                          sampling=SamplingConfig(values.get("temperature", 1.0), values.get("top_k"), values.get("top_p", 0.95)))
+        score, difference = None, None
         if task == "generate":
             if upload is not None:
                 raise ApiError(422, "unexpected_file", "generate writes a piece from scratch: send no file "
                                "(infill or add_track work on an uploaded one)", "file")
-            return self._prepare_generate(values)
-        if upload is None:
-            raise ApiError(400, "missing_file", f"{task} needs the MIDI file in the multipart field 'file'", "file")
-        try:
-            score = read_midi(upload, filename)
-        except BadUpload as err:
-            raise ApiError(400, "bad_midi", str(err), "file") from None
-        grid = self._check(lambda: bar_grid(score, self.mmm.tokenizer, self.mmm.vocab), "file")
-        difference = grid.difference()
+            num_bars = values["num_bars"]  # this server's limits; the request check does the rest
+            if isinstance(num_bars, int) and not isinstance(num_bars, bool) and num_bars > self.settings.max_new_bars:
+                raise ApiError(422, "invalid_field", f"num_bars={num_bars!r}: expected an integer 1..{self.settings.max_new_bars}",
+                               "num_bars")
+            tempo = values.get("tempo", 120.0)
+            if isinstance(tempo, (int, float)) and not isinstance(tempo, bool) and tempo > 1000:
+                raise ApiError(422, "invalid_field", f"tempo={tempo!r}: expected quarter notes per minute in (0, 1000]", "tempo")
+        else:
+            if upload is None:
+                raise ApiError(400, "missing_file", f"{task} needs the MIDI file in the multipart field 'file'", "file")
+            try:
+                score = read_midi(upload, filename)
+            except BadUpload as err:
+                raise ApiError(400, "bad_midi", str(err), "file") from None
+            difference = self._check(lambda: bar_grid(score, self.mmm.tokenizer, self.mmm.vocab), "file").difference()
+        plan, score, _ = self._check(lambda: self.mmm.check(request, score), "file")
         if task == "infill":
-            tracks = self._check(lambda: check_tracks(values["track"], score), "track")
-            spans = self._check(lambda: check_spans(values["bars"], grid.num_bars), "bars")
-            bars = sorted(b for a, e in spans for b in range(a, e))
-            for key, check in (("controls", lambda c: self.mmm.controls.bar_ids(c, bars)),
-                               ("track_controls", self.mmm.controls.track_ids)):
-                value = values.get(key)
-                for c in value if isinstance(value, list) else [value]:
-                    self._check(lambda: check(c), key)
-            if isinstance(values.get("controls"), list) and len(values["controls"]) != len(tracks):
-                raise ApiError(422, "invalid_field", f"controls: a list needs one mapping per track ({len(tracks)})", "controls")
-            for key in ("bars_before", "bars_after"):
-                v = values.get(key)
-                if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
-                    raise ApiError(422, "invalid_field", f"{key}={v!r}: expected null or an integer >= 0", key)
-            return Prepared(task, values, score, grid.num_bars, tracks, bars, len(tracks) * len(bars), difference)
-        # add_track
-        program = self._check(lambda: check_program(values["program"], self.mmm.tokenizer), "program")
-        self._check(lambda: self.mmm.controls.bar_ids(values.get("controls"), range(grid.num_bars)), "controls")
-        self._check(lambda: self.mmm.controls.track_ids(values.get("track_controls")), "track_controls")
-        values["program"] = program
-        return Prepared(task, values, score, grid.num_bars, [len(score.tracks)], None, grid.num_bars, difference)
-
-    def _prepare_generate(self, values: dict[str, Any]) -> Prepared:
-        programs = values["programs"]
-        if not isinstance(programs, list) or not programs:
-            raise ApiError(422, "invalid_field", f"programs={programs!r}: expected a non-empty list such as [0, 33, -1]",
-                           "programs")
-        for p in programs:
-            self._check(lambda: check_program(p, self.mmm.tokenizer), "programs")
-        num_bars = values["num_bars"]
-        if isinstance(num_bars, bool) or not isinstance(num_bars, int) or not 1 <= num_bars <= self.settings.max_new_bars:
-            raise ApiError(422, "invalid_field", f"num_bars={num_bars!r}: expected an integer 1..{self.settings.max_new_bars}",
-                           "num_bars")
-        if "time_signature" in values:
-            self._check(lambda: self.mmm._time_signature(values["time_signature"]), "time_signature")
-        tempo = values.get("tempo", 120.0)
-        if isinstance(tempo, bool) or not isinstance(tempo, (int, float)) or not 0 < tempo <= 1000:
-            raise ApiError(422, "invalid_field", f"tempo={tempo!r}: expected quarter notes per minute in (0, 1000]", "tempo")
-        for key, check in (("controls", lambda c: self.mmm.controls.bar_ids(c, range(num_bars))),
-                           ("track_controls", self.mmm.controls.track_ids)):
-            value = values.get(key)
-            if isinstance(value, list) and len(value) != len(programs):
-                raise ApiError(422, "invalid_field", f"{key}: a list needs one mapping per program ({len(programs)})", key)
-            for c in value if isinstance(value, list) else [value]:
-                self._check(lambda: check(c), key)
-        return Prepared("generate", values, None, num_bars, list(range(len(programs))), None,
-                        len(programs) * num_bars, None)
+            tracks, bars = plan.tracks, sorted(b for a, e in plan.spans for b in range(a, e))
+        else:
+            tracks, bars = [len(score.tracks)] if task == "add_track" else list(range(len(plan.programs))), None
+        return Prepared(task, values, request, score, plan.num_bars, tracks, bars, plan.generated_bars, difference)
 
     @staticmethod
     def _check(fn, name: str):
         try:
             return fn()
         except (ValueError, TypeError) as err:
-            raise ApiError(422, "invalid_field", str(err), name) from None
+            raise ApiError(422, "invalid_field", str(err), getattr(err, "field", name)) from None
 
     # -- the work, in the worker thread --------------------------------------------------------------
     def run(self, prep: Prepared, job: Job) -> dict[str, Any]:
@@ -239,7 +208,6 @@ class Server:
         base_seed = v.get("seed")
         if base_seed is None:
             base_seed = secrets.randbelow(2**31)
-        sampling = {k: v[k] for k in ("temperature", "top_k", "top_p") if k in v}
         if prep.grid_warning:
             log.warning("job %s (%s): %s", job.id, prep.task, prep.grid_warning)
         variations = []
@@ -247,19 +215,7 @@ class Server:
         try:
             for k in range(n):
                 seed = base_seed + k
-                if prep.task == "infill":
-                    bars = v["bars"]
-                    spans = [tuple(s) for s in bars] if isinstance(bars[0], list) else tuple(bars)
-                    out = self.mmm.infill(prep.score, v["track"], spans, v.get("controls"), v.get("track_controls"),
-                                          bars_before=v.get("bars_before"), bars_after=v.get("bars_after"),
-                                          seed=seed, **sampling)
-                elif prep.task == "add_track":
-                    out = self.mmm.add_track(prep.score, v["program"], v.get("controls"), v.get("track_controls"),
-                                             seed=seed, **sampling)
-                else:
-                    out = self.mmm.generate(v["programs"], v["num_bars"], v.get("controls"), v.get("track_controls"),
-                                            time_signature=v.get("time_signature", "4/4"), tempo=v.get("tempo", 120.0),
-                                            seed=seed, **sampling)
+                out = self.mmm.run(dataclasses.replace(prep.request, seed=seed), prep.score)
                 report = self.mmm.last_report
                 variations.append({
                     "seed": seed,

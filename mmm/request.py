@@ -1,0 +1,219 @@
+"""One generation request, checked in one place: `MMM.infill/add_track/generate` build a
+`Request` and run it, `python -m mmm.sample` checks its config as a `Request` before loading the
+model, and the server checks each HTTP request as one (its 422 answers name `RequestError.field`).
+
+`check_request` resolves a request against a tokenizer (and the input score) into a `Plan`: the
+track indices, spans, programs and attribute-control ids a generation needs. It needs no model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from symusic import Score
+
+from mmm.controls import Controls
+from mmm.generation import SamplingConfig
+
+TASKS = ("infill", "add_track", "generate")
+
+
+class RequestError(ValueError):
+    """A request that cannot run; `field` names the request field at fault."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+def describe_tracks(score: Score) -> str:
+    return ", ".join(
+        f"{i}: {t.name or '?'!r} ({'drums' if t.is_drum else f'program {t.program}'}, {len(t.notes)} notes)"
+        for i, t in enumerate(score.tracks)
+    )
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+def check_tracks(track: int | Sequence[int], score: Score) -> list[int]:
+    tracks = [track] if _is_int(track) else list(track) if isinstance(track, Sequence) else [track]
+    if not tracks:
+        raise RequestError("track", "track: give a track index or a non-empty list of them")
+    n = len(score.tracks)
+    for t in tracks:
+        if not _is_int(t) or not 0 <= t < n:
+            raise RequestError("track", f"unknown track {t!r}: the score has {n} track(s), valid indices 0..{n - 1} "
+                                        f"({describe_tracks(score)})")
+    if len(set(tracks)) != len(tracks):
+        raise RequestError("track", f"track: duplicated index in {tracks}")
+    return [int(t) for t in tracks]
+
+
+def check_spans(bars: Sequence, num_bars: int) -> list[tuple[int, int]]:
+    """`(start, end)` or a list of them -> validated, non-overlapping spans."""
+    if isinstance(bars, Sequence) and len(bars) == 2 and all(_is_int(x) for x in bars):
+        spans = [tuple(bars)]
+    elif isinstance(bars, Sequence) and len(bars) > 0 and all(isinstance(s, Sequence) and len(s) == 2 for s in bars):
+        spans = [tuple(s) for s in bars]
+    else:
+        raise RequestError("bars", f"bars must be (start, end) or a list of (start, end) spans, got {bars!r}")
+    out = []
+    for a, b in spans:
+        if not (_is_int(a) and _is_int(b)) or not 0 <= a < b <= num_bars:
+            raise RequestError("bars", f"bars ({a}, {b}) out of range: the piece has {num_bars} bars; a span is "
+                                       f"(start, end) with 0 <= start < end <= {num_bars} (end excluded)")
+        out.append((int(a), int(b)))
+    ordered = sorted(out)
+    for (a1, b1), (a2, _) in zip(ordered, ordered[1:]):
+        if a2 < b1:
+            raise RequestError("bars", f"bars: spans {ordered} overlap")
+    return out
+
+
+def check_program(program: Any, tokenizer=None, field: str = "program") -> int:
+    allowed = tokenizer.config.programs if tokenizer is not None else range(-1, 128)
+    if not _is_int(program) or program not in allowed:
+        raise RequestError(field, f"program {program!r} is not valid: use -1 (drums) or a General MIDI program 0..127")
+    return int(program)
+
+
+def time_signature_id(tokenizer, ts: str | Sequence[int]) -> int:
+    """Base id of the `TimeSig_<n>/<d>` token of `ts` ("3/4" or (3, 4))."""
+    text = ts if isinstance(ts, str) else "/".join(str(x) for x in ts)
+    base = tokenizer.vocab.get(f"TimeSig_{text}")
+    if base is None:
+        valid = sorted(t.split("_", 1)[1] for t in tokenizer.vocab if t.startswith("TimeSig_"))
+        raise RequestError("time_signature", f"time_signature {text!r} is not in the tokenizer's vocabulary; valid: {valid}")
+    return base
+
+
+@dataclass
+class Request:
+    """What to generate and how. `track`/`bars`/`bars_before`/`bars_after`: infill;
+    `program`: add_track; `programs`/`num_bars`/`time_signature`/`tempo`/`tpq`: generate.
+    `controls`/`track_controls`: one mapping, or a list with one per generated track."""
+
+    task: str
+    track: Any = 0
+    bars: Any = (0, 4)
+    program: Any = 0
+    programs: Any = (0,)
+    num_bars: Any = 16
+    time_signature: Any = "4/4"
+    tempo: Any = 120.0
+    tpq: Any = 480
+    controls: Any = None
+    track_controls: Any = None
+    bars_before: Any = None
+    bars_after: Any = None
+    num_variations: Any = 1
+    seed: Any = None
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    max_bar_tokens: Any = None  # None: the model's own
+    clip_notes: bool = True
+
+
+@dataclass
+class Plan:
+    """A checked request: what each generation step needs, in ids."""
+
+    request: Request
+    tracks: list[int] = field(default_factory=list)  # infill: the score's tracks to rewrite
+    spans: list[tuple[int, int]] = field(default_factory=list)  # infill: bar spans
+    programs: list[int] = field(default_factory=list)  # add_track / generate: one per new track
+    num_bars: int = 0  # bars of the piece (generate: of the new piece)
+    time_signature: int | None = None  # generate: base id of its TimeSig token
+    bar_acs: list[dict[int, list[int]]] = field(default_factory=list)  # per generated track: bar -> AC ids
+    track_acs: list[list[int]] = field(default_factory=list)  # per generated track
+
+    @property
+    def generated_bars(self) -> int:
+        """Bars to write in all (tracks x bars), e.g. for a server's size limits."""
+        per_track = sum(b - a for a, b in self.spans) if self.request.task == "infill" else self.num_bars
+        return per_track * max(len(self.tracks), len(self.programs))
+
+
+def _per_track(value: Any, n: int, name: str, what: str) -> list:
+    if isinstance(value, (list, tuple)):
+        if len(value) != n:
+            raise RequestError(name, f"{name}: a list needs one mapping per {what} ({n}), got {len(value)}")
+        return list(value)
+    return [value] * n
+
+
+def _controls(controls: Controls | None, request: Request, n: int, bars: Sequence[int], what: str):
+    bar_ctl = _per_track(request.controls, n, "controls", what)
+    track_ctl = _per_track(request.track_controls, n, "track_controls", what)
+    bar_acs, track_acs = [], []
+    if controls is None:  # no tokenizer at hand: only the shape is checked
+        return [{} for _ in range(n)], [[] for _ in range(n)]
+    for b, t in zip(bar_ctl, track_ctl):
+        try:
+            bar_acs.append(controls.bar_ids(b, bars))
+        except ValueError as err:
+            raise RequestError("controls", str(err)) from None
+        try:
+            track_acs.append(controls.track_ids(t))
+        except ValueError as err:
+            raise RequestError("track_controls", str(err)) from None
+    return bar_acs, track_acs
+
+
+def _check_run_settings(request: Request) -> None:
+    for name in ("bars_before", "bars_after"):
+        v = getattr(request, name)
+        if v is not None and (not _is_int(v) or v < 0):
+            raise RequestError(name, f"{name} must be None or an integer >= 0, got {v!r}")
+    if not _is_int(request.num_variations) or request.num_variations < 1:
+        raise RequestError("num_variations", f"num_variations must be a positive integer, got {request.num_variations!r}")
+    if request.seed is not None and not _is_int(request.seed):
+        raise RequestError("seed", f"seed must be an integer or None, got {request.seed!r}")
+    if request.max_bar_tokens is not None and (not _is_int(request.max_bar_tokens) or request.max_bar_tokens < 4):
+        raise RequestError("max_bar_tokens", f"max_bar_tokens must be an integer >= 4, got {request.max_bar_tokens!r}")
+    try:
+        request.sampling.check()
+    except ValueError as err:
+        raise RequestError(str(err).split(" ", 1)[0], str(err)) from None
+
+
+def check_request(request: Request, tokenizer, controls: Controls | None, score: Score | None = None,
+                  num_bars: int | None = None) -> Plan:
+    """Resolve `request` into a `Plan`, or raise `RequestError`. infill and add_track need the
+    input `score` and its number of bars as the model counts them (`num_bars`). Without a
+    tokenizer (and controls), programs are checked against General MIDI, and the controls and
+    time signature are left to the check with the model."""
+    if request.task not in TASKS:
+        raise RequestError("task", f"task={request.task!r}: expected one of {', '.join(TASKS)}")
+    _check_run_settings(request)
+    plan = Plan(request)
+    if request.task == "infill":
+        plan.tracks = check_tracks(request.track, score)
+        plan.num_bars = num_bars
+        plan.spans = check_spans(request.bars, num_bars)
+        generated = [b for a, e in plan.spans for b in range(a, e)]
+        plan.bar_acs, plan.track_acs = _controls(controls, request, len(plan.tracks), generated, "track")
+    elif request.task == "add_track":
+        plan.programs = [check_program(request.program, tokenizer)]
+        plan.num_bars = num_bars
+        plan.bar_acs, plan.track_acs = _controls(controls, request, 1, range(num_bars), "track")
+    else:
+        programs = request.programs
+        if _is_int(programs) or not isinstance(programs, Sequence) or isinstance(programs, str) or not programs:
+            raise RequestError("programs", f"programs={programs!r}: expected a non-empty list such as [0, 33, -1]")
+        plan.programs = [check_program(p, tokenizer, "programs") for p in programs]
+        if not _is_int(request.num_bars) or request.num_bars < 1:
+            raise RequestError("num_bars", f"num_bars must be a positive integer, got {request.num_bars!r}")
+        plan.num_bars = int(request.num_bars)
+        plan.time_signature = time_signature_id(tokenizer, request.time_signature) if tokenizer is not None else None
+        tempo = request.tempo
+        if isinstance(tempo, bool) or not isinstance(tempo, (int, float)) or tempo <= 0:
+            raise RequestError("tempo", f"tempo must be a positive number of quarter notes per minute, got {tempo!r}")
+        if not _is_int(request.tpq) or request.tpq < 1:
+            raise RequestError("tpq", f"tpq must be a positive integer (ticks per quarter note), got {request.tpq!r}")
+        plan.bar_acs, plan.track_acs = _controls(controls, request, len(plan.programs), range(plan.num_bars), "program")
+    return plan
