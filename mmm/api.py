@@ -38,11 +38,12 @@ from symusic import Note, Score, Tempo, TimeSignature, Track
 
 from mmm.checkpoint import checkpoint_location, generation_settings, load_pretrained, save_pretrained
 from mmm.controls import Controls
-from mmm.data.checks import check_midi_header, check_score
-from mmm.data.pieces import Rejected, carry_tempo, score_to_bars
+from mmm.data.checks import Rejected, check_midi_header, check_score
+from mmm.data.layout import (Piece, carry_tempo, generated_bars, piece_from_score, ticks_per_bar, time_signature_of,
+                              track_ids)
 from mmm.data.sequences import SampleSpec, TrackPart, assemble
 from mmm.generation import SamplingConfig, generate_ids, make_generator
-from mmm.grammar import BarGrammar, BarPlan, GrammarTables, make_grammar, time_signature_of
+from mmm.grammar import BarGrammar, BarPlan, GrammarTables
 from mmm.model import MMMTransformer
 from mmm.request import Plan, Request, RequestError, check_request, check_tracks
 from mmm.tokenizer import Vocab
@@ -84,84 +85,12 @@ def count_bars(score: Score, tokenizer: MMMTokenizer | None = None) -> int:
     if tokenizer is None:
         return len(get_bars_ticks(score, only_notes_onsets=True))
     try:
-        return _piece_from_score(score, tokenizer, Vocab(tokenizer)).num_bars
+        return piece_from_score(score, tokenizer, Vocab(tokenizer)).num_bars
     except ValueError:
         return 0
 
 
 # --- the piece being worked on -----------------------------------------------------------
-@dataclass
-class _Piece:
-    """Bars of base ids for every track (input order), kept in sync with the output score."""
-
-    programs: list[int]
-    bars: list[list[list[int]]]
-    empty: list[bool]  # no notes: left out of the context unless targeted
-    source: list[int]  # output score track index of each track
-    time_sigs: list[int]  # TimeSig base id of each bar
-    bar_ticks: list[int]  # start tick of each bar, in `tpq`
-    tpq: int
-    _lengths: dict = field(default_factory=dict)  # track -> cumulative model-id lengths
-
-    @property
-    def num_bars(self) -> int:
-        return len(self.time_sigs)
-
-    def copy(self) -> _Piece:
-        return _Piece(list(self.programs), [[list(b) for b in t] for t in self.bars], list(self.empty),
-                      list(self.source), list(self.time_sigs), list(self.bar_ticks), self.tpq)
-
-    def cumlen(self, t: int, vocab: Vocab) -> np.ndarray:
-        c = self._lengths.get(t)
-        if c is None:
-            lengths = [len(vocab.encode_words([bar])) for bar in self.bars[t]]
-            c = self._lengths[t] = np.concatenate([[0], np.cumsum(lengths)])
-        return c
-
-    def set_bars(self, t: int, start: int, bars: list[list[int]]) -> None:
-        self.bars[t][start:start + len(bars)] = bars
-        self._lengths.pop(t, None)
-
-
-def _empty_bar(ts: int, vocab: Vocab) -> list[int]:
-    return [vocab.bar, ts]
-
-
-def _ticks_per_bar(ts_token: str, tpq: int) -> int:
-    num, den = time_signature_of(ts_token)
-    return num * tpq * 4 // den
-
-
-def _piece_from_score(score: Score, tokenizer: MMMTokenizer, vocab: Vocab) -> _Piece:
-    marked = score.copy()
-    for i, track in enumerate(marked.tracks):
-        track.name = str(i)  # survives preprocessing: maps tokenized tracks to input tracks
-    try:
-        sb = score_to_bars(marked, tokenizer, vocab)
-    except Rejected as err:
-        if err.reason == "no_notes":
-            raise ValueError("the score has no note the tokenizer can represent: "
-                             "use MMM.generate to start from scratch") from None
-        raise ValueError(f"cannot tokenize the score: {err}") from None
-    origin = [int(t.name) for t in sb.score.tracks]
-    if len(origin) != len(sb.bars):
-        raise RuntimeError("score_to_bars must return one bar list per preprocessed track")
-    time_sigs = [next(i for i in bar if vocab.is_time_sig[i]) for bar in sb.bars[0]]
-    by_input = dict(zip(origin, range(len(origin))))
-    programs, bars, empty = [], [], []
-    for i, track in enumerate(score.tracks):
-        j = by_input.get(i)
-        if j is None:  # preprocessing dropped it (no note in range): still addressable
-            programs.append(-1 if track.is_drum else int(track.program))
-            bars.append([_empty_bar(ts, vocab) for ts in time_sigs])
-            empty.append(True)
-        else:
-            programs.append(sb.programs[j])
-            bars.append(sb.bars[j])
-            empty.append(False)
-    return _Piece(programs, bars, empty, list(range(len(score.tracks))), time_sigs, list(sb.bar_ticks), sb.score.tpq)
-
-
 # --- bars as the model counts them -----------------------------------------------------------
 @dataclass
 class BarGrid:
@@ -203,9 +132,9 @@ class BarGrid:
 def bar_grid(score: Score, tokenizer: MMMTokenizer, vocab: Vocab | None = None) -> BarGrid:
     """The model's bar grid of `score` (see `BarGrid`), with the file's own grid beside it."""
     vocab = vocab or Vocab(tokenizer)
-    piece = _piece_from_score(score, tokenizer, vocab)
+    piece = piece_from_score(score, tokenizer, vocab)
     sigs = [time_signature_of(vocab.token_of[ts]) for ts in piece.time_sigs]
-    ticks = list(piece.bar_ticks) + [piece.bar_ticks[-1] + _ticks_per_bar(vocab.token_of[piece.time_sigs[-1]], piece.tpq)]
+    ticks = list(piece.bar_ticks) + [piece.end_tick(vocab)]
     file_starts = [int(t) for t in get_bars_ticks(score, only_notes_onsets=True)]
     # by time only: of two events at the same tick the later one in the file rules (as in miditok)
     changes = sorted(((int(ts.time), int(ts.numerator), int(ts.denominator)) for ts in score.time_signatures),
@@ -364,7 +293,7 @@ class MMM:
                                 num_variations=num_variations, seed=seed, sampling=SamplingConfig(temperature, top_k, top_p),
                                 max_bar_tokens=max_bar_tokens))
 
-    def check(self, request: Request, score: Score | str | Path | None = None) -> tuple[Plan, Score | None, _Piece | None]:
+    def check(self, request: Request, score: Score | str | Path | None = None) -> tuple[Plan, Score | None, Piece | None]:
         """`request` checked against this model (and the input score): its plan, or a `RequestError`."""
         if request.task == "generate":
             return check_request(request, self.tokenizer, self.controls), None, None
@@ -373,7 +302,7 @@ class MMM:
         score = read_score(score)
         if request.task == "infill":
             check_tracks(request.track, score)  # before the bars: an unknown track is the first thing to say
-        piece = _piece_from_score(score, self.tokenizer, self.vocab)
+        piece = piece_from_score(score, self.tokenizer, self.vocab)
         return check_request(request, self.tokenizer, self.controls, score, piece.num_bars), score, piece
 
     def run(self, request: Request, score: Score | str | Path | None = None) -> Score | list[Score]:
@@ -386,8 +315,8 @@ class MMM:
             num, den = time_signature_of(self.vocab.token_of[ts])
             score.time_signatures.append(TimeSignature(0, num, den))
             score.tempos.append(Tempo(0, float(request.tempo)))
-            per_bar = _ticks_per_bar(self.vocab.token_of[ts], tpq)
-            piece = _Piece([], [], [], [], [ts] * plan.num_bars, [b * per_bar for b in range(plan.num_bars)], tpq)
+            per_bar = ticks_per_bar(ts, self.vocab, tpq)
+            piece = Piece([], [], [ts] * plan.num_bars, [b * per_bar for b in range(plan.num_bars)], tpq)
         run = self._run(score, piece, request)
         if request.task == "infill":
             for k, t in enumerate(plan.tracks):
@@ -405,7 +334,7 @@ class MMM:
         return bar_grid(read_score(score), self.tokenizer, self.vocab)
 
     # -- helpers ---------------------------------------------------------------------------
-    def _run(self, score: Score, piece: _Piece, request: Request) -> _Run:
+    def _run(self, score: Score, piece: Piece, request: Request) -> _Run:
         bar_tokens = self.max_bar_tokens if request.max_bar_tokens is None else int(request.max_bar_tokens)
         device = self.model.embed_tokens.weight.device
         return _Run(self, score, piece, request.sampling, make_generator(request.seed, device),
@@ -415,7 +344,7 @@ class MMM:
 class _Run:
     """One API call: per-variation pieces and output scores, updated after each generation."""
 
-    def __init__(self, mmm: MMM, score: Score, piece: _Piece, sampling: SamplingConfig,
+    def __init__(self, mmm: MMM, score: Score, piece: Piece, sampling: SamplingConfig,
                  generator: torch.Generator, num_variations: int, max_bar_tokens: int) -> None:
         self.mmm, self.vocab, self.tables = mmm, mmm.vocab, mmm.tables
         self.max_len = mmm.model.config.max_seq_len
@@ -452,9 +381,7 @@ class _Run:
             piece, score = self.pieces[v], self.scores[v]
             name = "Drums" if program < 0 else MIDI_INSTRUMENTS[program]["name"]
             score.tracks.append(Track(name, max(program, 0), program < 0))
-            piece.programs.append(program)
-            piece.bars.append([_empty_bar(ts, self.vocab) for ts in piece.time_sigs])
-            piece.empty.append(True)
+            piece.add_track(program, self.vocab)
             piece.source.append(len(score.tracks) - 1)
         t = len(self.pieces[0].programs) - 1
         nb = self.pieces[0].num_bars
@@ -481,7 +408,7 @@ class _Run:
             budget = self.max_len - len(prompt)
             end_id = self.vocab.fill_end if task == "infill" else self.vocab.track_end
             plan = BarPlan(piece.time_sigs[a:b], bar_acs, end_id, piece.programs[t] < 0)
-            grammars = [make_grammar(self.vocab, plan, budget) for _ in group]
+            grammars = [BarGrammar(GrammarTables.of(self.vocab), plan, budget) for _ in group]
             out = generate_ids(self.mmm.model, prompt, budget, grammars, len(group), self.sampling, self.generator,
                                num_threads=self.mmm.num_threads, on_step=self.mmm.on_step)
             tokens = out.base_ids(self.vocab)
@@ -498,7 +425,7 @@ class _Run:
         if self.n > 1:
             self.diverged = True
 
-    def _prompt(self, task: str, piece: _Piece, t: int, a: int, b: int, tacs: list[int], limit: int,
+    def _prompt(self, task: str, piece: Piece, t: int, a: int, b: int, tacs: list[int], limit: int,
                 bars_before: int | None, bars_after: int | None) -> tuple[list[int], tuple[int, int], list[int]]:
         """Model ids of the prompt, fitted under `limit` (window of bars, then fewer tracks)."""
         vocab = self.vocab
@@ -543,7 +470,7 @@ class _Run:
                     f"({self.max_len} tokens) even without context: lower max_bar_tokens"
                 )
 
-    def _words(self, task: str, piece: _Piece, t: int, a: int, b: int, lo: int, hi: int,
+    def _words(self, task: str, piece: Piece, t: int, a: int, b: int, lo: int, hi: int,
                context: list[int], tacs: list[int]) -> list[list[int]]:
         def window(k: int) -> list[list[int]]:
             bars = [list(bar) for bar in piece.bars[k][lo:hi]]
@@ -564,24 +491,17 @@ class _Run:
     # -- results ---------------------------------------------------------------------------
     def _apply(self, v: int, t: int, a: int, b: int, base: list[int], clip_at: int | None = None) -> None:
         vocab = self.vocab
-        bars: list[list[int]] = []
-        for i in base[:-1]:  # without the end token
-            if i == vocab.bar:
-                bars.append([i])
-            elif not vocab.is_ac[i]:
-                bars[-1].append(i)
+        bars = generated_bars(base, vocab)
         if len(bars) != b - a:
             raise RuntimeError(f"{len(bars)} bars generated for {b - a} requested (grammar bug)")
         piece, score = self.pieces[v], self.scores[v]
         piece.set_bars(t, a, bars)
         piece.empty[t] = piece.empty[t] and not any(vocab.is_note_start[i] for bar in bars for i in bar)
-        ids = [vocab.track_start, vocab.program_id[piece.programs[t]], *(i for bar in bars for i in bar), vocab.track_end]
-        decoded = self.mmm.tokenizer.decode(ids)
+        decoded = self.mmm.tokenizer.decode(track_ids(piece.programs[t], bars, vocab))
         start = _to_ticks(piece.bar_ticks[a], piece.tpq, score.tpq)
         end = _to_ticks(piece.bar_ticks[b], piece.tpq, score.tpq) if b < piece.num_bars else None
         notes = decoded.tracks[0].notes.numpy() if decoded.tracks else None
-        piece_end = _to_ticks(piece.bar_ticks[-1] + _ticks_per_bar(vocab.token_of[piece.time_sigs[-1]], piece.tpq),
-                              piece.tpq, score.tpq)
+        piece_end = _to_ticks(piece.end_tick(vocab), piece.tpq, score.tpq)
         clip = None
         if clip_at is not None:
             clip = _to_ticks(piece.bar_ticks[clip_at], piece.tpq, score.tpq) if clip_at < piece.num_bars else piece_end

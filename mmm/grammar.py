@@ -1,6 +1,6 @@
 """Token grammar for generation: which model ids may come next, so that every output decodes.
 
-Generated material is always a run of REMI bars (DESIGN.md §3) closed by one end token:
+Generated material is always a run of REMI bars (docs/token_format.rst) closed by one end token:
 `FillBar_End` after an infill, `Track_End` after a new track. Inside a bar the order is
 
     Bar_None TimeSig [forced bar ACs] (Position [Tempo] (Pitch|PitchDrum Velocity Duration)*)*
@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from mmm.data.layout import time_signature_of
 from mmm.tokenizer import Vocab
 
 # DFA phases: what the last base token was.
@@ -60,11 +61,6 @@ _COMPLETION_LIST = _COMPLETION.tolist()
 _CAN_CLOSE = (HEAD, TEMPO, DUR)  # a new bar or the end token may follow
 # need() may grow by at most 2 per free step (a Pitch opens a note needing Velocity, Duration).
 _TIGHT_MARGIN = 2
-
-
-def time_signature_of(token: str) -> tuple[int, int]:
-    num, den = token.split("_", 1)[1].split("/")
-    return int(num), int(den)
 
 
 class GrammarTables:
@@ -326,7 +322,3 @@ class BarGrammar:
             self.queue = list(self.plan.bar_acs[self.bars_done - 1])
             self.acs_pending = False
         self.phase = new_phase
-
-
-def make_grammar(vocab: Vocab, plan: BarPlan, budget: int) -> BarGrammar:
-    return BarGrammar(GrammarTables.of(vocab), plan, budget)

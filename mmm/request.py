@@ -8,7 +8,7 @@ track indices, spans, programs and attribute-control ids a generation needs. It 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 

@@ -24,7 +24,7 @@ import numpy as np
 from miditok import MMM
 from symusic import Note, Score, Track
 
-from mmm.data.pieces import split_bars
+from mmm.data.layout import split_bars
 from mmm.data.sequences import SampleSpec, TrackPart, assemble, encode_sample
 from mmm.tokenizer import Vocab
 

@@ -34,7 +34,8 @@ from miditok.utils import get_bars_ticks
 from symusic import Note, Score, Tempo, TimeSignature, Track
 
 from conftest import preprocess_settings, synthetic_score, tiny_model
-from mmm.api import MMM, Controls, _piece_from_score, _ticks_per_bar
+from mmm.api import MMM, Controls
+from mmm.data.layout import piece_from_score
 from mmm.data.controls import bar_controls, track_controls
 from mmm.data.pieces import tokenize_score
 from mmm.generation import SamplingConfig, generate_ids, make_generator, sample_next
@@ -261,7 +262,7 @@ def _notes(track: Track) -> np.ndarray:
 
 
 def _span_ticks(mmm: MMM, score: Score, a: int, b: int) -> tuple[int, int | None]:
-    piece = _piece_from_score(score, mmm.tokenizer, mmm.vocab)
+    piece = piece_from_score(score, mmm.tokenizer, mmm.vocab)
     start = round(piece.bar_ticks[a] * score.tpq / piece.tpq)
     end = round(piece.bar_ticks[b] * score.tpq / piece.tpq) if b < piece.num_bars else None
     return start, end
@@ -271,7 +272,7 @@ def assert_infill_ok(mmm: MMM, score: Score, out: Score, t: int, a: int, b: int,
                      clip_notes: bool = True) -> None:
     """Exactly bars a..b-1 of track t were generated; nothing else changed."""
     v = mmm.vocab
-    piece = _piece_from_score(score, mmm.tokenizer, v)
+    piece = piece_from_score(score, mmm.tokenizer, v)
     steps = [s for s in (steps or mmm.last_report.steps) if s.track == t and a <= s.bars[0] < b]
     assert sorted(s.bars for s in steps) == [s.bars for s in sorted(steps, key=lambda s: s.bars)]
     covered = [bar for s in steps for bar in range(*s.bars)]
@@ -300,8 +301,7 @@ def assert_infill_ok(mmm: MMM, score: Score, out: Score, t: int, a: int, b: int,
         inside_n = (n[:, 0] >= start) & (n[:, 0] < (end if end is not None else np.inf))
         assert np.array_equal(o[~inside_o], n[~inside_n]), "a note outside the span changed"
         expected = Counter()  # the generated tokens, decoded independently, cut at the span's end
-        last_ts = piece.time_sigs[-1]
-        piece_end = round((piece.bar_ticks[-1] + _ticks_per_bar(v.token_of[last_ts], piece.tpq)) * score.tpq / piece.tpq)
+        piece_end = round(piece.end_tick(v) * score.tpq / piece.tpq)
         clip = (end if end is not None else piece_end) if clip_notes else None
         for (s_a, s_b), tokens in generated:
             body = [i for i in tokens[:-1] if not v.is_ac[i]]
@@ -321,7 +321,7 @@ def assert_infill_ok(mmm: MMM, score: Score, out: Score, t: int, a: int, b: int,
 
 def assert_new_track_ok(mmm: MMM, score: Score, out: Score, program: int) -> None:
     v = mmm.vocab
-    piece = _piece_from_score(score, mmm.tokenizer, v)
+    piece = piece_from_score(score, mmm.tokenizer, v)
     assert len(out.tracks) == len(score.tracks) + 1
     for old, new in zip(score.tracks, out.tracks):
         assert np.array_equal(_notes(old), _notes(new))
@@ -345,7 +345,7 @@ def assert_new_track_ok(mmm: MMM, score: Score, out: Score, program: int) -> Non
 
 def _targets(score: Score, mmm: MMM) -> list[int]:
     """The drum track with most notes (if any) and the pitched track with most notes."""
-    piece = _piece_from_score(score, mmm.tokenizer, mmm.vocab)
+    piece = piece_from_score(score, mmm.tokenizer, mmm.vocab)
     with_notes = [i for i in range(len(score.tracks)) if not piece.empty[i]]
     drums = [i for i in with_notes if piece.programs[i] < 0]
     pitched = [i for i in with_notes if piece.programs[i] >= 0]
@@ -357,7 +357,7 @@ def _targets(score: Score, mmm: MMM) -> list[int]:
 
 
 def _check_piece(mmm: MMM, score: Score, seed: int) -> None:
-    piece = _piece_from_score(score, mmm.tokenizer, mmm.vocab)
+    piece = piece_from_score(score, mmm.tokenizer, mmm.vocab)
     nb = piece.num_bars
     for k, t in enumerate(_targets(score, mmm)):
         a = min(nb - 3, nb // 2 + k)
@@ -373,7 +373,7 @@ def test_synthetic_piece_infill_and_new_track(mmm):
     _check_piece(mmm, score, seed=0)
     assert all(np.array_equal(b, _notes(t)) for b, t in zip(before, score.tracks))  # the input is not modified
     # the bars the API counts are the score's bars
-    piece = _piece_from_score(score, mmm.tokenizer, mmm.vocab)
+    piece = piece_from_score(score, mmm.tokenizer, mmm.vocab)
     assert [round(t * score.tpq / piece.tpq) for t in piece.bar_ticks] == list(get_bars_ticks(score))[: piece.num_bars]
     # last bars of the piece, drums, several spans
     out = mmm.infill(score, track=2, bars=(piece.num_bars - 2, piece.num_bars), seed=1)
@@ -443,7 +443,7 @@ def mixed_meter_score() -> Score:
 
 def test_mixed_time_signatures(mmm):
     score = mixed_meter_score()
-    piece = _piece_from_score(score, mmm.tokenizer, mmm.vocab)
+    piece = piece_from_score(score, mmm.tokenizer, mmm.vocab)
     assert [mmm.vocab.token_of[i][8:] for i in piece.time_sigs] == ["3/4"] * 3 + ["6/8"] * 4 + ["4/4"] * 3
     for t, (a, b) in ((0, (2, 5)), (1, (6, 8)), (0, (7, 10))):
         out = mmm.infill(score, track=t, bars=(a, b), seed=0)

@@ -18,7 +18,9 @@ from miditok.utils import get_bars_ticks
 from symusic import Note, Score, Tempo, TimeSignature, Track
 
 from conftest import notes_of, preprocess_settings, synthetic_score
-from mmm.data.pieces import Rejected, split_bars, tokenize_score
+from mmm.data.checks import Rejected
+from mmm.data.layout import split_bars
+from mmm.data.pieces import tokenize_score
 
 SMALL_CHUNKS = dict(chunk_max_tokens=900, chunk_max_track_tokens=400)
 

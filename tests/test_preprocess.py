@@ -149,7 +149,7 @@ def test_a_tempo_far_after_the_last_note_is_rejected_before_tokenizing():
 
     from conftest import synthetic_score
     from mmm.data.checks import check_score
-    from mmm.data.pieces import Rejected
+    from mmm.data.checks import Rejected
 
     for far in (Tempo(2**25, 120.0), TimeSignature(2**25, 4, 4)):
         score = synthetic_score(0, 10)

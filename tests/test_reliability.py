@@ -210,7 +210,7 @@ def test_sampling_side_check_refuses_bad_scores():
     from symusic import Score
 
     from mmm.data.checks import check_score
-    from mmm.data.pieces import Rejected
+    from mmm.data.checks import Rejected
 
     with pytest.raises(Rejected, match="no_notes"):
         check_score(Score(480))

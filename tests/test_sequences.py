@@ -23,8 +23,9 @@ from symusic import Score
 
 from conftest import chunk_dict, preprocess_settings, sequences_config, synthetic_score
 from mmm.data.controls import bar_controls
-from mmm.data.pieces import split_bars, tokenize_score
-from mmm.data.sequences import IGNORE_INDEX, SampleSpec, SequenceBuilder, TrackPart, assemble, encode_sample, insert_bar_acs
+from mmm.data.layout import insert_bar_acs, split_bars
+from mmm.data.pieces import tokenize_score
+from mmm.data.sequences import IGNORE_INDEX, SampleSpec, SequenceBuilder, TrackPart, assemble, encode_sample
 from reference import reference_sample
 
 ONE_CHUNK = dict(min_notes=1, min_bars=1, chunk_max_tokens=10**9, chunk_max_track_tokens=10**9)

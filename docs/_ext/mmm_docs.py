@@ -672,7 +672,7 @@ def token_example() -> dict[str, Any]:
     from symusic import Note, Score, Tempo, TimeSignature, Track
 
     from mmm.data.controls import bar_controls, track_controls
-    from mmm.data.pieces import score_to_bars
+    from mmm.data.layout import tokenize_bars
     from mmm.data.sequences import SampleSpec, TrackPart, assemble, encode_sample
     from mmm.tokenizer import Vocab, build_tokenizer
 
@@ -692,7 +692,7 @@ def token_example() -> dict[str, Any]:
         piano.notes.append(Note(start + 2 * tpq, 2 * tpq, low + 2, 72))
         bass.notes.append(Note(start, 4 * tpq, low - 24, 90))
     score.tracks.extend([piano, bass])
-    bars = score_to_bars(score, tokenizer, vocab)
+    bars = tokenize_bars(score, tokenizer, vocab)
     names = [t.name for t in bars.score.tracks]
     piano_i, bass_i = names.index("Piano"), names.index("Bass")
     pre_piano = bars.score.tracks[piano_i]

@@ -28,9 +28,10 @@ from pathlib import Path
 import torch
 from symusic import Score
 
-from mmm.api import MMM, _piece_from_score
+from mmm.api import MMM
+from mmm.data.layout import piece_from_score
 from mmm.generation import SamplingConfig, generate_ids, make_generator
-from mmm.grammar import BarGrammar, BarPlan, GrammarTables, make_grammar
+from mmm.grammar import BarGrammar, BarPlan, GrammarTables
 from mmm.model import to_hf_mistral
 
 
@@ -67,7 +68,7 @@ def main() -> None:
     mmm = MMM.from_pretrained(args.ckpt)
     model = mmm.model
     score, source = (Score(args.midi), args.midi) if args.midi else default_midi()
-    piece = _piece_from_score(score, mmm.tokenizer, mmm.vocab)
+    piece = piece_from_score(score, mmm.tokenizer, mmm.vocab)
     a, b = args.bars or (piece.num_bars // 2, piece.num_bars // 2 + 4)
     track = args.track
     if track is None:  # the pitched track with the most notes in the span: a real rewrite
@@ -104,7 +105,7 @@ def main() -> None:
     generated: list[list[int]] = []
     for r in range(args.repeats):
         seed = 1000 + r
-        runs = [generate_ids(model, prompt, budget, [make_grammar(mmm.vocab, plan, budget)], 1, sampling,
+        runs = [generate_ids(model, prompt, budget, [BarGrammar(GrammarTables.of(mmm.vocab), plan, budget)], 1, sampling,
                              make_generator(seed, device)) for _ in range(args.tries)]
         n = runs[0].new_tokens
         best = min(runs, key=lambda o: o.prefill_s + o.decode_s)

@@ -12,7 +12,16 @@ from typing import Any
 
 from symusic import Score
 
-from mmm.data.pieces import Rejected
+
+class Rejected(Exception):
+    """Music that cannot be used (preprocessing skips the file, a request is refused); `reason`
+    is a short key for the report."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
 
 # What a generation request's music may hold (api, server); preprocessing passes data.preprocess.
 REQUEST_LIMITS = {

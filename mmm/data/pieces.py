@@ -7,28 +7,23 @@ computed on that chunk, so the sequence builder only slices arrays at training t
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
-from miditok import MMM
-from miditok.utils import get_bars_ticks
+from miditok import MMM as MMMTokenizer
 from symusic import Score, Track
 
+from mmm.data.checks import Rejected
 from mmm.data.controls import bar_controls, track_controls
+from mmm.data.layout import carry_tempo, tokenize_bars
 from mmm.tokenizer import Vocab
-
-
-class Rejected(Exception):
-    """A file that preprocessing skips; `reason` is a short key for the report."""
-
-    def __init__(self, reason: str, detail: str = "") -> None:
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
-        self.detail = detail
 
 
 @dataclass
 class Chunk:
+    """What the store keeps of a stretch of a `mmm.data.layout.Piece`: its bars cut on bar
+    boundaries (a first bar given the tempo in force) and the attribute controls computed on it."""
+
     programs: list[int]
     bars: list[list[list[int]]]  # track -> bar -> base ids
     track_acs: list[list[list[int]]]  # track -> track-AC family -> ids
@@ -37,18 +32,6 @@ class Chunk:
     start_tick: int
     tpq: int
     num_notes: int = 0
-    meta: dict = field(default_factory=dict)
-
-
-def split_bars(ids: list[int], vocab: Vocab) -> tuple[list[int], list[list[int]]]:
-    """A track's base ids `Track_Start Program ... Track_End` -> (header, bars)."""
-    if not ids or ids[0] != vocab.track_start or ids[-1] != vocab.track_end:
-        raise ValueError("track sequence must start with Track_Start and end with Track_End")
-    body = ids[1:-1]
-    starts = [i for i, t in enumerate(body) if t == vocab.bar]
-    header = body[: starts[0]] if starts else body
-    bars = [body[s:e] for s, e in zip(starts, starts[1:] + [len(body)])]
-    return header, bars
 
 
 def _chunk_bounds(bar_lengths: np.ndarray, max_tokens: int, max_track_tokens: int, min_bars: int) -> list[tuple[int, int]]:
@@ -70,48 +53,7 @@ def _chunk_bounds(bar_lengths: np.ndarray, max_tokens: int, max_track_tokens: in
     return bounds
 
 
-@dataclass
-class ScoreBars:
-    """A whole score as base ids, bar-aligned across tracks (no filtering, no chunking)."""
-
-    score: Score  # the tokenizer-preprocessed score the ids describe
-    programs: list[int]  # per track, -1 for drums
-    bars: list[list[list[int]]]  # track -> bar -> base ids (each bar starts with Bar_None)
-    bar_ticks: list[int]  # start tick of each bar, in `score` ticks
-
-
-def score_to_bars(score: Score, tokenizer: MMM, vocab: Vocab, preprocessed: bool = False) -> ScoreBars:
-    """Tokenize every track and align them on bars. Raises `Rejected` when miditok fails."""
-    if not preprocessed:
-        try:
-            score = tokenizer.preprocess_score(score)
-        except Exception as err:  # miditok raises many types on odd data
-            raise Rejected("preprocess_failed", f"{type(err).__name__}: {err}") from None
-        if len(score.tracks) == 0:
-            raise Rejected("no_notes", "no note left in the tokenizer's pitch range")
-    try:
-        seqs = tokenizer.encode(score, encode_ids=False, no_preprocess_score=True, concatenate_track_sequences=False)
-    except Exception as err:
-        raise Rejected("tokenize_failed", f"{type(err).__name__}: {err}") from None
-    programs, track_bars = [], []
-    for seq in seqs:
-        header, bars = split_bars(seq.ids, vocab)
-        programs.append(int(vocab.token_of[header[0]].split("_")[1]))
-        track_bars.append(bars)
-    num_bars = max(len(b) for b in track_bars)
-    # Tracks that end early get empty bars (Bar_None + that bar's TimeSig) so that every
-    # track has the same bars: infilling addresses bar i of any track.
-    longest = max(track_bars, key=len)
-    empty_bars = [[t for t in bar[:2] if t == vocab.bar or vocab.is_time_sig[t]] for bar in longest]
-    for bars in track_bars:
-        bars.extend(empty_bars[len(bars):])
-    bar_ticks = list(get_bars_ticks(score, only_notes_onsets=True))[:num_bars]
-    if len(bar_ticks) < num_bars:
-        raise Rejected("tokenize_failed", f"{num_bars} bars in tokens but {len(bar_ticks)} bar ticks")
-    return ScoreBars(score=score, programs=programs, bars=track_bars, bar_ticks=bar_ticks)
-
-
-def tokenize_score(score: Score, tokenizer: MMM, vocab: Vocab, cfg) -> list[Chunk]:
+def tokenize_score(score: Score, tokenizer: MMMTokenizer, vocab: Vocab, cfg) -> list[Chunk]:
     """Filter and tokenize one score. Raises `Rejected` with a reason for files we skip.
 
     `cfg` holds `min_bars`, `min_notes`, `max_notes`, `max_tracks`, `chunk_max_tokens`,
@@ -122,7 +64,7 @@ def tokenize_score(score: Score, tokenizer: MMM, vocab: Vocab, cfg) -> list[Chun
         raise Rejected("no_notes")
     if raw_notes > cfg.max_notes:
         raise Rejected("too_many_notes", f"{raw_notes} notes > max_notes={cfg.max_notes}")
-    piece = score_to_bars(score, tokenizer, vocab)
+    piece = tokenize_bars(score, tokenizer, vocab)
     score = piece.score
     if len(score.tracks) > cfg.max_tracks:
         raise Rejected("too_many_tracks", f"{len(score.tracks)} tracks > max_tracks={cfg.max_tracks}")
@@ -171,19 +113,3 @@ def tokenize_score(score: Score, tokenizer: MMM, vocab: Vocab, cfg) -> list[Chun
             )
         )
     return chunks
-
-
-def carry_tempo(previous_bars: list[list[int]], bar: list[int], vocab: Vocab) -> None:
-    """Give a chunk's first bar the tempo in force (REMI writes tempos only where they change),
-    laid out as REMI would: `Bar TimeSig Position_0 Tempo ...`."""
-    i = 2 if len(bar) > 1 and vocab.token_of[bar[1]].startswith("TimeSig") else 1
-    at_zero = i < len(bar) and bar[i] == vocab.position_zero
-    if at_zero and i + 1 < len(bar) and vocab.is_tempo[bar[i + 1]]:
-        return  # a tempo change right at the chunk start
-    tempo = next((t for b in reversed(previous_bars) for t in reversed(b) if vocab.is_tempo[t]), None)
-    if tempo is None:
-        return
-    if at_zero:
-        bar.insert(i + 1, tempo)
-    else:
-        bar[i:i] = [vocab.position_zero, tempo]

@@ -27,7 +27,8 @@ from tqdm import tqdm
 
 from mmm.config import at_least, check_section, interval, plain, within
 from mmm.data.checks import check_midi_header, check_score
-from mmm.data.pieces import Rejected, tokenize_score
+from mmm.data.checks import Rejected
+from mmm.data.pieces import tokenize_score
 from mmm.data.sources import build_source
 from mmm.data.store import (
     SPLITS,

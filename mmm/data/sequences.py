@@ -1,6 +1,6 @@
 """Training sequences built at load time from a stored chunk, by slicing id arrays.
 
-Format (DESIGN.md §3), one sequence per sample, model (BPE) ids:
+Format (docs/token_format.rst, sections "One sequence per sample" and "Bar layout"), one sequence per sample, model (BPE) ids:
 
     BOS
     Track_Start Program_p [track ACs] Bar ... Track_End        one block per kept track
@@ -28,6 +28,7 @@ from miditok.constants import MIDI_INSTRUMENTS
 
 from mmm.config import at_least, check_section, interval, within
 from mmm.data.controls import pitch_class_rotation
+from mmm.data.layout import insert_bar_acs
 from mmm.tokenizer import Vocab
 
 IGNORE_INDEX = -100
@@ -73,16 +74,6 @@ class TrackPart:
     bars: list[list[int]]
     track_acs: list[int] = field(default_factory=list)
     bar_acs: dict[int, list[int]] = field(default_factory=dict)  # bar -> AC ids
-
-
-def insert_bar_acs(bar: Sequence[int], acs: Sequence[int], vocab: Vocab) -> list[int]:
-    """Put bar ACs right after the bar's `Bar TimeSig`, always: the place the generation grammar
-    forces them. (miditok's own encode puts them after a bar-start `Position_0 Tempo` instead;
-    a layout that depends on the bar's content cannot be forced before the content exists.)"""
-    if not acs:
-        return list(bar)
-    i = 2 if len(bar) > 1 and vocab.is_time_sig[bar[1]] else 1
-    return [*bar[:i], *acs, *bar[i:]]
 
 
 def assemble(spec: SampleSpec, parts: Mapping[int, TrackPart], vocab: Vocab) -> list[list[int]]:

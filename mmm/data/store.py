@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from mmm.data.pieces import Chunk
-from mmm.io import atomic_write_bytes, atomic_write_json  # noqa: F401 (used by mmm.preprocess too)
+from mmm.io import atomic_write_bytes, atomic_write_json  # noqa: F401 (mmm.data.preprocess imports them from here)
 
 SPLITS = ("train", "valid", "test")
 # Version of the layout and of what decides a row's place (split, duplicates); a store of

@@ -4,51 +4,17 @@ test window decoded to a Score, bar start ticks, a track's notes in a span (`mmm
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 import numpy as np
-from miditok.utils import get_bars_ticks
 from symusic import Score, Track
 
-from mmm.data.pieces import carry_tempo
+from mmm.data.layout import carry_tempo, track_ids
 from mmm.metrics import musical_stats
 from mmm.tokenizer import Vocab
 
 
 def note_arrays(track: Track) -> dict[str, np.ndarray]:
     return {k: v.astype(np.int64) for k, v in track.notes.numpy().items()}
-
-
-@dataclass
-class Analysed:
-    """A score as the tokenizer sees it: preprocessed, note-only tracks by input index."""
-
-    score: Score
-    tracks: dict[int, Track]
-
-
-def analyse(score: Score, tokenizer) -> Analysed:
-    marked = score.copy()
-    for i, track in enumerate(marked.tracks):
-        track.name = str(i)
-    pre = tokenizer.preprocess_score(marked)
-    tracks = {}
-    for track in pre.tracks:
-        notes = Track(track.name, track.program, track.is_drum)
-        notes.notes = track.notes.copy()
-        notes.sort()
-        tracks[int(track.name)] = notes
-    return Analysed(pre, tracks)
-
-
-def bar_ticks_of(pre: Score, num_bars: int) -> list[int]:
-    """Start ticks of `num_bars` + 1 bars (the last is the end of the last bar)."""
-    ticks = [int(t) for t in get_bars_ticks(pre, only_notes_onsets=True)][: num_bars + 1]
-    ts = pre.time_signatures[-1] if len(pre.time_signatures) else None
-    per_bar = ts.numerator * pre.tpq * 4 // ts.denominator if ts is not None else 4 * pre.tpq
-    while len(ticks) < num_bars + 1:
-        ticks.append(ticks[-1] + per_bar)
-    return ticks
 
 
 def window_score(chunk: Mapping, first: int, num_bars: int, tokenizer, vocab: Vocab) -> tuple[Score, list[int]]:
@@ -61,7 +27,7 @@ def window_score(chunk: Mapping, first: int, num_bars: int, tokenizer, vocab: Vo
             continue
         if first > 0:
             carry_tempo(chunk["bars"][t][:first], bars[0], vocab)
-        ids += [vocab.track_start, vocab.program_id[program], *(i for bar in bars for i in bar), vocab.track_end]
+        ids += track_ids(program, bars, vocab)
         kept.append(t)
     if not kept:
         return Score(480), []

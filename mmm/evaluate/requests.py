@@ -24,7 +24,8 @@ from mmm.api import count_bars
 from mmm.config import plain
 from mmm.data.controls import bar_controls, track_controls
 from mmm.data.store import Store
-from mmm.evaluate.analysis import Analysed, analyse, bar_ticks_of, note_arrays, pitch_in_range, span_stats, window_score
+from mmm.data.layout import InputTracks, bar_ticks_of, input_tracks
+from mmm.evaluate.analysis import note_arrays, pitch_in_range, span_stats, window_score
 from mmm.metrics import MUSICAL_STATS, adherence, histogram_overlap, summarize
 from mmm.tokenizer import Vocab
 
@@ -146,7 +147,7 @@ class Requests:
             return
         target = rng.choice(candidates)
         seed = rng.randrange(2**31)
-        real = analyse(score, self.tokenizer)
+        real = input_tracks(score, self.tokenizer)
         ticks = bar_ticks_of(real.score, n)
         raw_ticks = [int(round(t * score.tpq / real.score.tpq)) for t in ticks]
         start, end = raw_ticks[a], (raw_ticks[b] if b < n else None)
@@ -156,12 +157,12 @@ class Requests:
                 return np.ones(len(notes["time"]), dtype=bool)
             return (notes["time"] < start) | ((notes["time"] >= end) if end is not None else False)
 
-        def run(controls: Mapping | None) -> Analysed | None:
+        def run(controls: Mapping | None) -> InputTracks | None:
             out, report = self._call(self.mmm.infill, score, track=target, bars=(a, b), controls=controls, seed=seed)
             self._check("infill", score, out, report, b - a, keep, len(score.tracks))
             if out is None:
                 return None
-            result = analyse(out, self.tokenizer)
+            result = input_tracks(out, self.tokenizer)
             if result.score.tpq != real.score.tpq:
                 raise RuntimeError("the output score is preprocessed to another resolution than its input")
             return result
@@ -195,7 +196,7 @@ class Requests:
                 record["with"].append(achieved[j].get(name, self.controls.empty_value("bar", name)) if achieved else None)
                 record["without"].append(without[j].get(name, self.controls.empty_value("bar", name)) if without else None)
 
-    def _bar_values(self, result: Analysed | None, target: int, ticks: list[int], a: int, b: int) -> list[dict] | None:
+    def _bar_values(self, result: InputTracks | None, target: int, ticks: list[int], a: int, b: int) -> list[dict] | None:
         if result is None:
             return None
         track = result.tracks.get(target)
@@ -219,7 +220,7 @@ class Requests:
         if n < 1:
             return
         seed = rng.randrange(2**31)
-        ticks = bar_ticks_of(analyse(score, self.tokenizer).score, n)
+        ticks = bar_ticks_of(input_tracks(score, self.tokenizer).score, n)
         new = len(score.tracks)
 
         def keep(track: int, notes: dict) -> np.ndarray:
@@ -230,7 +231,7 @@ class Requests:
             self._check("add_track", score, out, report, n, keep, len(score.tracks) + 1)
             if out is None:
                 return None
-            result = analyse(out, self.tokenizer)
+            result = input_tracks(out, self.tokenizer)
             track = result.tracks.get(new)
             if track is None:
                 return {}

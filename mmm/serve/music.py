@@ -17,8 +17,8 @@ from symusic import Note, Score, Tempo, TimeSignature, Track
 from mmm.api import MMM, BarGrid, bar_grid
 from mmm.data.checks import check_midi_header, check_score
 from mmm.data.controls import bar_controls, track_controls
-from mmm.data.pieces import Rejected
-from mmm.evaluate.analysis import analyse, bar_ticks_of
+from mmm.data.checks import Rejected
+from mmm.data.layout import bar_ticks_of, input_tracks
 
 
 class BadUpload(ValueError):
@@ -79,7 +79,7 @@ class Measure:
     def piece(self, score: Score, num_bars: int) -> dict[int, dict[str, Any]]:
         """{input track index: {"track": {...}, "bars": [{...} per bar]}} for tracks with notes."""
         tok, vocab = self.mmm.tokenizer, self.mmm.vocab
-        analysed = analyse(score, tok)
+        analysed = input_tracks(score, tok)
         ticks = bar_ticks_of(analysed.score, num_bars)[:-1]
         tpq = analysed.score.tpq
         out = {}
