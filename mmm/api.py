@@ -39,7 +39,7 @@ from symusic import Note, Score, Tempo, TimeSignature, Track
 from mmm.checkpoint import checkpoint_location, generation_settings, load_pretrained, save_pretrained
 from mmm.controls import Controls
 from mmm.data.checks import Rejected, check_midi_header, check_score
-from mmm.data.layout import (Piece, carry_tempo, generated_bars, piece_from_score, ticks_per_bar, time_signature_of,
+from mmm.data.layout import (TRACK_FRAME, Piece, carry_tempo, generated_bars, piece_from_score, ticks_per_bar, time_signature_of,
                               track_ids)
 from mmm.data.sequences import SampleSpec, TrackPart, assemble
 from mmm.generation import SamplingConfig, generate_ids, make_generator
@@ -401,7 +401,7 @@ class _Run:
             piece = self.pieces[group[0]]
             bar_acs = [[self.tables.model_id(i) for i in acs.get(bar, [])] for bar in range(a, b)]
             n_acs = sum(len(x) for x in bar_acs)
-            header = 1 + 3 + len(tacs) + (b - a + 1 if task == "infill" else 0)
+            header = 1 + TRACK_FRAME + len(tacs) + (b - a + 1 if task == "infill" else 0)  # BOS, frame, ACs, Infill_Bars + FillBar_Start
             reserve = self.reserve(b - a, n_acs, header)
             prompt, window, context = self._prompt(task, piece, t, a, b, tacs, self.max_len - reserve,
                                                    bars_before, bars_after)
@@ -441,12 +441,12 @@ class _Run:
             total = 1 + (1 if task == "infill" else 0) + len(tacs)
             for k in context + [t]:
                 c = piece.cumlen(k, vocab)
-                if k == t and task == "infill":
-                    total += 3 + int(c[a] - c[lo] + c[hi] - c[b]) + (b - a)
-                elif k == t:
-                    total += 2
+                if k == t and task == "infill":  # its span is one Infill_Bar per bar
+                    total += TRACK_FRAME + int(c[a] - c[lo] + c[hi] - c[b]) + (b - a)
+                elif k == t:  # the new track: its Track_Start Program only
+                    total += TRACK_FRAME - 1
                 else:
-                    total += 3 + int(c[hi] - c[lo])
+                    total += TRACK_FRAME + int(c[hi] - c[lo])
             return total
 
         def biggest_context_track() -> int:

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from miditok import MMM, TokenizerConfig
+from miditok import MMM as MMMTokenizer
+from miditok import TokenizerConfig
 from miditok.attribute_controls import BarAttributeControl
 from miditok.constants import CHR_ID_START
 
@@ -104,22 +105,22 @@ def tokenizer_config(cfg: Mapping) -> TokenizerConfig:
     return TokenizerConfig(**cfg)
 
 
-def build_tokenizer(cfg: Mapping) -> MMM:
-    """A fresh (untrained) MMM tokenizer from a validated config mapping."""
-    return MMM(tokenizer_config(cfg))
+def build_tokenizer(cfg: Mapping) -> MMMTokenizer:
+    """A fresh (untrained) miditok MMM tokenizer from a validated config mapping."""
+    return MMMTokenizer(tokenizer_config(cfg))
 
 
-def load_tokenizer(path: str | Path) -> MMM:
+def load_tokenizer(path: str | Path) -> MMMTokenizer:
     """Load a tokenizer from a `tokenizer.json` file or a folder holding one."""
     path = Path(path)
     if path.is_dir():
         path = path / TOKENIZER_FILE
     if not path.is_file():
         raise FileNotFoundError(f"no tokenizer file at {path}: run `python -m mmm.train_tokenizer` first")
-    return MMM(params=path)
+    return MMMTokenizer(params=path)
 
 
-def save_tokenizer(tokenizer: MMM, path: str | Path) -> Path:
+def save_tokenizer(tokenizer: MMMTokenizer, path: str | Path) -> Path:
     """Write `tokenizer.json` atomically (a killed run never leaves a truncated file)."""
     path = Path(path)
     if path.suffix != ".json":
@@ -140,7 +141,7 @@ class _Words:
         return iter(self.words)
 
 
-def train_bpe(tokenizer: MMM, bars: Iterable[Sequence[int]], vocab_size: int) -> None:
+def train_bpe(tokenizer: MMMTokenizer, bars: Iterable[Sequence[int]], vocab_size: int) -> None:
     """Learn BPE merges in place from bars of base ids (one bar = one word).
 
     We train our own HF BPE model without miditok's Metaspace pre-tokenizer: with it, every
@@ -165,7 +166,7 @@ def train_bpe(tokenizer: MMM, bars: Iterable[Sequence[int]], vocab_size: int) ->
     tokenizer._model.decoder = None
 
 
-def _id_chars(tokenizer: MMM) -> list[str]:
+def _id_chars(tokenizer: MMMTokenizer) -> list[str]:
     return [chr(i + CHR_ID_START) for i in range(len(tokenizer.vocab))]
 
 
@@ -173,7 +174,7 @@ class Vocab:
     """Id facts of a tokenizer, computed once: special ids, Pitch/Velocity/Program tables,
     attribute-control ids, and the base <-> model (BPE) id conversions."""
 
-    def __init__(self, tokenizer: MMM) -> None:
+    def __init__(self, tokenizer: MMMTokenizer) -> None:
         self.tokenizer = tokenizer
         vocab: dict[str, int] = tokenizer.vocab
         self.base_size = len(vocab)
@@ -262,7 +263,7 @@ class Vocab:
         return {"base_vocab_size": self.base_size, "vocab_size": self.size, "bpe": self.tokenizer.is_trained}
 
 
-def vocab_fingerprint(tokenizer: MMM) -> str:
+def vocab_fingerprint(tokenizer: MMMTokenizer) -> str:
     """Hash of the base vocabulary: a store made with another base vocab is incompatible."""
     import hashlib
 

@@ -67,7 +67,7 @@ def run_samples(chunks: list[dict], vocab: Vocab, count: int, seed: int) -> Coun
     for n in range(count):
         chunk = rng.choice(chunks)
         spec = builder.draw_spec(chunk, rng)
-        ids, _ = builder.fit(chunk, spec, rng)
+        ids, _ = builder.build(chunk, spec, rng)
         try:
             seen[replay(ids, vocab, tables)] += 1
         except ValueError as err:

@@ -340,7 +340,7 @@ def run_samples(builder, chunks, n, seed, vocab, max_seq_len):
         chunk = chunks[(k * 7 + seed) % len(chunks)]
         spec = builder.draw_spec(chunk, rng)
         drawn = copy.deepcopy(spec)
-        ids, labels = builder.fit(chunk, spec, rng)
+        ids, labels = builder.build(chunk, spec, rng)
         seen += check_sample(ids, labels, spec, chunk, vocab, max_seq_len)
         seen["tracks_dropped"] += len(spec.tracks) < len(drawn.tracks)
         seen["acs_dropped"] += bool(drawn.track_acs or drawn.bar_acs) and not (spec.track_acs or spec.bar_acs)
@@ -376,7 +376,7 @@ def test_samples_are_well_formed_real(real_pieces, tokenizer, vocab):
             chunk = chunks[rng.randrange(len(chunks))]
             spec = builder.draw_spec(chunk, rng)
             try:
-                ids, labels = builder.fit(chunk, spec, rng)
+                ids, labels = builder.build(chunk, spec, rng)
             except ValueError as err:  # one track's infill span alone is over the budget
                 assert "max_seq_len" in str(err) and max_seq_len == 512
                 continue
@@ -391,7 +391,7 @@ def test_too_long_span_is_a_clear_error(vocab, synthetic_chunks):
     t = chunk["programs"].index(0)
     spec = SampleSpec(task="infill", tracks=[t], target=t, span=(0, len(chunk["bars"][t])))
     with pytest.raises(ValueError, match="max_seq_len=24"):
-        builder.fit(chunk, spec, random.Random(0))
+        builder.build(chunk, spec, random.Random(0))
 
 
 def test_deterministic_given_the_seed(bpe_vocab, synthetic_chunks):
@@ -438,7 +438,7 @@ def compare_with_reference(chunks, tokenizer, vocab, n, seed, capsys, label):
         chunk = chunks[k % len(chunks)]
         specs.append((chunk, builder.draw_spec(chunk, rng)))
     t0 = time.perf_counter()
-    fast = [builder.fit(chunk, copy.deepcopy(spec), random.Random(0)) for chunk, spec in specs]
+    fast = [builder.build(chunk, copy.deepcopy(spec), random.Random(0)) for chunk, spec in specs]
     t1 = time.perf_counter()
     slow = [reference_sample(chunk, spec, tokenizer, vocab) for chunk, spec in specs]
     t2 = time.perf_counter()
@@ -497,9 +497,9 @@ def test_reference_catches_a_wrong_fast_path(bpe_tokenizer, bpe_vocab, synthetic
     spec = SampleSpec(task="infill", tracks=[t], target=t, span=(1, 3), bar_acs=list(range(4)), ac_bars=[1, 2], pitch_shift=3)
     builder = SequenceBuilder(bpe_vocab, sequences_config(), 10**6)
     ref = reference_sample(chunk, spec, bpe_tokenizer, bpe_vocab)
-    assert np.array_equal(builder.fit(chunk, copy.deepcopy(spec), random.Random(0))[0], ref[0])
+    assert np.array_equal(builder.build(chunk, copy.deepcopy(spec), random.Random(0))[0], ref[0])
     monkeypatch.setattr(builder, "rotation", {})
-    assert not np.array_equal(builder.fit(chunk, copy.deepcopy(spec), random.Random(0))[0], ref[0])
+    assert not np.array_equal(builder.build(chunk, copy.deepcopy(spec), random.Random(0))[0], ref[0])
 
 
 def test_track_part_defaults():
@@ -532,9 +532,9 @@ def test_an_infill_span_longer_than_the_context_is_shortened(tokenizer, vocab):
     t = max(range(len(chunk["bars"])), key=lambda k: sum(map(len, chunk["bars"][k])))
     full = SequenceBuilder(vocab, sequences_config(), max_seq_len=10**6)
     whole = SampleSpec(task="infill", tracks=[t], target=t, span=(0, num_bars))
-    length = len(full.fit(chunk, copy.deepcopy(whole), random.Random(0))[0])
+    length = len(full.build(chunk, copy.deepcopy(whole), random.Random(0))[0])
     short = SequenceBuilder(vocab, sequences_config(), max_seq_len=length // 2)
     spec = copy.deepcopy(whole)
-    ids, labels = short.fit(chunk, spec, random.Random(0))
+    ids, labels = short.build(chunk, spec, random.Random(0))
     assert len(ids) <= length // 2 and spec.span[0] == 0 and 0 < spec.span[1] < num_bars
     assert list(ids).count(vocab.infill_bar) == spec.span[1] and ids[-1] == vocab.fill_end

@@ -93,7 +93,7 @@ def bench_loader(store: Store, tokenizer, vocab: Vocab, seq_len: int, n: int) ->
     chunks = [store[i % len(store)] for i in range(n)]
     specs = [builder.draw_spec(c, rng) for c in chunks]
     start = time.perf_counter()
-    fast = [builder.fit(c, s, rng) for c, s in zip(chunks, [s.__class__(**vars(s)) for s in specs])]
+    fast = [builder.build(c, s, rng) for c, s in zip(chunks, [s.__class__(**vars(s)) for s in specs])]
     fast_s = time.perf_counter() - start
     start = time.perf_counter()
     slow = [reference_sample(c, s, tokenizer, vocab) for c, s in zip(chunks, specs)]

@@ -34,6 +34,11 @@ def split_bars(ids: list[int], vocab: Vocab) -> tuple[list[int], list[list[int]]
     return header, bars
 
 
+# Ids around a track's bars: Track_Start Program ... Track_End (each its own BPE word, so a
+# track block costs its bars' model ids plus these, whatever the tokenizer).
+TRACK_FRAME = 3
+
+
 def track_ids(program: int, bars: Sequence[Sequence[int]], vocab: Vocab) -> list[int]:
     """The base ids of one track: what `tokenizer.decode` reads back into notes."""
     return [vocab.track_start, vocab.program_id[program], *(i for bar in bars for i in bar), vocab.track_end]

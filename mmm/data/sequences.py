@@ -28,7 +28,7 @@ from miditok.constants import MIDI_INSTRUMENTS
 
 from mmm.config import at_least, check_section, interval, within
 from mmm.data.controls import pitch_class_rotation
-from mmm.data.layout import insert_bar_acs
+from mmm.data.layout import TRACK_FRAME, insert_bar_acs
 from mmm.tokenizer import Vocab
 
 IGNORE_INDEX = -100
@@ -250,7 +250,7 @@ class SequenceBuilder:
         return sorted(rotate[i] for i in ids)  # miditok lists pitch classes in ascending order
 
     # -- length budget -------------------------------------------------------------------
-    def fit(self, chunk: Mapping, spec: SampleSpec, rng: random.Random) -> tuple[np.ndarray, np.ndarray]:
+    def build(self, chunk: Mapping, spec: SampleSpec, rng: random.Random) -> tuple[np.ndarray, np.ndarray]:
         """Build the sample, dropping context tracks (then ACs, then outer bars) until it
         fits `max_seq_len`. A bar is never cut and every track keeps its Track_End."""
         while True:
@@ -265,7 +265,7 @@ class SequenceBuilder:
                 while excess > 0 and len(spec.tracks) > 1:
                     t = rng.choice([t for t in spec.tracks if t != spec.target])
                     spec.tracks.remove(t)
-                    excess -= 3 + len(self.vocab.encode_words(parts[t].bars))  # + Track_Start, Program, Track_End
+                    excess -= TRACK_FRAME + len(self.vocab.encode_words(parts[t].bars))
             elif spec.track_acs or spec.bar_acs:
                 spec.track_acs, spec.bar_acs = [], []
             else:
@@ -294,4 +294,4 @@ class SequenceBuilder:
         return chunk
 
     def __call__(self, chunk: Mapping, rng: random.Random) -> tuple[np.ndarray, np.ndarray]:
-        return self.fit(chunk, self.draw_spec(chunk, rng), rng)
+        return self.build(chunk, self.draw_spec(chunk, rng), rng)

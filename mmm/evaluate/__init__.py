@@ -77,7 +77,7 @@ class EvalConfig:
     infill_bars: int = field(metadata=at_least(1))
     piece_bars: int = field(metadata=at_least(1))
     track_bars: int = field(metadata=at_least(1))
-    controls: bool  # measure control adherence
+    measure_controls: bool  # one more generation per control family and request
     sampling: SamplingConfig
     max_bar_tokens: int | None = field(metadata=at_least(4))
     max_failures_listed: int = field(metadata=at_least(0))

@@ -50,7 +50,7 @@ def build_sequences(store: Store, chunks: Sequence[int], builder: SequenceBuilde
         for k in range(per_chunk):
             rng = random.Random(f"{seed}-{i}-{k}")
             spec = builder.draw_spec(chunk, rng)
-            ids, labels = builder.fit(chunk, spec, rng)
+            ids, labels = builder.build(chunk, spec, rng)
             seq = EvalSequence(ids, labels, spec.task)
             if spec.task == "infill":
                 seq.fill_start = _fill_start(ids, vocab)
@@ -59,7 +59,7 @@ def build_sequences(store: Store, chunks: Sequence[int], builder: SequenceBuilde
                     # nothing else was dropped, and the target alone is shorter: same fill section.
                     alone = copy.deepcopy(spec)
                     alone.tracks = [spec.target]
-                    a_ids, a_labels = builder.fit(chunk, alone, random.Random(0))
+                    a_ids, a_labels = builder.build(chunk, alone, random.Random(0))
                     start = _fill_start(a_ids, vocab)
                     if np.array_equal(a_ids[start:], ids[seq.fill_start:]):
                         seq.alone = (a_ids, a_labels)

@@ -180,7 +180,7 @@ class Requests:
             for m in MUSICAL_STATS:
                 self.stats["real"][m].append(real_stats[m])
                 self.stats["generated"][m].append(gen_stats[m])
-        if not cfg.controls:
+        if not cfg.measure_controls:
             return
         without = self._bar_values(baseline, target, ticks, a, b)
         for name in self.controls.bar:
@@ -239,7 +239,7 @@ class Requests:
             return self.controls.values([i for family in families for i in family])
 
         without = run(None)
-        if not cfg.controls:
+        if not cfg.measure_controls:
             return
         for name in self.controls.track:
             pool = self.pools.get(("track", name))
