@@ -19,6 +19,8 @@ from pathlib import Path
 
 from symusic import Score
 
+from mmm.io import atomic_write
+
 FLUIDSYNTH = "fluidsynth"
 # Searched in this order when no soundfont is given (after $MMM_SOUNDFONT).
 SOUNDFONT_CANDIDATES = (
@@ -90,17 +92,17 @@ def render_wav(score_or_midi_path: Score | str | Path, wav_path: str | Path,
                 raise FileNotFoundError(f"MIDI file not found: {midi}")
         else:
             raise TypeError(f"expected a symusic.Score or a MIDI path, got {type(score_or_midi_path).__name__}")
-        partial = wav_path.with_name(f".{wav_path.name}.tmp{os.getpid()}.wav")
-        command = [program, "-ni", "-q", "-F", str(partial), "-r", str(sample_rate), str(font), str(midi)]
-        try:
-            # -ni: no shell, no MIDI input; -F: render to the file as fast as possible.
+
+        def render(partial: Path) -> None:
+            # -ni: no shell, no MIDI input; -F: render to the file as fast as possible (-T: as WAV,
+            # whatever the temporary file's name).
+            command = [program, "-ni", "-q", "-T", "wav", "-F", str(partial), "-r", str(sample_rate), str(font), str(midi)]
             result = subprocess.run(command, capture_output=True, text=True, timeout=600)
             if result.returncode != 0 or not partial.is_file() or partial.stat().st_size <= 44:
                 raise RuntimeError(
                     f"fluidsynth failed to render {midi} (exit {result.returncode}): "
                     f"{(result.stderr or result.stdout).strip()[-2000:] or 'no output file'}"
                 )
-            os.replace(partial, wav_path)
-        finally:
-            partial.unlink(missing_ok=True)
+
+        atomic_write(wav_path, render)
     return wav_path

@@ -133,6 +133,13 @@ def summary_lines(metrics: dict) -> list[str]:
                     + (" (all 100%)." if ok else " (NOT all 100%: see below).")]
 
 
+RATES = ("bits_per_token", "bits_per_note", "bits_per_bar")
+
+
+def _rates_row(label: str, rates: dict, keys: tuple[str, ...] = RATES) -> str:
+    return f"| {label} | " + " | ".join(_fmt(rates[k]) for k in keys) + " |"
+
+
 def report_markdown(metrics: dict, plots: list[str]) -> str:
     lik, data, ic = metrics["likelihood"], metrics["data"], metrics["likelihood"]["infill_context"]
     lines = [
@@ -150,10 +157,7 @@ def report_markdown(metrics: dict, plots: list[str]) -> str:
         "| model | nats/token | bits/token | bits/note | bits/bar |",
         "|---|---|---|---|---|",
     ]
-    for name in ("model", "bigram", "unigram"):
-        r = lik[name]
-        lines.append(f"| {name} | {_fmt(r['nats_per_token'])} | {_fmt(r['bits_per_token'])} | "
-                     f"{_fmt(r['bits_per_note'])} | {_fmt(r['bits_per_bar'])} |")
+    lines += [_rates_row(name, lik[name], ("nats_per_token", *RATES)) for name in ("model", "bigram", "unigram")]
     m = lik["model"]
     lines += [
         "",
@@ -171,8 +175,7 @@ def report_markdown(metrics: dict, plots: list[str]) -> str:
             "",
             "| augmented test sequences | bits/token | bits/note | bits/bar |",
             "|---|---|---|---|",
-            *[f"| {name} | {_fmt(aug[name]['bits_per_token'])} | {_fmt(aug[name]['bits_per_note'])} | "
-              f"{_fmt(aug[name]['bits_per_bar'])} |" for name in ("model", "bigram", "unigram")],
+            *[_rates_row(name, aug[name]) for name in ("model", "bigram", "unigram")],
             "",
         ]
     lines += [
@@ -184,10 +187,7 @@ def report_markdown(metrics: dict, plots: list[str]) -> str:
         "| prompt | bits/token | bits/note | bits/bar |",
         "|---|---|---|---|",
     ]
-    for key in ("with_context", "without_context"):
-        r = ic[key]
-        lines.append(f"| {key.replace('_', ' ')} | {_fmt(r['bits_per_token'])} | {_fmt(r['bits_per_note'])} | "
-                     f"{_fmt(r['bits_per_bar'])} |")
+    lines += [_rates_row(key.replace("_", " "), ic[key]) for key in ("with_context", "without_context")]
     st = metrics["structure"]
     lines += [
         "",
