@@ -358,9 +358,9 @@ def test_resuming_from_a_checkpoint_carrying_code_is_refused(corpus, tmp_path):
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("data.loader.batch_size=abc", "data.loader.batch_size='abc': expected int"),
-        ("trainer.max_steps=0", "trainer.max_steps=0: expected int >= 1"),
-        ("optim.optimizer.lr=-1.0", "optim.optimizer.lr=-1.0: expected float"),
+        ("data.loader.batch_size=abc", "data.loader.batch_size='abc': expected an integer"),
+        ("trainer.max_steps=0", "trainer.max_steps=0: expected a value >= 1"),
+        ("optim.optimizer.lr=-1.0", "optim.optimizer.lr=-1.0: expected a number >= 0"),
         ("data.sequences.tracks_ratio=[0.5,0.2]", r"data.sequences.tracks_ratio=\[0.5, 0.2\]"),
         ("+data.sequences.infil_ratio=0.5", "did you mean data.sequences.infill_ratio"),
         ("+data.loader.batchsize=4", "did you mean data.loader.batch_size"),
