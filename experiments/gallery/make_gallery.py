@@ -127,7 +127,7 @@ def main() -> None:
     args = parse_args()
     ensure_model(args)
     from mmm import MMM
-    from mmm.api import describe_tracks
+    from mmm.request import describe_tracks
 
     model = MMM.from_pretrained(args.model)
     args.out.mkdir(parents=True, exist_ok=True)

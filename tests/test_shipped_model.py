@@ -1,0 +1,45 @@
+"""The model shipped in models/ (its card: models/mmm-music21-small/README.md): it loads as
+documented, knows what it was trained on, and rewrites bars and adds a track with the
+structure a musician asked for, on music that is not in its corpus."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import REPO, synthetic_score
+
+SHIPPED = REPO / "models" / "mmm-music21-small"
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    from mmm import MMM
+
+    if not (SHIPPED / "model.safetensors").is_file():
+        pytest.fail(f"{SHIPPED} is missing: the repository ships this model (see its README)")
+    return MMM.from_pretrained(SHIPPED, num_threads=1)
+
+
+def test_the_folder_carries_its_generation_settings_and_card(shipped):
+    config = json.loads((SHIPPED / "config.json").read_text())
+    assert shipped.max_bar_tokens == config["generation"]["max_bar_tokens"] >= 16
+    assert shipped.controls_seen == sorted(config["generation"]["controls_seen"])
+    assert config["training"]["experiment"] == "music21"
+    assert (SHIPPED / "README.md").is_file() and (SHIPPED / "loss_curves.png").is_file()
+    assert (SHIPPED / "model.safetensors").stat().st_size < 50 * 2**20
+
+
+def test_infill_and_new_track_keep_the_requested_structure(shipped):
+    score = synthetic_score(3, 12)
+    out = shipped.infill(score, track=0, bars=(4, 8), seed=0)
+    assert shipped.bar_grid(out).num_bars == shipped.bar_grid(score).num_bars
+    for t, (before, after) in enumerate(zip(score.tracks, out.tracks)):
+        b, a = before.notes.numpy(), after.notes.numpy()
+        if t != 0:  # every other track is untouched
+            assert all(np.array_equal(b[k], a[k]) for k in ("time", "pitch", "duration"))
+    added = shipped.add_track(score, program=33, seed=0)
+    assert len(added.tracks) == len(score.tracks) + 1 and added.tracks[-1].program == 33
+    assert all(note.time < shipped.bar_grid(score).starts[-1] for note in added.tracks[-1].notes)
