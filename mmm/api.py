@@ -129,10 +129,11 @@ class BarGrid:
                 + "; bar numbers in requests follow the model's grid")
 
 
-def bar_grid(score: Score, tokenizer: MMMTokenizer, vocab: Vocab | None = None) -> BarGrid:
-    """The model's bar grid of `score` (see `BarGrid`), with the file's own grid beside it."""
+def bar_grid(score: Score, tokenizer: MMMTokenizer, vocab: Vocab | None = None, piece: Piece | None = None) -> BarGrid:
+    """The model's bar grid of `score` (see `BarGrid`), with the file's own grid beside it
+    (`piece`: the score already tokenized, e.g. by `MMM.check`)."""
     vocab = vocab or Vocab(tokenizer)
-    piece = piece_from_score(score, tokenizer, vocab)
+    piece = piece or piece_from_score(score, tokenizer, vocab)
     sigs = [time_signature_of(vocab.token_of[ts]) for ts in piece.time_sigs]
     ticks = list(piece.bar_ticks) + [piece.end_tick(vocab)]
     file_starts = [int(t) for t in get_bars_ticks(score, only_notes_onsets=True)]

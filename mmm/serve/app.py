@@ -186,8 +186,9 @@ class Server:
                 score = read_midi(upload, filename)
             except BadUpload as err:
                 raise ApiError(400, "bad_midi", str(err), "file") from None
-            difference = self._check(lambda: bar_grid(score, self.mmm.tokenizer, self.mmm.vocab), "file").difference()
-        plan, score, _ = self._check(lambda: self.mmm.check(request, score), "file")
+        plan, score, piece = self._check(lambda: self.mmm.check(request, score), "file")
+        if piece is not None:  # the score tokenized once, for the check and for the grid
+            difference = bar_grid(score, self.mmm.tokenizer, self.mmm.vocab, piece).difference()
         if task == "infill":
             tracks, bars = plan.tracks, sorted(b for a, e in plan.spans for b in range(a, e))
         else:
