@@ -24,7 +24,9 @@ from mmm.tokenizer import TOKENIZER_FILE, load_tokenizer
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
-FORMAT_VERSION = 1
+# 2: a bar's header is a BPE word of its own (mmm.tokenizer.bpe_words); a format-1 model reads
+# and writes bars whose header merged with their first notes, so its prompts would be foreign to it.
+FORMAT_VERSION = 2
 
 
 def save_pretrained(model: MMMTransformer, tokenizer: MMMTokenizer, folder: str | Path, extra: dict | None = None) -> Path:
@@ -169,9 +171,15 @@ def load_pretrained(path: str | Path, trusted: bool = False) -> tuple[MMMTransfo
         config = json.loads((path / CONFIG_FILE).read_text())
         if "model" not in config:
             raise ValueError(f"{path / CONFIG_FILE}: no 'model' section; not an mmm checkpoint folder")
-        if config.get("mmm_format", 1) > FORMAT_VERSION:
-            raise ValueError(f"{path}: checkpoint format {config['mmm_format']} was written by a newer mmm "
+        version = config.get("mmm_format", 1)
+        if version > FORMAT_VERSION:
+            raise ValueError(f"{path}: checkpoint format {version} was written by a newer mmm "
                              f"(this one reads format {FORMAT_VERSION}): upgrade mmm")
+        if version < FORMAT_VERSION:
+            raise ValueError(f"{path}: checkpoint format {version} was trained on the earlier bar encoding (a bar's "
+                             f"header merged with its first notes by BPE); this mmm encodes format {FORMAT_VERSION}, "
+                             "so the model would read foreign prompts. Retrain it with this mmm, or fine-tune it: raise "
+                             "trainer.max_steps and re-run its training command (it resumes from last.ckpt)")
         return _build(config["model"], load_file(str(path / WEIGHTS_FILE))), load_tokenizer(path)
     if path.is_dir() and (path / "latest").is_file():
         return _from_deepspeed_dir(path, trusted)

@@ -103,7 +103,10 @@ class GrammarTables:
             self.length[i] = len(bases)
             positions = pos_value[list(bases)]
             positions = positions[positions >= 0]
-            if (k == K_OTHER).any() or (k[1:] == K_BAR).any() or (np.diff(positions) <= 0).any():
+            # A bar header merged with the bar's body never comes out of encoding (a header is a
+            # word of its own: tokenizer.bpe_words); a tokenizer learned before that rule may hold such ids.
+            merged_header = k[0] == K_BAR and len(k) > 2
+            if (k == K_OTHER).any() or (k[1:] == K_BAR).any() or (np.diff(positions) <= 0).any() or merged_header:
                 self.bad[i] = True
                 continue
             self.opens_bar[i] = k[0] == K_BAR

@@ -141,8 +141,24 @@ class _Words:
         return iter(self.words)
 
 
+def bpe_words(word: Sequence[int], bar_id: int) -> tuple[Sequence[int], ...]:
+    """The BPE words of one layout word: a bar's header (`Bar_None TimeSig`) is a word of its
+    own, apart from the bar's body.
+
+    Why: bar ACs sit between the header and the first `Position`, and BPE never merges an AC,
+    so a bar with ACs always started with a header-only id while the same bar without ACs
+    merged its header into its first notes. In training, a header-only id with no AC after
+    it then almost always meant an empty bar, and a model asked for bars without controls
+    (no ACs follow the header it writes) closed half of them empty. Split, a bar opens with
+    the same id whether controlled or not (experiments/sparse_infills)."""
+    if len(word) > 2 and word[0] == bar_id:
+        return word[:2], word[2:]
+    return (word,)
+
+
 def train_bpe(tokenizer: MMMTokenizer, bars: Iterable[Sequence[int]], vocab_size: int) -> None:
-    """Learn BPE merges in place from bars of base ids (one bar = one word).
+    """Learn BPE merges in place from bars of base ids (each bar's header and body are two
+    words, as `Vocab.encode_words` encodes them: `bpe_words`).
 
     We train our own HF BPE model without miditok's Metaspace pre-tokenizer: with it, every
     word boundary costs a "▁" token that decodes to nothing. Bars are given without
@@ -156,7 +172,8 @@ def train_bpe(tokenizer: MMMTokenizer, bars: Iterable[Sequence[int]], vocab_size
             f"tokenizer.vocab_size ({vocab_size}) must exceed the {len(tokenizer.vocab)} base tokens"
         )
     table = _id_chars(tokenizer)
-    words = _Words(["".join(table[i] for i in bar) for bar in bars if len(bar) > 0])
+    bar_id = tokenizer.vocab["Bar_None"]
+    words = _Words(["".join(table[i] for i in word) for bar in bars if len(bar) > 0 for word in bpe_words(bar, bar_id)])
     if len(words) == 0:
         raise ValueError("no bars to train BPE on: the training split is empty")
     alphabet = {table[i]: i for i in range(len(tokenizer.vocab))}
@@ -246,13 +263,15 @@ class Vocab:
         return self.tokenizer.vocab[token]
 
     def encode_words(self, words: Sequence[Sequence[int]]) -> list[int]:
-        """Base-id words -> model ids; BPE never merges across words."""
+        """Base-id words -> model ids; BPE never merges across words, nor a bar's header
+        with its body (`bpe_words`)."""
         if not self.tokenizer.is_trained:
             return [i for w in words for i in w]
         # The BPE model itself, word by word: same ids as `Tokenizer.encode(words,
         # is_pretokenized=True)` (tested) without its pipeline, ~7x faster.
-        chars, bpe = self._chars, self.tokenizer._model.model
-        return [t.id for w in words if len(w) for t in bpe.tokenize("".join(map(chars.__getitem__, w)))]
+        chars, bpe, bar = self._chars, self.tokenizer._model.model, self.bar
+        return [t.id for w in words if len(w) for piece in bpe_words(w, bar)
+                for t in bpe.tokenize("".join(map(chars.__getitem__, piece)))]
 
     def to_base(self, ids: Iterable[int]) -> list[int]:
         """Model ids -> base ids (decoding BPE ids directly: never through `.tokens`)."""

@@ -23,7 +23,8 @@ from conftest import (
     synthetic_score,
     tokenizer_params,
 )
-from mmm.data.sequences import SequenceBuilder, assemble
+from mmm.data.layout import insert_bar_acs
+from mmm.data.sequences import SequenceBuilder, assemble, empty_bar_marker
 from mmm.tokenizer import Vocab, build_tokenizer, load_tokenizer, save_tokenizer, tokenizer_config, train_bpe
 
 AC_FAMILIES = {
@@ -199,6 +200,31 @@ def test_encode_words_to_base_round_trip(bpe_vocab, synthetic_chunks):
     for w in words[:200]:
         assert bpe_vocab.to_base(bpe_vocab.encode_words([w])) == w
     assert bpe_vocab.encode_words([w for w in words[:50]]) == [i for w in words[:50] for i in bpe_vocab.encode_words([w])]
+
+
+def test_a_bar_opens_with_the_same_ids_with_or_without_bar_acs(bpe_vocab, synthetic_chunks):
+    """A bar's header is a BPE word of its own: with bar ACs after it or not, the bar encodes to
+    the same header ids and the same body ids. (Merged with its body when no AC separated them,
+    a header-only id followed by no AC meant "empty bar" in training, and uncontrolled
+    generation wrote empty bars.)"""
+    v = bpe_vocab
+    marker = empty_bar_marker(v)
+    bars = [bar for _, _, chunks in synthetic_chunks for c in chunks for track in c.bars for bar in track
+            if any(v.is_note_start[i] for i in bar)]
+    assert len(bars) > 100
+    for bar in bars[:300]:
+        plain_ids = v.encode_words([bar])
+        controlled = v.encode_words([insert_bar_acs(bar, [marker], v)])
+        assert controlled == plain_ids[:1] + [marker] + plain_ids[1:] or \
+            controlled == plain_ids[:2] + [marker] + plain_ids[2:], (bar, plain_ids, controlled)
+        assert v.to_base(plain_ids[:1]) == list(bar[:2]) or v.to_base(plain_ids[:2]) == list(bar[:2])
+
+
+def test_bpe_learns_headers_as_words(bpe_vocab):
+    """No learned id holds a bar header and more: encoding never produces one."""
+    v = bpe_vocab
+    assert not [bases for bases in v.model_to_base if bases[0] == v.bar and len(bases) > 2]
+    assert any(bases[0] == v.bar and len(bases) == 2 for bases in v.model_to_base), "headers merge into one id"
 
 
 def _check_ac_ids(vocab: Vocab, samples) -> int:

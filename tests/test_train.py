@@ -3,7 +3,9 @@ experiment configs, DeepSpeed config, and a real multirun sweep with submitit's 
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +16,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.strategies import DeepSpeedStrategy
 
 from conftest import CONFIGS, REPO, compose_config, small_overrides
-from mmm.checkpoint import load_pretrained
+from mmm.checkpoint import FORMAT_VERSION, load_pretrained
 from mmm.data.sequences import IGNORE_INDEX
 from mmm.train import check_config, train
 
@@ -78,6 +80,20 @@ def test_train_writes_a_loadable_checkpoint_folder(trained):
     model2, tokenizer2 = load_pretrained(Path(cfg.run_dir) / "checkpoints" / "last.ckpt")
     torch.testing.assert_close(model2(ids), model(ids))
     assert tokenizer2.vocab_model == tokenizer.vocab_model
+
+
+def test_a_folder_of_another_format_is_refused(trained, tmp_path):
+    """A format-1 folder (bar headers merged with their notes by BPE) would read foreign prompts:
+    refused, saying how to get a model of this format; so is a newer format."""
+    _, cfg, _ = trained
+    for version, message in [(1, "earlier bar encoding.*Retrain"), (FORMAT_VERSION + 1, "newer mmm")]:
+        folder = tmp_path / f"format{version}"
+        shutil.copytree(cfg.export_dir, folder)
+        config = json.loads((folder / "config.json").read_text())
+        assert config["mmm_format"] == FORMAT_VERSION
+        (folder / "config.json").write_text(json.dumps({**config, "mmm_format": version}))
+        with pytest.raises(ValueError, match=message):
+            load_pretrained(folder)
 
 
 def test_export_carries_generation_settings_measured_on_the_data(trained):

@@ -37,5 +37,8 @@ run() {  # name, overrides...
 run B_marker_only data.sequences.uncontrolled_ratio=0.0
 run C_fixed
 run D_fixed_generated_loss_only data.sequences.context_loss=false
+# E: C with a bar's header encoded as a BPE word of its own (today's encoding, its own BPE):
+# rows A-D were trained and evaluated by the code before that change.
+run E_header_split "tokenizer.path=$OUT/tokenizers/header_split_bpe\${tokenizer.vocab_size}.json"
 "$PY" experiments/recipe_ablation/table.py "$OUT/eval" > "$OUT/table.md"
 cat "$OUT/table.md"
