@@ -62,7 +62,7 @@ class UnsafeCheckpoint(pickle.UnpicklingError):
     """A checkpoint holds something other than data: loading it would run code from the file."""
 
 
-def _unsafe(path: Path, offending: list[str]) -> UnsafeCheckpoint:
+def unsafe_checkpoint(path: Any, offending: list[str]) -> UnsafeCheckpoint:
     return UnsafeCheckpoint(
         f"{path}: refusing to load it: it holds {', '.join(offending) or 'an object that is not plain data'}, "
         "which an mmm checkpoint never holds, and unpickling it could run code from the file. "
@@ -88,10 +88,20 @@ def load_checkpoint_file(path: str | Path, *, trusted: bool = False, map_locatio
                 offending = torch.serialization.get_unsafe_globals_in_checkpoint(path)
             except Exception:  # not a zip checkpoint: torch's message names the first one
                 offending = re.findall(r"GLOBAL ([\w.]+)", str(e))[:1]
-            error = _unsafe(path, offending)
+            error = unsafe_checkpoint(path, offending)
             if not offending:
                 error.args = (f"{error.args[0]} torch said: {e}",)
             raise error from None
+
+
+def check_deepspeed_states(folder: Path) -> None:
+    """Scan the state files of a DeepSpeed checkpoint's tag folder without unpickling them and
+    refuse (`UnsafeCheckpoint`) one holding anything beyond plain data and `DEEPSPEED_GLOBALS`:
+    DeepSpeed's resume and its `zero_to_fp32` unpickle them in full (weights_only=False)."""
+    for state_file in sorted(folder.glob("*.pt")):
+        offending = sorted(set(torch.serialization.get_unsafe_globals_in_checkpoint(state_file)) - DEEPSPEED_GLOBALS)
+        if offending:
+            raise unsafe_checkpoint(state_file, offending)
 
 
 def _from_lightning_ckpt(path: Path, trusted: bool = False) -> tuple[MMMTransformer, MMMTokenizer]:
@@ -114,11 +124,8 @@ def _from_deepspeed_dir(path: Path, trusted: bool = False) -> tuple[MMMTransform
     client_file = next((path / tag / n for n in names if (path / tag / n).is_file()), None)
     if client_file is None:
         raise FileNotFoundError(f"{path}: 'latest' names the tag {tag!r} but {path / tag} holds no model states (an incomplete checkpoint)")
-    if not trusted:  # zero_to_fp32 unpickles every state file in full: scan them without unpickling first
-        for state_file in sorted((path / tag).glob("*.pt")):
-            offending = sorted(set(torch.serialization.get_unsafe_globals_in_checkpoint(state_file)) - DEEPSPEED_GLOBALS)
-            if offending:
-                raise _unsafe(state_file, offending)
+    if not trusted:  # zero_to_fp32 unpickles every state file in full
+        check_deepspeed_states(path / tag)
     client = load_checkpoint_file(client_file, trusted=trusted)
     hparams = client.get("hyper_parameters", {})
     if "model_config" not in hparams or not hparams.get("tokenizer_json"):

@@ -4,11 +4,14 @@ Lightning's own `TorchCheckpointIO` pickles the checkpoint into memory, writes i
 the system temp folder and moves it into place: across filesystems that move is a copy over the
 target, so a disk filling up mid-copy truncates the previous good `last.ckpt`, and the whole
 checkpoint must also fit in `/tmp`. Here it is written beside its target by `mmm.io.atomic_write`
-and read by `mmm.checkpoint.load_checkpoint_file`, which never runs code from the file.
+and read by `mmm.checkpoint.load_checkpoint_file`, which never runs code from the file; a remote
+one (`ckpt_path=https://...`, `s3://...`) is read by Lightning with `weights_only=True` too.
 """
 
 from __future__ import annotations
 
+import pickle
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,7 +19,7 @@ from typing import Any
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from mmm.checkpoint import load_checkpoint_file
+from mmm.checkpoint import SAFE_GLOBALS, load_checkpoint_file, unsafe_checkpoint
 from mmm.io import atomic_write
 
 
@@ -37,8 +40,17 @@ class MMMCheckpointIO(TorchCheckpointIO):
                         weights_only: bool | None = None) -> dict[str, Any]:
         """`weights_only=False` (`trust_checkpoint=true`) is the opt-in for a trusted file
         holding more than plain data."""
+        trusted = weights_only is False
+        if "://" in str(path) and trusted:
+            return super().load_checkpoint(path, map_location, weights_only=False)
         if "://" in str(path):
-            return super().load_checkpoint(path, map_location, weights_only=weights_only)
+            # Lightning would unpickle everything from an http(s) URL (weights_only=None means
+            # False there): only the explicit opt-in above does that here.
+            try:
+                with torch.serialization.safe_globals(SAFE_GLOBALS):
+                    return super().load_checkpoint(path, map_location, weights_only=True)
+            except pickle.UnpicklingError as e:  # torch's message names the first offending global
+                raise unsafe_checkpoint(path, re.findall(r"GLOBAL ([\w.]+)", str(e))[:1]) from None
         if not Path(path).is_file():
             raise FileNotFoundError(f"Checkpoint file not found: {path}")
-        return load_checkpoint_file(path, trusted=weights_only is False, map_location=map_location)
+        return load_checkpoint_file(path, trusted=trusted, map_location=map_location)

@@ -35,7 +35,7 @@ def space_error(path: Path, code: int) -> DiskFull:
     )
 
 
-def _space_errno(error: BaseException | None) -> int | None:
+def space_errno(error: BaseException | None) -> int | None:
     """The errno of a space error, also when a library wrapped it (safetensors' Rust code and
     pyarrow raise their own types whose message or cause carries the OS error); else None."""
     while error is not None:
@@ -76,7 +76,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> Path:
         os.replace(tmp, path)
     except BaseException as e:
         tmp.unlink(missing_ok=True)
-        if code := _space_errno(e):
+        if code := space_errno(e):
             raise space_error(path, code) from e
         raise
     fsync_path(path.parent)
@@ -110,7 +110,7 @@ def atomic_write_folder(folder: str | Path, write: Callable[[Path], Any]) -> Pat
         fsync_tree(tmp)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if code := _space_errno(e):
+        if code := space_errno(e):
             raise space_error(folder, code) from e
         raise
     old = folder.with_name(f".{folder.name}.old{os.getpid()}")

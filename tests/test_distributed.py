@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -42,12 +43,24 @@ def data_root(corpus, tmp_path_factory) -> Path:
     return root
 
 
-def launch(run: Path, overrides: list[str], *extra: str, expect_killed: bool = False) -> dict[int, list[dict]]:
-    """Run `python -m mmm.train` (2 processes) in its own process group; return the records."""
+def command(run: Path, overrides: list[str], *extra: str, file_size_limit: int | None = None) -> subprocess.CompletedProcess:
+    """Run `python -m mmm.train` (2 processes) in its own process group, optionally with its
+    file-size limit (RLIMIT_FSIZE, inherited by every rank) lowered: a write past it fails with
+    EFBIG as on a full disk (Python ignores SIGXFSZ, which would kill the process instead)."""
     cmd = [sys.executable, "-m", "mmm.train", *overrides, f"hydra.run.dir={run}",
            f"+callbacks.probe={{_target_: rank_probe.RecordSteps, path: {run}_steps}}", *extra]
     env = {**os.environ, "PYTHONPATH": str(REPO / "tests"), "MMM_SPY_DIR": str(run.parent / f"{run.name}_spy")}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600, start_new_session=True)
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600, start_new_session=True,
+                          preexec_fn=limit if file_size_limit else None)
+
+
+def launch(run: Path, overrides: list[str], *extra: str, expect_killed: bool = False) -> dict[int, list[dict]]:
+    """`command`, which must succeed (or be killed); return the records."""
+    proc = command(run, overrides, *extra)
     if expect_killed:
         assert proc.returncode == -9, proc.stdout[-2000:] + proc.stderr[-4000:]
     else:
@@ -243,3 +256,31 @@ def test_deepspeed_and_ddp_follow_the_same_loss_curve(deepspeed, ddp):
         assert [r["index"] for r in a] == [r["index"] for r in b]  # the same samples on the same rank
         torch.testing.assert_close(torch.tensor([r["loss"] for r in a]), torch.tensor([r["loss"] for r in b]), rtol=2**-8, atol=0)  # bf16's relative precision
         assert abs(a[0]["loss"] - b[0]["loss"]) < 1e-3
+
+
+def test_deepspeed_save_on_a_full_disk_keeps_the_previous_checkpoint(corpus, data_root):
+    """A DeepSpeed save that runs out of space (a file-size limit below its state files) fails
+    with DiskFull on every rank and leaves the previous last.ckpt folder byte for byte, loadable,
+    with no temporary folder beside it; the re-run with space resumes from it and completes."""
+    from mmm.checkpoint import load_pretrained
+
+    overrides = [o for o in run_overrides(corpus, data_root) if o != "trainer.max_steps=8"] + ["trainer=deepspeed_cpu"]
+    run = data_root / "deepspeed_full_disk"
+    launch(run, [*overrides, "trainer.max_steps=1"])  # ends with last.ckpt at step 1
+    last = run / "checkpoints" / "last.ckpt"
+    before = {p: p.read_bytes() for p in sorted(last.rglob("*")) if p.is_file()}
+    limit = min(len(data) for p, data in before.items() if p.suffix == ".pt") // 2
+    assert limit > max(len(data) for p, data in before.items() if p.suffix != ".pt")  # only state files hit it
+
+    # Step 2, then its final save over last.ckpt (the periodic ones come every 3 steps) fails.
+    proc = command(run, [*overrides, "trainer.max_steps=2"], file_size_limit=limit)
+    assert proc.returncode != 0 and f"DiskFull: [Errno 27] could not write {last}: File too large" in proc.stderr, proc.stderr[-4000:]
+    assert {p: p.read_bytes() for p in sorted(last.rglob("*")) if p.is_file()} == before
+    assert [p.name for p in last.parent.iterdir()] == ["last.ckpt"]  # no partial folder beside it
+    load_pretrained(last)
+
+    recs = launch(run, [*overrides, "trainer.max_steps=2"])  # space is back
+    for rank in (0, 1):
+        assert [r["step"] for r in recs[rank]] == [1, 2, 2]
+        assert recs[rank][2] == recs[rank][1]  # step 2 redone from the step-1 checkpoint: same samples, loss, weights
+    assert (run / "model" / "model.safetensors").is_file()

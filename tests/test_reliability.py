@@ -325,18 +325,24 @@ def test_a_checkpoint_carrying_code_is_refused_and_the_code_never_runs(tmp_path)
     assert marker.exists()
 
 
+def deepspeed_dir(folder: Path, marker: Path) -> Path:
+    """A DeepSpeed checkpoint folder (`latest` naming a tag folder of state files) whose
+    optimizer-state file carries a `Trap`."""
+    (folder / "checkpoint").mkdir(parents=True)
+    (folder / "latest").write_text("checkpoint")
+    mmm_ckpt(folder / "checkpoint" / "mp_rank_00_model_states.pt")
+    torch.save({"optimizer_state_dict": {"loss_scaler": Trap(marker)}},
+               folder / "checkpoint" / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    return folder
+
+
 def test_a_deepspeed_checkpoint_carrying_code_is_refused_before_deepspeed_unpickles_it(tmp_path):
     """DeepSpeed's zero_to_fp32 loads every state file with weights_only=False: each is scanned
     first, and a global beyond DeepSpeed's own few is refused before anything is unpickled."""
     from mmm.checkpoint import UnsafeCheckpoint, load_pretrained
 
     marker = tmp_path / "pwned"
-    folder = tmp_path / "last.ckpt"
-    (folder / "checkpoint").mkdir(parents=True)
-    (folder / "latest").write_text("checkpoint")
-    mmm_ckpt(folder / "checkpoint" / "mp_rank_00_model_states.pt")
-    torch.save({"optimizer_state_dict": {"loss_scaler": Trap(marker)}},
-               folder / "checkpoint" / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    folder = deepspeed_dir(tmp_path / "last.ckpt", marker)
     with pytest.raises(UnsafeCheckpoint, match=r"optim_states.pt: refusing to load it: it holds posix.system"):
         load_pretrained(folder)
     assert not marker.exists()
@@ -352,6 +358,52 @@ def test_resuming_from_a_checkpoint_carrying_code_is_refused(corpus, tmp_path):
     with pytest.raises(UnsafeCheckpoint, match="posix.system.*trust_checkpoint=true"):
         train(cfg)
     assert not marker.exists()
+
+
+def test_resuming_deepspeed_from_a_checkpoint_carrying_code_is_refused(corpus, tmp_path):
+    """`trainer=deepspeed ckpt_path=<dir>`: DeepSpeed's own resume unpickles its state files
+    in full; MMMDeepSpeedStrategy scans them first (run as the command, on one CPU process)."""
+    marker = tmp_path / "pwned"
+    bad = deepspeed_dir(tmp_path / "last.ckpt", marker)
+    overrides = [o for o in small_overrides(corpus, tmp_path) if not o.startswith(("trainer=", "trainer.precision="))]
+    cmd = [sys.executable, "-m", "mmm.train", *overrides, "trainer=deepspeed_cpu", "trainer.devices=1", "logger=none",
+           f"ckpt_path={bad}", f"hydra.run.dir={tmp_path / 'run'}"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0 and "UnsafeCheckpoint" in proc.stderr, proc.stderr[-3000:]
+    assert "optim_states.pt: refusing to load it: it holds posix.system" in proc.stderr and "trust_checkpoint=true" in proc.stderr
+    assert not marker.exists()
+
+
+def test_a_remote_checkpoint_carrying_code_is_refused(tmp_path, monkeypatch):
+    """`ckpt_path=https://...`: Lightning reads an http(s) URL with weights_only=False unless
+    told otherwise; MMMCheckpointIO tells it, but for the explicit opt-in. Served over HTTP
+    from this process."""
+    import functools
+    import http.server
+    import threading
+
+    from mmm.checkpoint import UnsafeCheckpoint
+    from mmm.checkpoint_io import MMMCheckpointIO
+
+    marker = tmp_path / "pwned"
+    served = tmp_path / "served"
+    served.mkdir()
+    mmm_ckpt(served / "good.ckpt")
+    mmm_ckpt(served / "bad.ckpt", callbacks={"Innocent": {"state": Trap(marker)}})
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))  # where torch.hub keeps its downloads
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(http.server.SimpleHTTPRequestHandler, directory=served))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        io = MMMCheckpointIO()
+        assert "model_config" in io.load_checkpoint(f"{url}/good.ckpt")["hyper_parameters"]  # plain data loads
+        with pytest.raises(UnsafeCheckpoint, match=r"bad.ckpt: refusing to load it: it holds posix.system.*trust_checkpoint=true"):
+            io.load_checkpoint(f"{url}/bad.ckpt")
+        assert not marker.exists()
+        io.load_checkpoint(f"{url}/bad.ckpt", weights_only=False)  # trust_checkpoint=true: the trap is real
+        assert marker.exists()
+    finally:
+        server.shutdown()
 
 
 # -- bad configuration ---------------------------------------------------------------------
