@@ -2,7 +2,9 @@
 tiny model.
 
 Proves: every endpoint answers (health, info, examples, analyze, infill, add_track, generate,
-jobs, job events, cancel, /docs); an infill answer changes only the requested bars of the
+jobs, job events, cancel, /docs, HEAD /); /docs works offline (Swagger UI served by the
+package, no URL to another host); an unforeseen error is a JSON 500, logged with its traceback,
+and the server keeps serving; an infill answer changes only the requested bars of the
 requested track and each candidate is reproducible alone from its seed; `Accept: audio/midi`
 returns a MIDI file; every bad request (non-MIDI, empty, truncated, note-less upload, bar out
 of range, unknown track/control/field, bad JSON, too many variations, a file for generate, a
@@ -88,7 +90,48 @@ def test_health_info_docs(client, serve_mmm):
     assert {"file", "track", "bars", "controls", "num_variations", "seed"} <= set(form["properties"])
     page = client.get("/")
     assert page.status_code == 200 and "studio.js" in page.text
+    head = client.head("/")
+    assert head.status_code == 200 and head.headers["content-type"].startswith("text/html") and head.content == b""
     assert "class Synth" in client.get("/static/synth.js").text
+
+
+def test_docs_need_no_network(client):
+    import re
+
+    page = client.get("/docs")
+    assert page.status_code == 200 and "SwaggerUIBundle" in page.text
+    assert "://" not in page.text  # nothing from a CDN (FastAPI's default page loads Swagger UI from one)
+    assets = re.findall(r'(?:src|href)="([^"]*)"', page.text)
+    kinds = {".js": "text/javascript", ".css": "text/css", ".png": "image/png"}
+    assert {a.rsplit(".", 1)[-1] for a in assets} == {"js", "css", "png"}, assets
+    for asset in assets:
+        r = client.get(asset)
+        assert r.status_code == 200 and len(r.content) > 100, asset
+        assert r.headers["content-type"].split(";")[0] == kinds["." + asset.rsplit(".", 1)[-1]], (asset, r.headers)
+    assert "swagger-ui" in client.get(next(a for a in assets if a.endswith(".css"))).text
+    assert client.get("/redoc").status_code == 404  # ReDoc would load from a CDN too
+
+
+def test_an_unforeseen_error_is_a_json_500_and_the_server_goes_on(client, serve_mmm, song, monkeypatch, caplog):
+    import mmm.serve.app
+
+    def broken(*args, **kwargs):
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(mmm.serve.app, "analyze", broken)
+    with caplog.at_level("ERROR", logger="mmm.serve"):
+        r = client.post("/v1/analyze", files={"file": ("song.mid", song)})
+    assert r.status_code == 500, r.text
+    err = error_of(r)
+    assert err["code"] == "internal_error" and "KeyError" in err["message"]
+    logged = [rec for rec in caplog.records if rec.exc_info and "/v1/analyze" in rec.getMessage()]
+    assert logged and logged[0].exc_info[0] is KeyError  # with its traceback
+    with make_client(serve_mmm, cors_origins=["http://daw.example"]) as c:  # a page there can read the error
+        r = c.post("/v1/analyze", files={"file": ("song.mid", song)}, headers={"Origin": "http://daw.example"})
+        assert r.status_code == 500 and r.headers["access-control-allow-origin"] == "http://daw.example"
+    monkeypatch.undo()
+    assert client.post("/v1/analyze", files={"file": ("song.mid", song)}).status_code == 200
+    assert client.get("/v1/health").json()["status"] == "ok"
 
 
 def test_examples(client):

@@ -26,7 +26,8 @@ from typing import Any
 import anyio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from miditok.constants import MIDI_INSTRUMENTS
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -43,6 +44,11 @@ from mmm.serve.music import EXAMPLES, BadUpload, Measure, analyze, example_midi,
 log = logging.getLogger("mmm.serve")
 
 STATIC = Path(__file__).parent / "static"
+# Swagger UI for /docs, served from the package (FastAPI's default page loads it from a CDN):
+# swagger-ui-dist's files, committed; docs/serve.rst says which version and how to update it.
+SWAGGER = "/static/swagger"
+
+
 class ApiError(Exception):
     def __init__(self, status: int, code: str, message: str, field: str | None = None,
                  headers: Mapping[str, str] | None = None) -> None:
@@ -316,6 +322,36 @@ class BodyLimit:
                 await self._refuse(send, f"over {self.limit} bytes")
 
 
+class CatchAll:
+    """ASGI middleware: an unforeseen error (a bug) answers 500 in the API's JSON error shape and
+    is logged once with its traceback; the server keeps serving. (Starlette's handler for
+    `Exception` re-raises to uvicorn, which logs the traceback a second time and drops the
+    connection.)"""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def tracking_send(message):
+            nonlocal started
+            started |= message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as err:
+            log.exception("%s %s: unexpected error", scope["method"], scope["path"])
+            if started:  # half an answer is out: only the server can end it (by closing the connection)
+                raise
+            response = _error_response(500, "internal_error", f"internal error: {type(err).__name__}: {err} "
+                                       "(a bug: the server log has the details)")
+            await response(scope, receive, send)
+
+
 def create_app(mmm: MMM, settings: Settings | None = None, card: Mapping[str, Any] | None = None) -> FastAPI:
     """The FastAPI app serving `mmm` (see the module docstring); `card`: extra model-card fields."""
     settings = settings or Settings()
@@ -324,13 +360,16 @@ def create_app(mmm: MMM, settings: Settings | None = None, card: Mapping[str, An
     # system's temp folder): the server writes nothing to disk.
     MultiPartParser.spool_max_size = max(MultiPartParser.spool_max_size, settings.max_upload_bytes + 1)
     app = FastAPI(title="MMM studio API", version="1", description=__doc__,
-                  docs_url="/docs", redoc_url=None, openapi_url="/openapi.json")
+                  docs_url=None, redoc_url=None, openapi_url="/openapi.json")  # /docs: below, offline
     app.state.server = server
     # Reading and checking uploads (tokenizing: tens of ms each) runs in threads, a few at a
     # time, so a burst of uploads cannot take every core from the model.
     checks = anyio.CapacityLimiter(4)
     app.router.add_event_handler("shutdown", server.jobs.close)
     app.add_middleware(BodyLimit, limit=settings.max_upload_bytes + 64 * 1024)  # room for the form fields
+    # Outside BodyLimit (whose own exception means 413, not a bug), inside CORS (a 500 keeps
+    # the CORS headers, so a page on an allowed origin can read the error).
+    app.add_middleware(CatchAll)
     if settings.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 
@@ -424,11 +463,20 @@ def create_app(mmm: MMM, settings: Settings | None = None, card: Mapping[str, An
         return job
 
     # -- routes ------------------------------------------------------------------------------------
-    @app.get("/", include_in_schema=False)
+    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)  # HEAD: uptime checks
     async def studio() -> FileResponse:
         return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    # Open without a token, like the studio page and /openapi.json: the token guards the model
+    # and the data, and "Try it out" on a protected endpoint answers 401 without one.
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url=app.openapi_url, title=f"{app.title} - docs", swagger_js_url=f"{SWAGGER}/swagger-ui-bundle.js",
+            swagger_css_url=f"{SWAGGER}/swagger-ui.css", swagger_favicon_url=f"{SWAGGER}/favicon-32x32.png",
+            swagger_ui_parameters={"validatorUrl": None})  # None: Swagger UI sends the spec to no validator site
 
     @app.get("/v1/health", summary="Liveness and queue state (no token needed)")
     async def health() -> dict:
