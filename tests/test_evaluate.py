@@ -321,12 +321,14 @@ def test_report_and_plots_are_written(evaluated):
 
 def test_vocabulary_mismatch_is_a_clear_error(setup, tmp_path):
     """A store preprocessed (here by evaluate itself: it is missing) with another base
-    vocabulary than the checkpoint's is refused, naming both."""
+    vocabulary than the checkpoint's is refused, naming both and the setting that differs."""
     root, corpus = setup
+    ours = load_tokenizer(root / "model" / "tokenizer.json").config.num_velocities
     cfg = compose_config("evaluate", small_eval(root / "model", corpus, tmp_path / "data", tmp_path / "out",
                                   "tokenizer.params.num_velocities=16"))
-    with pytest.raises(ValueError, match="vocabulary mismatch"):
+    with pytest.raises(ValueError, match="vocabulary mismatch") as error:
         evaluate(cfg)
+    assert f"tokenizer.params.num_velocities: 16 -> {ours}" in str(error.value)  # store -> checkpoint
     assert (Path(cfg.data.store) / "manifest.json").is_file()  # it was preprocessed first
     assert not (tmp_path / "out" / "metrics.json").exists()
 

@@ -41,7 +41,7 @@ from mmm.config import at_least, check_section, plain, within
 from mmm.data.datamodule import DataConfig
 from mmm.data.prepare import ensure_store
 from mmm.data.sequences import SequenceBuilder
-from mmm.data.store import Store
+from mmm.data.store import Store, setting_changes, tokenizer_settings
 from mmm.evaluate.likelihood import EvalSequence, Pairs, build_sequences, likelihood
 from mmm.evaluate.report import json_safe, plot, report_markdown
 from mmm.evaluate.requests import Requests
@@ -99,14 +99,17 @@ def check_config(cfg: DictConfig) -> EvalConfig:
 
 def open_store(cfg: DictConfig, tokenizer) -> Store:
     """The store split to evaluate; preprocessed first when missing. Its base vocabulary must
-    be the checkpoint's (vocab fingerprints)."""
+    be the checkpoint's (vocab fingerprints); if not, the error names the settings that differ."""
     path = ensure_store(cfg.data, cfg.tokenizer)
     store = Store(path, cfg.split)
     ours, theirs = vocab_fingerprint(tokenizer), store.manifest.get("vocab_fingerprint")
     if ours != theirs:
+        changes = setting_changes(store.manifest.get("tokenizer", {}), tokenizer_settings(tokenizer), "tokenizer.params.")
+        what = (f"settings that differ (store -> checkpoint): {'; '.join(changes)}" if changes
+                else "same settings, another miditok version?")
         raise ValueError(
             f"vocabulary mismatch: the store at {path} was tokenized with base vocabulary {theirs}, but the "
-            f"checkpoint {cfg.ckpt} has base vocabulary {ours}. Evaluate on a store made with the checkpoint's "
+            f"checkpoint {cfg.ckpt} has base vocabulary {ours} ({what}). Evaluate on a store made with the checkpoint's "
             "tokenizer settings (data=<its source>, or data.store=<its store>, or tokenizer=<its config> to "
             "preprocess a new one into another data.dir)"
         )
