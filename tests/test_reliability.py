@@ -327,10 +327,11 @@ def test_a_checkpoint_carrying_code_is_refused_and_the_code_never_runs(tmp_path)
 
 def deepspeed_dir(folder: Path, marker: Path) -> Path:
     """A DeepSpeed checkpoint folder (`latest` naming a tag folder of state files) whose
-    optimizer-state file carries a `Trap`."""
+    state files carry a `Trap`: the model-states file too, the first one DeepSpeed's resume
+    unpickles (the scan reads the optimizer-state file first)."""
     (folder / "checkpoint").mkdir(parents=True)
     (folder / "latest").write_text("checkpoint")
-    mmm_ckpt(folder / "checkpoint" / "mp_rank_00_model_states.pt")
+    mmm_ckpt(folder / "checkpoint" / "mp_rank_00_model_states.pt", callbacks={"Innocent": {"state": Trap(marker)}})
     torch.save({"optimizer_state_dict": {"loss_scaler": Trap(marker)}},
                folder / "checkpoint" / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt")
     return folder
