@@ -13,11 +13,12 @@ output well formed. The result is the *input* score with the generated notes spl
 target track's notes whose onset lies in the span are replaced, everything else is left
 untouched (no re-rendering from tokens).
 
-Bars are counted as the tokenizer sees the piece (bar 0 starts at tick 0), spans are
-`(start, end)` with `end` excluded. When a prompt would not fit the model context, a window
-of bars around the span is kept (`bars_before` / `bars_after`, then shrunk automatically) and
-context tracks are dropped if still needed; long spans and long new tracks are generated in
-several segments, each seeing the previous ones.
+Bars are counted as the tokenizer sees the piece (bar 0 starts at tick 0; where that grid
+differs from the file's own, `MMM.run` logs a warning and its report's `bar_grid_warning` says
+so), spans are `(start, end)` with `end` excluded. When a prompt would not fit the model
+context, a window of bars around the span is kept (`bars_before` / `bars_after`, then shrunk
+automatically) and context tracks are dropped if still needed; long spans and long new tracks
+are generated in several segments, each seeing the previous ones.
 """
 
 from __future__ import annotations
@@ -175,6 +176,9 @@ class GenerationStep:
 class GenerationReport:
     steps: list[GenerationStep] = field(default_factory=list)
     regions: list[list[tuple[int, int, int]]] = field(default_factory=list)  # per variation: (track, start, end) ticks
+    # `BarGrid.difference()` of the input: set when the model's bar n is not the file's bar n,
+    # i.e. the bars rewritten are not those a musician counted in a DAW
+    bar_grid_warning: str | None = None
 
     def summary(self) -> dict:
         prefill = sum(s.timings["prefill_s"] for s in self.steps)
@@ -310,6 +314,11 @@ class MMM:
         """Run a `Request` (what `infill`, `add_track` and `generate` build); one output per
         variation (a single Score when `num_variations` is 1)."""
         plan, score, piece = self.check(request, score)
+        grid_warning = None
+        if piece is not None:  # before the run: generation edits the piece
+            grid_warning = bar_grid(score, self.tokenizer, self.vocab, piece).difference()
+            if grid_warning:
+                log.warning("%s: %s", request.task, grid_warning)
         if request.task == "generate":
             tpq, ts = int(request.tpq), plan.time_signature
             score = Score(tpq)
@@ -319,6 +328,7 @@ class MMM:
             per_bar = ticks_per_bar(ts, self.vocab, tpq)
             piece = Piece([], [], [ts] * plan.num_bars, [b * per_bar for b in range(plan.num_bars)], tpq)
         run = self._run(score, piece, request)
+        run.report.bar_grid_warning = grid_warning
         if request.task == "infill":
             for k, t in enumerate(plan.tracks):
                 for a, e in plan.spans:

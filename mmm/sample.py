@@ -143,6 +143,7 @@ def sample(cfg: Any) -> dict[str, Any]:
         "seed": cfg.seed,
         "timings": {"load_s": round(load_s, 4), "total_s": round(total_s, 4), **report.summary()},
         "tokens_per_s": report.summary()["tokens_per_s"],
+        "bar_grid_warning": report.bar_grid_warning,  # the bars rewritten are not the file's bars (logged too)
         "generations": [
             {"task": s.task, "track": s.track, "bars": list(s.bars), "variations": s.variations,
              "prompt_tokens": s.prompt_tokens, "budget": s.budget, "window": list(s.window),

@@ -2,7 +2,8 @@
 
 Proves: the real configs/sample.yaml composes and runs every task on a saved random-weight
 checkpoint, writing one MIDI + one piano-roll PNG (original and generated notes in their two
-colours) per variation and a JSON summary (request, seed, timings, tokens/s, outputs); bad
+colours) per variation and a JSON summary (request, seed, timings, tokens/s, outputs, and a
+warning, also logged by `MMM.run`, when the model's bar grid differs from the file's); bad
 requests and bad input files are rejected with a clear message before the model is loaded
 (the loader is replaced by one that fails the test); the Hydra entry point runs as a command
 and exits with status 2 and an `error:` line on a bad request.
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from symusic import Score
+from symusic import Score, TimeSignature
 
 from conftest import compose_config, synthetic_score, tiny_model, write_synthetic_midi
 from mmm import sample as sample_module
@@ -59,6 +60,7 @@ def test_infill_writes_midi_png_and_json(ckpt, midi, tmp_path):
     assert files["seed"] == 3 and files["request"]["bars"] == [2, 5] and files["request"]["controls"] == {"note_density": 4}
     assert files["tokens_per_s"] > 0 and files["timings"]["decode_s"] > 0 and files["timings"]["new_tokens"] > 0
     assert {"prefill_s", "load_s", "total_s"} <= set(files["timings"])
+    assert files["bar_grid_warning"] is None  # the file's bars are the model's
     assert len(files["outputs"]) == 2 and files["outputs"] == summary["outputs"]
     original = Score(str(midi))
     for output in files["outputs"]:
@@ -84,6 +86,21 @@ def test_add_track_and_generate(ckpt, midi, tmp_path):
     assert [t.program for t in out.tracks] == [0, 33]
     assert (out.time_signatures[0].numerator, out.time_signatures[0].denominator) == (3, 4)
     assert Path(summary["outputs"][0]["png"]).is_file() and Path(summary["summary_path"]).is_file()
+
+
+def test_summary_warns_when_the_bar_grid_differs_from_the_file(ckpt, bpe_tokenizer, tmp_path, caplog):
+    known = {t.split("_", 1)[1] for t in bpe_tokenizer.vocab if t.startswith("TimeSig_")}
+    num, den = next((n, d) for n, d in ((11, 8), (13, 16), (7, 16), (15, 8)) if f"{n}/{d}" not in known)
+    score = synthetic_score(seed=0, num_bars=8)
+    score.time_signatures.append(TimeSignature(0, num, den))  # the later event at tick 0 rules the file's bars
+    midi = tmp_path / "odd.mid"
+    score.dump_midi(str(midi))
+    with caplog.at_level("WARNING", logger="mmm.api"):
+        summary = sample(config(f"ckpt={ckpt}", f"input={midi}", "task=infill", "track=1", "bars=[1,2]",
+                                f"out_dir={tmp_path / 'out'}"))
+    written = json.loads(Path(summary["summary_path"]).read_text())["bar_grid_warning"]
+    assert f"{num}/{den}" in written and "bar 0" in written  # the model counts 4/4 bars from the start
+    assert any(r.name == "mmm.api" and written in r.getMessage() for r in caplog.records)
 
 
 def _empty_midi(path: Path) -> Path:

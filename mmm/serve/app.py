@@ -33,7 +33,7 @@ from miditok.constants import MIDI_INSTRUMENTS
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartParser
 
-from mmm.api import MMM, bar_grid
+from mmm.api import MMM
 from mmm.request import Request as MusicRequest  # FastAPI's Request is the HTTP one
 from mmm.serve.settings import Settings
 from mmm.generation import SamplingConfig
@@ -125,7 +125,6 @@ class Prepared:
     tracks: list[int]  # the tracks that get new notes (output indices)
     bars: list[int] | None  # the generated bars (None: all)
     bars_per_variation: int
-    grid_warning: str | None
 
 
 # --- the app ----------------------------------------------------------------------------------------
@@ -173,7 +172,7 @@ class Server:
             raise ApiError(422, "invalid_field", f"seed={seed!r}: expected a non-negative integer or null", "seed")
         request = MusicRequest(task, **{k: values[k] for k in REQUEST_FIELDS if k in values},
                           sampling=SamplingConfig(values.get("temperature", 1.0), values.get("top_k"), values.get("top_p", 0.95)))
-        score, difference = None, None
+        score = None
         if task == "generate":
             if upload is not None:
                 raise ApiError(422, "unexpected_file", "generate writes a piece from scratch: send no file "
@@ -192,14 +191,12 @@ class Server:
                 score = read_midi(upload, filename)
             except BadUpload as err:
                 raise ApiError(400, "bad_midi", str(err), "file") from None
-        plan, score, piece = self._check(lambda: self.mmm.check(request, score), "file")
-        if piece is not None:  # the score tokenized once, for the check and for the grid
-            difference = bar_grid(score, self.mmm.tokenizer, self.mmm.vocab, piece).difference()
+        plan, score, _ = self._check(lambda: self.mmm.check(request, score), "file")
         if task == "infill":
             tracks, bars = plan.tracks, sorted(b for a, e in plan.spans for b in range(a, e))
         else:
             tracks, bars = [len(score.tracks)] if task == "add_track" else list(range(len(plan.programs))), None
-        return Prepared(task, values, request, score, plan.num_bars, tracks, bars, plan.generated_bars, difference)
+        return Prepared(task, values, request, score, plan.num_bars, tracks, bars, plan.generated_bars)
 
     @staticmethod
     def _check(fn, name: str):
@@ -215,15 +212,14 @@ class Server:
         base_seed = v.get("seed")
         if base_seed is None:
             base_seed = secrets.randbelow(2**31)
-        if prep.grid_warning:
-            log.warning("job %s (%s): %s", job.id, prep.task, prep.grid_warning)
-        variations = []
+        variations, grid_warning = [], None
         self.mmm.on_step = job.progress_hook()
         try:
             for k in range(n):
                 seed = base_seed + k
                 out = self.mmm.run(dataclasses.replace(prep.request, seed=seed), prep.score)
                 report = self.mmm.last_report
+                grid_warning = report.bar_grid_warning  # MMM.run also logged it
                 variations.append({
                     "seed": seed,
                     "midi": base64.b64encode(out.dumps_midi()).decode("ascii"),
@@ -236,7 +232,7 @@ class Server:
                 })
         finally:
             self.mmm.on_step = None
-        return {"task": prep.task, "num_bars": prep.num_bars, "bar_grid_warning": prep.grid_warning,
+        return {"task": prep.task, "num_bars": prep.num_bars, "bar_grid_warning": grid_warning,
                 "request": prep.values, "variations": variations}
 
     def submit(self, prep: Prepared) -> Job:
