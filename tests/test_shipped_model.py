@@ -43,3 +43,38 @@ def test_infill_and_new_track_keep_the_requested_structure(shipped):
     added = shipped.add_track(score, program=33, seed=0)
     assert len(added.tracks) == len(score.tracks) + 1 and added.tracks[-1].program == 33
     assert all(note.time < shipped.bar_grid(score).starts[-1] for note in added.tracks[-1].notes)
+
+
+def test_an_uncontrolled_infill_bar_is_rarely_expected_empty(shipped):
+    """The model's own probability that an infilled bar is empty, given the real bars before it
+    (teacher forcing, the prompt the API builds), for a bass whose every bar has four notes.
+    Before bar headers were BPE words of their own, a bar opened without controls was read as
+    an empty bar: the first infilled bar got a ~50% chance of silence (experiments/sparse_infills)."""
+    import torch
+
+    from mmm.grammar import GrammarTables
+    from mmm.request import Request
+
+    score = synthetic_score(3, 12)
+    track, (a, b) = 1, (4, 8)
+    shipped.infill(score, track=track, bars=(a, b), seed=0)
+    prompt = list(shipped.last_report.steps[0].prompt)
+    _, _, piece = shipped.check(Request("infill", track=track, bars=(a, b)), score)
+    vocab, model = shipped.vocab, shipped.model
+    tables = GrammarTables.of(vocab)
+    closes = tables.opens_bar.copy()
+    closes[vocab.fill_end] = True
+    header_only = tables.opens_bar & (tables.first_pos < 0)
+    ids = list(prompt)
+    expected_empty = []
+    with torch.inference_mode():
+        for bar in piece.bars[track][a:b]:
+            assert any(vocab.is_note_start[i] for i in bar)
+            p = model(torch.tensor([ids]), last_only=True)[0, -1].float().softmax(-1)
+            empty = 0.0
+            for h in np.flatnonzero(header_only & (p.numpy() > 0.005)):
+                q = model(torch.tensor([ids + [int(h)]]), last_only=True)[0, -1].float().softmax(-1)
+                empty += float(p[h]) * float(q[torch.from_numpy(closes)].sum())
+            expected_empty.append(empty)
+            ids += vocab.encode_words([list(bar)])
+    assert max(expected_empty) < 0.2, expected_empty

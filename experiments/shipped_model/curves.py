@@ -31,6 +31,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("run_dir", type=Path)
     p.add_argument("out", type=Path)
+    p.add_argument("--mark", action="append", default=[], metavar="STEP:LABEL",
+                   help="a vertical line at STEP (e.g. where the recipe changed)")
     args = p.parse_args()
     series = scalars(args.run_dir)
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -38,6 +40,16 @@ def main() -> None:
         if tag in series:
             steps, values = zip(*series[tag])
             ax.plot(steps, values, label=label, marker="o" if tag.startswith("val") else None, lw=1 if tag.startswith("train") else 2)
+    if "val/loss_per_note" in series:  # comparable across encodings: nats per note, not per id
+        steps, values = zip(*series["val/loss_per_note"])
+        right = ax.twinx()
+        right.plot(steps, values, color="tab:green", marker="s", lw=1.5, label="validation per note")
+        right.set_ylabel("validation (nats per note)", color="tab:green")
+        right.legend(loc="center right")
+    for mark in args.mark:
+        step, _, label = mark.partition(":")
+        ax.axvline(int(step), color="grey", ls="--", lw=1)
+        ax.text(int(step), ax.get_ylim()[1] * 0.95, f" {label}", color="grey", va="top", fontsize=8)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("cross-entropy (nats per model id)")
     ax.set_title(f"{args.run_dir.name}: loss")
