@@ -1,15 +1,21 @@
 """Preprocessing survives any single file: a hang inside C code and a death by signal in a
-worker are reported (`timeout`, `crashed`) and every other file still makes it into the store."""
+worker are reported (`timeout`, `crashed`) and every other file still makes it into the store.
+A worker killed from outside while on no file (writing its shard, idle) is replaced and its
+shard redone."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
+import threading
+import time
+from pathlib import Path
 
 import pytest
 
 from conftest import corpus_with_bad_files, data_cfg, store_rows, tok_cfg
-from mmm.data.preprocess import TEST_FAULTS_ENV, preprocess
+from mmm.data.preprocess import MAX_SHARD_TRIES, TEST_FAULTS_ENV, TEST_PAUSE_ENV, preprocess
 
 
 @pytest.fixture(scope="module")
@@ -53,3 +59,122 @@ def test_fault_hook_is_off_without_the_variable(tmp_path, monkeypatch):
     (songs / "hang.mid").write_bytes(b"MMM-TEST-HANG" + b"\0" * 64)
     report = preprocess(data_cfg(songs, tmp_path / "store"), tok_cfg())
     assert report["rejected_files"][0]["reason"] == "not_midi"
+
+
+# -- workers killed from outside while on no file ----------------------------------------------
+
+
+def files(store: Path) -> dict[str, bytes]:
+    return {p.relative_to(store).as_posix(): p.read_bytes() for p in sorted(store.rglob("*")) if p.is_file()}
+
+
+def paused(folder: Path, point: str, stop: threading.Event) -> tuple[int, Path] | None:
+    """The pid of the worker paused at `point` (the test hook `_test_pause`) and its claim file
+    (deleting it lets the worker go on); None once `stop` is set."""
+    while not stop.is_set():
+        claims = list(folder.glob(f"{point}.*"))
+        if claims:
+            return int(claims[0].suffix[1:]), claims[0]
+        time.sleep(0.02)
+    return None
+
+
+def kill_and_wait(pid: int) -> None:
+    """SIGKILL, as the out-of-memory killer; returns once the process is dead (a zombie until
+    the run's main process joins it)."""
+    os.kill(pid, signal.SIGKILL)
+    stat = Path(f"/proc/{pid}/stat")
+    while stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X"):
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def killer(tmp_path, monkeypatch):
+    """Runs a function in a thread beside the run (in this process, whose forked children the
+    workers are) with the pause folder armed by the test hook; joined at the end."""
+    folder = tmp_path / "pause"
+    folder.mkdir()
+    monkeypatch.setenv(TEST_FAULTS_ENV, "1")
+    monkeypatch.setenv(TEST_PAUSE_ENV, str(folder))
+    stop, threads = threading.Event(), []
+
+    def run(target) -> None:
+        threads.append(threading.Thread(target=target, args=(folder, stop), daemon=True))
+        threads[-1].start()
+
+    yield run
+    stop.set()
+    for t in threads:
+        t.join(timeout=30)
+        assert not t.is_alive()
+
+
+def undisturbed(root: Path, tmp_path: Path, **settings) -> Path:
+    store = tmp_path / "undisturbed"
+    preprocess(data_cfg(root / "songs", store, **settings), tok_cfg())
+    return store
+
+
+def test_a_worker_killed_while_writing_its_shard_is_replaced_and_the_shard_redone(clean, tmp_path, killer):
+    root, _ = clean
+    killed = []
+
+    def kill_the_writer(folder: Path, stop: threading.Event) -> None:
+        (folder / "writing").touch()  # the first worker to write a shard pauses there
+        if found := paused(folder, "writing", stop):
+            kill_and_wait(found[0])
+            killed.append(found[0])
+
+    killer(kill_the_writer)
+    store = tmp_path / "store"
+    report = preprocess(data_cfg(root / "songs", store, shard_size=3), tok_cfg())
+    assert killed and report["kept"] == 8 and report["rejected"] == 0  # no file blamed
+    os.environ.pop(TEST_PAUSE_ENV)
+    assert files(store) == files(undisturbed(root, tmp_path, shard_size=3))
+    assert not list(store.rglob("*.lock")) and not list(store.rglob(".*tmp*"))
+
+
+@pytest.mark.parametrize("shard_size", [4, 3], ids=["after-the-last-shard", "between-shards"])
+def test_a_worker_killed_while_idle_is_replaced(clean, tmp_path, killer, shard_size):
+    """Two workers; one pauses writing its shard, so the other finishes first and idles: it is
+    killed there. With 2 shards the run is then done and only tells the workers to stop; with 3
+    the third shard goes to the dead worker."""
+    root, _ = clean
+    killed = []
+
+    def kill_the_idle_one(folder: Path, stop: threading.Event) -> None:
+        (folder / "writing").touch()
+        (folder / "idle").touch()
+        writer, idle = paused(folder, "writing", stop), paused(folder, "idle", stop)
+        if writer and idle:
+            kill_and_wait(idle[0])
+            killed.append(idle[0])
+            writer[1].unlink()  # the writer goes on: the run finishes after the death
+
+    killer(kill_the_idle_one)
+    store = tmp_path / "store"
+    report = preprocess(data_cfg(root / "songs", store, shard_size=shard_size, num_workers=2), tok_cfg())
+    assert killed and report["kept"] == 8 and report["rejected"] == 0
+    os.environ.pop(TEST_PAUSE_ENV)
+    assert files(store) == files(undisturbed(root, tmp_path, shard_size=shard_size))
+    assert not list(store.rglob("*.lock"))
+
+
+def test_a_shard_whose_workers_keep_dying_on_no_file_fails_the_run_naming_it(clean, tmp_path, killer):
+    root, _ = clean
+    killed = []
+
+    def kill_every_writer(folder: Path, stop: threading.Event) -> None:
+        (folder / "writing").touch()
+        while found := paused(folder, "writing", stop):
+            (folder / "writing").touch()  # re-armed before the kill: the next worker pauses too
+            killed.append(found[0])  # before the kill: the run may fail before this thread runs again
+            kill_and_wait(found[0])
+            found[1].unlink()
+
+    killer(kill_every_writer)
+    store = tmp_path / "store"
+    with pytest.raises(RuntimeError, match=rf"died {MAX_SHARD_TRIES} times on shard 0 of {store} while on none of its files \(last: signal 9 \(SIGKILL\)\)"):
+        preprocess(data_cfg(root / "songs", store, shard_size=3), tok_cfg())
+    assert len(killed) == MAX_SHARD_TRIES
+    assert not list(store.rglob("*.lock")) and not list((store / "shards").glob("*00000*"))

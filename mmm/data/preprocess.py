@@ -5,6 +5,7 @@ refuses a store made with other settings, and the merged report."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -85,8 +86,12 @@ class SplitConfig:
 
 # How the work is run, not what the store holds: left out of the manifest.
 _RUN_KEYS = ("num_workers", "shard_size")
-# Test hook (see `_test_fault`): only honoured when this variable is "1".
+# Test hooks (see `_test_fault`, `_test_pause`): only honoured when this variable is "1".
 TEST_FAULTS_ENV = "MMM_TEST_FAULTS"
+TEST_PAUSE_ENV = "MMM_TEST_PAUSE_DIR"
+# A shard whose worker died this many times while on no file of it (e.g. the out-of-memory
+# killer while it built the shard's table) fails the run: its next try would likely die too.
+MAX_SHARD_TRIES = 3
 
 
 def split_of(content_hash: str, valid: float, test: float) -> str:
@@ -159,6 +164,23 @@ def _test_fault(data: bytes) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _test_pause(point: str) -> None:
+    """Test hook: a test arms `point` ("writing": a worker starts writing its shard; "idle": it
+    has reported its shard done) by creating the file `$MMM_TEST_PAUSE_DIR/<point>`. The first
+    worker to reach an armed point renames that file to `<point>.<its pid>` and waits there
+    until the file is gone, so that the test can kill it at that point from outside."""
+    folder = os.environ.get(TEST_PAUSE_ENV)
+    if os.environ.get(TEST_FAULTS_ENV) != "1" or not folder:
+        return
+    claim = Path(folder, f"{point}.{os.getpid()}")
+    try:
+        os.rename(Path(folder, point), claim)  # atomic: one worker claims an armed point
+    except FileNotFoundError:
+        return
+    while claim.exists():
+        time.sleep(0.05)
+
+
 def _process_shard(shard: int, indices: range, skip: Mapping[int, dict], starting: Callable[[int], None]) -> dict:
     """Process the files of one shard and write it; returns its report. Files in `skip` (those
     that hung or crashed a worker before) are reported as they are, not retried."""
@@ -193,6 +215,7 @@ def _process_shard(shard: int, indices: range, skip: Mapping[int, dict], startin
         kept.append({"name": item.name, "index": i, "split": split, "content": content,
                      "chunks": len(chunks), "notes": sum(ch.num_notes for ch in chunks)})
     starting(-1)  # writing: no file is at fault if this fails
+    _test_pause("writing")
     report = {"files": len(indices), "kept": kept, "rejected": rejected}
     write_shard(Path(settings.store), shard, rows, report)
     return report
@@ -227,6 +250,7 @@ def _worker_main(conn, init_args: tuple | None) -> None:
             conn.send(("error", traceback.format_exc()))
             return
         conn.send(("done", report))
+        _test_pause("idle")
 
 
 # ----------------------------------------------------------------------------- parent side
@@ -244,10 +268,12 @@ class _Worker:
 
 @dataclass
 class _Jobs:
-    """The shards still to do, and the files that hung or crashed a worker, per shard."""
+    """The shards still to do, the files that hung or crashed a worker (per shard), and how
+    often a shard's worker died while on none of its files."""
 
     pending: deque
     skips: dict[int, dict[int, dict]] = field(default_factory=dict)
+    deaths: Counter = field(default_factory=Counter)
 
 
 def _signal_name(number: int) -> str:
@@ -277,6 +303,10 @@ def _run_isolated(jobs: list[tuple[int, range]], num_workers: int, timeout: floa
         child.close()
         return _Worker(proc, parent)
 
+    def send(w: _Worker, message) -> None:
+        with contextlib.suppress(ConnectionError):  # BrokenPipeError, ConnectionResetError: a dead worker
+            w.conn.send(message)
+
     def release(w: _Worker) -> None:
         if w.lock is not None:
             w.lock.__exit__(None, None, None)
@@ -292,19 +322,34 @@ def _run_isolated(jobs: list[tuple[int, range]], num_workers: int, timeout: floa
                 continue
             remove_partial_shard(store, shard)  # left by a run killed while writing it
             w.job, w.lock, w.file, w.since = (shard, indices), lock, -1, time.monotonic()
-            w.conn.send((shard, indices, todo.skips.get(shard, {})))
+            # A worker killed while idle cannot take the job: the send fails, or the job waits
+            # unread in the pipe. Either way its death is seen below, as if it died on the shard.
+            send(w, (shard, indices, todo.skips.get(shard, {})))
 
-    def lost(w: _Worker, rejection: dict) -> None:
-        """The worker is gone: its file is rejected and its shard redone without that file."""
+    def lost(w: _Worker, reason: str, how: str) -> None:
+        """The worker is gone. On a file: that file is rejected and the shard redone without
+        it. On none (before its first, writing the shard, or killed while idle and then given
+        the shard): the shard is redone as it was, unless that was its MAX_SHARD_TRIES-th such
+        death: then the run fails."""
         shard, indices = w.job
-        if w.file < 0:
-            raise RuntimeError(f"a preprocessing worker died writing shard {shard} of {store}: {rejection['detail']}")
-        try:
-            name = _W["source"][w.file].name
-        except Exception:  # noqa: BLE001 - the name is only for the report
-            name = f"#{w.file}"
-        log.warning("%s: %s (%s); the other files go on", name, rejection["reason"], rejection["detail"])
-        todo.skips.setdefault(shard, {})[w.file] = {"name": name, **rejection}
+        if w.file >= 0:
+            try:
+                name = _W["source"][w.file].name
+            except Exception:  # noqa: BLE001 - the name is only for the report
+                name = f"#{w.file}"
+            detail = f"{how}: the worker process died on this file" if reason == "crashed" else how
+            log.warning("%s: %s (%s); the other files go on", name, reason, detail)
+            todo.skips.setdefault(shard, {})[w.file] = {"name": name, "reason": reason, "detail": detail}
+        else:
+            todo.deaths[shard] += 1
+            if todo.deaths[shard] >= MAX_SHARD_TRIES:  # `finally` below removes its partial files, releases its lock
+                raise RuntimeError(
+                    f"preprocessing workers died {todo.deaths[shard]} times on shard {shard} of {store} while on "
+                    f"none of its files (last: {how}), e.g. killed by the out-of-memory killer while building or "
+                    "writing the shard: give the run more memory or lower data.preprocess.shard_size or "
+                    "num_workers, then re-run (finished shards are kept)")
+            log.warning("a preprocessing worker died on shard %d while on none of its files (%s); the shard is redone",
+                        shard, how)
         todo.pending.appendleft((shard, indices))
         w.lock.__exit__(None, None, None)
         w.job, w.lock = None, None
@@ -326,10 +371,11 @@ def _run_isolated(jobs: list[tuple[int, range]], num_workers: int, timeout: floa
                 if w.job is None:
                     continue
                 dead = w.proc.sentinel in ready
-                while w.conn in ready and w.conn.poll():
+                # A dead worker's last messages (the file it started) are read before its death is judged.
+                while (dead or w.conn in ready) and w.conn.poll():
                     try:
                         kind, payload = w.conn.recv()
-                    except EOFError:
+                    except (EOFError, ConnectionError):
                         dead = True
                         break
                     if kind == "file":
@@ -345,19 +391,18 @@ def _run_isolated(jobs: list[tuple[int, range]], num_workers: int, timeout: floa
                 if dead:
                     w.proc.join()
                     code = w.proc.exitcode
-                    how = _signal_name(-code) if code and code < 0 else f"exit code {code}"
-                    lost(w, {"reason": "crashed", "detail": f"{how}: the worker process died on this file"})
+                    lost(w, "crashed", _signal_name(-code) if code and code < 0 else f"exit code {code}")
                 elif w.file >= 0 and time.monotonic() - w.since > timeout:
                     # Killed from here: a hang inside C code ignores anything the worker could do itself.
                     w.proc.kill()
                     w.proc.join()
-                    lost(w, {"reason": "timeout", "detail": f"over file_timeout={timeout:g}s: the worker was killed"})
+                    lost(w, "timeout", f"over file_timeout={timeout:g}s: the worker was killed")
                 else:
                     continue
                 w.conn.close()
                 workers[i] = start()
         for w in workers:
-            w.conn.send(None)
+            send(w, None)  # one killed while idle has nothing left to do: its exit code is not looked at
         finished = True
     finally:  # normally the workers are idle and told to stop; after an error they are killed
         for w in workers:
