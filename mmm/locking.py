@@ -10,12 +10,18 @@ holder. A lock left behind by a run that died is *stale* and is taken over:
   `stale_after / 10` seconds from a thread; a lock not touched for `stale_after` seconds (10 min
   by default) is stale. An age since the *start* would be wrong: training runs for days.
 
-Processes of one job share its lock instead of fighting over it (`job_id`): the ranks of a
-multi-process training job (the tasks of one Slurm job step, torchrun workers, the ranks
-Lightning launches as subprocesses) see their own job in the file and proceed without owning
-it; only the process that created the lock touches and removes it. Two `srun` steps of one
-Slurm job are two runs. A Slurm requeue keeps SLURM_JOB_ID but raises SLURM_RESTART_COUNT,
-which makes it a new incarnation of the job: it takes the lock over.
+A lock is per process: another process holding it is another writer, even a rank of the same
+job (the ranks of a job preparing data must not all write one store: the first prepares it,
+the others wait, `wait=None`, and find it done). A lock taken with `shared_by_job=True` is
+shared instead by the processes of one job (`job_id`): the ranks of a multi-process training
+job (the tasks of one Slurm job step, torchrun workers, the ranks Lightning launches as
+subprocesses) all open the run folder; they see their own job in the file and proceed without
+owning it, and only the process that created the lock touches and removes it. Two `srun` steps
+of one Slurm job are two runs. A Slurm requeue keeps SLURM_JOB_ID but raises
+SLURM_RESTART_COUNT, which makes it a new incarnation of the job: it takes the lock over.
+
+The record names the holder's rank in its job (`ranks`), so that a message tells another rank
+of this job from another run.
 """
 
 from __future__ import annotations
@@ -41,11 +47,13 @@ log = logging.getLogger(__name__)
 DEFAULT_STALE_AFTER = 600.0  # seconds without a heartbeat before a lock from another host is stale
 _GUARD_STALE = 60.0  # a takeover guard file older than this was left by a process killed mid-takeover
 _JOB_ENV = "MMM_JOB_ID"  # inherited by the rank processes Lightning launches, so they share the lock
+_RANK_ENV = ("RANK", "SLURM_PROCID", "LOCAL_RANK")  # torchrun/Lightning, srun, a process on its node
 _PROCESS_JOB = uuid.uuid4().hex
 
 
 class LockHeld(RuntimeError):
-    """The folder is locked by another live run; `holder` is its lock record."""
+    """The folder is locked by another live run (or another rank of this job, for a lock that
+    is not shared by the job); `holder` is its lock record."""
 
     def __init__(self, path: Path, holder: dict[str, Any]) -> None:
         self.path, self.holder = path, holder
@@ -59,10 +67,13 @@ class LockHeld(RuntimeError):
 
 
 def describe(holder: dict[str, Any]) -> str:
-    job = holder.get("job", "")
+    job, ranks = holder.get("job", ""), holder.get("ranks") or {}
+    rank = next((f"rank {ranks[k]}" for k in ("RANK", "SLURM_PROCID") if k in ranks),
+                f"local rank {ranks['LOCAL_RANK']}" if "LOCAL_RANK" in ranks else "")
     return (
         f"pid {holder.get('pid')} on host {holder.get('host')}, started {holder.get('started')}"
         + (f", Slurm job {job.split(':')[1]}" if job.startswith("slurm:") else "")
+        + (f", {rank}" if rank else "")
         + (f", command: {holder['command']}" if holder.get("command") else "")
     )
 
@@ -195,7 +206,7 @@ class Lock:
 
     path: Path
     record: dict[str, Any]  # the holder's record (ours when `owner`)
-    owner: bool  # False for a process that joined its own job's lock (another rank)
+    owner: bool  # False for a process that joined its own job's shared lock (another rank)
 
 
 def _heartbeat(lock: Lock, interval: float, stop: threading.Event) -> None:
@@ -209,12 +220,13 @@ def _heartbeat(lock: Lock, interval: float, stop: threading.Event) -> None:
 
 @contextlib.contextmanager
 def acquire_lock(folder: str | Path, name: str = "run", *, stale_after: float = DEFAULT_STALE_AFTER,
-                 wait: float | None = 0.0) -> Iterator[Lock]:
+                 wait: float | None = 0.0, shared_by_job: bool = False) -> Iterator[Lock]:
     """Hold `folder/<name>.lock` for the duration of the `with` block (see the module doc).
 
-    Raises `LockHeld` naming the holder when another live run holds it, at once by default;
+    Raises `LockHeld` naming the holder when another live process holds it, at once by default;
     `wait` seconds (None: without limit) wait for the holder to finish first, for a step that
-    another run may be doing already (e.g. two jobs of a sweep building the data they share).
+    another run or rank may be doing already (e.g. two jobs of a sweep building the data they
+    share). `shared_by_job`: the processes of one job share the lock (a training's run folder).
     `folder` is created if missing.
     """
     folder = Path(folder)
@@ -227,6 +239,7 @@ def acquire_lock(folder: str | Path, name: str = "run", *, stale_after: float = 
         "job": job_id(),
         "command": " ".join(sys.argv),
         "pid_start": _proc_start(os.getpid()),
+        "ranks": {k: os.environ[k] for k in _RANK_ENV if k in os.environ},
         "token": uuid.uuid4().hex,
     }
     lock = None
@@ -243,12 +256,13 @@ def acquire_lock(folder: str | Path, name: str = "run", *, stale_after: float = 
             if _take_over(path, holder, record):
                 lock = Lock(path, record, owner=True)
                 break
-        elif holder.get("job") == record["job"]:
+        elif shared_by_job and holder.get("job") == record["job"]:
             lock = Lock(path, holder, owner=False)
             break
         elif deadline is None or time.monotonic() < deadline:
             if not waited:
-                log.warning("%s: waiting for another run to finish (%s)", path, describe(holder))
+                who = "another process of this job" if holder.get("job") == record["job"] else "another run"
+                log.warning("%s: waiting for %s to finish (%s)", path, who, describe(holder))
                 waited = True
             while _record(path) == holder and not _stale(path, holder, stale_after) and (deadline is None or time.monotonic() < deadline):
                 time.sleep(0.5)
@@ -256,7 +270,8 @@ def acquire_lock(folder: str | Path, name: str = "run", *, stale_after: float = 
             raise LockHeld(path, holder)
     if lock is None:
         raise RuntimeError(f"{path}: could not take the lock after 100 attempts (other runs keep taking it over)")
-    exported = lock.owner and _JOB_ENV not in os.environ and record["job"].startswith("local:")
+    # Only a shared lock hands its job to the processes launched meanwhile (Lightning's ranks).
+    exported = shared_by_job and lock.owner and _JOB_ENV not in os.environ and record["job"].startswith("local:")
     if exported:
         os.environ[_JOB_ENV] = record["job"].removeprefix("local:")
     stop = threading.Event()

@@ -25,7 +25,7 @@ from mmm.checkpoint import load_pretrained, save_pretrained
 from mmm.checkpoint_io import MMMCheckpointIO
 from mmm.config import at_least, check_section, check_value, plain
 from mmm.data.datamodule import DataConfig, MIDIDataModule
-from mmm.data.prepare import ensure_tokenizer
+from mmm.data.prepare import prepare_data
 from mmm.data.stats import generation_stats
 from mmm.data.store import Store
 from mmm.lit_module import MMMLitModule, OptimConfig
@@ -100,16 +100,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     Holds `run_dir/train.lock` throughout: a second run on the same folder fails at once
     naming this one; the ranks of this job share the lock (`mmm.locking`)."""
     check_config(cfg)
-    with acquire_lock(cfg.run_dir, "train"):
+    with acquire_lock(cfg.run_dir, "train", shared_by_job=True):
         return _train(cfg)
 
 
 def _train(cfg: DictConfig) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True)
-    # The jobs of a sweep share the data folder: the first builds the store and tokenizer, the
-    # others wait for it (instead of failing on its preprocessing lock), then find them done.
-    with acquire_lock(cfg.data.dir, "prepare", wait=None):
-        tokenizer_path = ensure_tokenizer(cfg.data, cfg.tokenizer)
+    # The jobs of a sweep and the ranks of this job share the data folder: the first builds
+    # the store and tokenizer, the others wait for it, then find them done.
+    tokenizer_path = prepare_data(cfg.data, cfg.tokenizer)
     tokenizer = load_tokenizer(tokenizer_path)
     vocab = Vocab(tokenizer)
     model_config = model_config_from_preset(

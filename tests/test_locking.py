@@ -15,13 +15,14 @@ import pytest
 
 from mmm.locking import LockHeld, acquire_lock
 
-# Holds the lock argv[4] of folder argv[1] and reports; stays until the file argv[2] exists (or is killed).
+# Holds the lock argv[4] of folder argv[1] (shared by the job when argv[5] is "1") and reports;
+# stays until the file argv[2] exists (or is killed).
 HOLDER = """
 import sys, time
 from pathlib import Path
 from mmm.locking import LockHeld, acquire_lock
 try:
-    with acquire_lock(sys.argv[1], sys.argv[4], stale_after=float(sys.argv[3])) as lock:
+    with acquire_lock(sys.argv[1], sys.argv[4], stale_after=float(sys.argv[3]), shared_by_job=sys.argv[5] == "1") as lock:
         print("owner" if lock.owner else "joined", lock.record["pid"], flush=True)
         while not Path(sys.argv[2]).exists():
             time.sleep(0.05)
@@ -36,8 +37,9 @@ def clean_env(**extra: str) -> dict[str, str]:
     return {**env, **extra}
 
 
-def start_holder(folder: Path, release: Path, env: dict[str, str], stale_after: float = 600, name: str = "run") -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(folder), str(release), str(stale_after), name],
+def start_holder(folder: Path, release: Path, env: dict[str, str], stale_after: float = 600, name: str = "run",
+                 shared: bool = False) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(folder), str(release), str(stale_after), name, str(int(shared))],
                             env=env, stdout=subprocess.PIPE, text=True)
     return proc, proc.stdout.readline().strip()
 
@@ -109,22 +111,22 @@ def test_the_holder_keeps_its_lock_fresh(tmp_path, procs):
     assert path.stat().st_mtime > old + 1
 
 
-def test_processes_of_one_job_share_the_lock_and_a_slurm_requeue_takes_it_over(tmp_path, procs):
+def test_processes_of_one_job_share_a_shared_lock_and_a_slurm_requeue_takes_it_over(tmp_path, procs):
     release = tmp_path / "release"
-    rank0, line0 = start_holder(tmp_path, release, clean_env(SLURM_JOB_ID="4242", SLURM_RESTART_COUNT="0"))
+    rank0, line0 = start_holder(tmp_path, release, clean_env(SLURM_JOB_ID="4242", SLURM_RESTART_COUNT="0"), shared=True)
     procs.append(rank0)
     assert line0 == f"owner {rank0.pid}"
     # Another rank of the same job: joins (names rank 0 as the holder) instead of failing.
-    rank1, line1 = start_holder(tmp_path, release, clean_env(SLURM_JOB_ID="4242", SLURM_RESTART_COUNT="0"))
+    rank1, line1 = start_holder(tmp_path, release, clean_env(SLURM_JOB_ID="4242", SLURM_RESTART_COUNT="0"), shared=True)
     procs.append(rank1)
     assert line1 == f"joined {rank0.pid}"
     # Another Slurm job on the same folder, or another `srun` step of this job: refused.
     for env in (clean_env(SLURM_JOB_ID="4343"), clean_env(SLURM_JOB_ID="4242", SLURM_STEP_ID="1", SLURM_RESTART_COUNT="0")):
-        other, line = start_holder(tmp_path, release, env)
+        other, line = start_holder(tmp_path, release, env, shared=True)
         procs.append(other)
         assert line.startswith(f"held {tmp_path} is in use by another run (pid {rank0.pid}") and "Slurm job 4242" in line
     # The same job requeued (its old processes still being torn down): takes the lock over.
-    requeued, line = start_holder(tmp_path, release, clean_env(SLURM_JOB_ID="4242", SLURM_RESTART_COUNT="1"))
+    requeued, line = start_holder(tmp_path, release, clean_env(SLURM_JOB_ID="4242", SLURM_RESTART_COUNT="1"), shared=True)
     procs.append(requeued)
     assert line == f"owner {requeued.pid}"
     release.touch()
@@ -133,11 +135,28 @@ def test_processes_of_one_job_share_the_lock_and_a_slurm_requeue_takes_it_over(t
     assert not (tmp_path / "run.lock").exists()  # removed by its owner, not by the joined rank
 
 
+def test_a_lock_not_shared_by_the_job_refuses_another_rank_naming_it(tmp_path, procs):
+    """Locks are per process unless shared by the job: two ranks of one job step (same Slurm
+    job, step and restart count) are two writers. The record names the holder's rank."""
+    release = tmp_path / "release"
+    step = {"SLURM_JOB_ID": "4242", "SLURM_STEP_ID": "0", "SLURM_RESTART_COUNT": "0"}
+    rank0, line0 = start_holder(tmp_path, release, clean_env(**step, SLURM_PROCID="0"))
+    procs.append(rank0)
+    assert line0 == f"owner {rank0.pid}"
+    assert json.loads((tmp_path / "run.lock").read_text())["ranks"] == {"SLURM_PROCID": "0"}
+    rank1, line1 = start_holder(tmp_path, release, clean_env(**step, SLURM_PROCID="1"))
+    procs.append(rank1)
+    assert line1.startswith(f"held {tmp_path} is in use by another run (pid {rank0.pid}")
+    assert "Slurm job 4242, rank 0" in line1
+    release.touch()
+    assert rank0.wait(timeout=60) == 0
+
+
 def test_subprocesses_launched_by_the_holder_join_its_lock(tmp_path, procs):
     """Lightning launches the other ranks of a local multi-process job as subprocesses of
     rank 0: they inherit its job id and share the lock."""
-    with acquire_lock(tmp_path, "run") as lock:
-        child, line = start_holder(tmp_path, tmp_path / "release", dict(os.environ))
+    with acquire_lock(tmp_path, "run", shared_by_job=True) as lock:
+        child, line = start_holder(tmp_path, tmp_path / "release", dict(os.environ), shared=True)
         procs.append(child)
         assert line == f"joined {os.getpid()}"
         (tmp_path / "release").touch()
@@ -151,7 +170,7 @@ def test_runs_racing_for_a_stale_lock_get_exactly_one_winner(tmp_path, procs):
     dead.wait()
     (tmp_path / "run.lock").write_text(json.dumps(
         {"pid": dead.pid, "host": socket.gethostname(), "started": "x", "job": "local:dead", "token": "t"}))
-    racers = [subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path), str(tmp_path / "release"), "600", "run"],
+    racers = [subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path), str(tmp_path / "release"), "600", "run", "0"],
                                env=clean_env(), stdout=subprocess.PIPE, text=True) for _ in range(4)]
     procs.extend(racers)
     results = [p.stdout.readline().split()[0] for p in racers]
@@ -193,7 +212,7 @@ def test_waiting_for_the_holder_instead_of_failing(tmp_path, procs):
         with acquire_lock(tmp_path, "run", wait=0.5):
             pass
     waiter = subprocess.Popen([sys.executable, "-c", HOLDER.replace('stale_after=float(sys.argv[3])', 'wait=None'),
-                               str(tmp_path), str(tmp_path / "release2"), "600", "run"],
+                               str(tmp_path), str(tmp_path / "release2"), "600", "run", "0"],
                               env=clean_env(), stdout=subprocess.PIPE, text=True)
     procs.append(waiter)
     time.sleep(1)

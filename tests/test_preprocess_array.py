@@ -1,11 +1,14 @@
 """Preprocessing as a job array and one writer per store, with real processes: two array tasks
 write the same store byte for byte as a single run; a killed task re-run redoes only its missing
 shards; a second run on a store in use fails at once naming the holder; a killed run's locks are
-stale and taken over."""
+stale and taken over; of two ranks of one job preparing the same data, one writes the store and
+the other waits for it."""
 
 from __future__ import annotations
 
+import json
 import os
+import pickle
 import signal
 import socket
 import subprocess
@@ -18,7 +21,7 @@ import pytest
 from conftest import REPO, corpus_with_bad_files, data_cfg, tok_cfg
 from mmm.data.store import done_shards, shard_paths
 from mmm.locking import LockHeld
-from mmm.data.preprocess import TEST_FAULTS_ENV, array_task, preprocess
+from mmm.data.preprocess import TEST_FAULTS_ENV, TEST_PAUSE_ENV, array_task, preprocess
 
 TIMEOUT = 3  # file_timeout of every run here (it is part of the store's settings)
 
@@ -131,6 +134,71 @@ def test_second_run_on_a_store_in_use_fails_at_once(source, single, tmp_path, mo
     preprocess(cfg, tok_cfg())  # the killed run's locks are stale: taken over
     assert files(store) == files(single)
     assert not list(store.rglob("*.lock"))
+
+
+# What `python -m mmm.train` does before training, in one rank: `prepare_data(data, tokenizer)`.
+# The configs come pickled: JSON would turn the tokenizer's integer keys into strings.
+PREPARE = """
+import logging, pickle, sys
+logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+from mmm.data.prepare import prepare_data
+with open(sys.argv[1], "rb") as f:
+    data, tokenizer = pickle.load(f)
+print("prepared", prepare_data(data, tokenizer), flush=True)
+"""
+
+
+def test_ranks_of_one_job_prepare_the_data_once(tmp_path):
+    """Two ranks of one Slurm job step (same SLURM_JOB_ID and SLURM_STEP_ID) prepare the same
+    fresh data folder: rank 0 preprocesses; rank 1 waits for it, then finds the store done.
+    Rank 0's worker is held at its first shard (the test hook `_test_pause`) until rank 1 is
+    seen waiting."""
+    source = corpus_with_bad_files(tmp_path / "corpus", n=4)  # 7 files, 7 shards of one file
+    data = data_cfg(source, tmp_path / "data" / "store", shard_size=1, file_timeout=600)
+    data["dir"] = str(tmp_path / "data")
+    tokenizer = {**tok_cfg(), "path": str(tmp_path / "data" / "tokenizer.json")}
+    configs = tmp_path / "configs.pickle"
+    configs.write_bytes(pickle.dumps((data, tokenizer)))
+    pause = tmp_path / "pause"
+    pause.mkdir()
+    (pause / "writing").touch()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MMM_JOB"))}
+    env.update({"SLURM_JOB_ID": "4242", "SLURM_STEP_ID": "0", TEST_FAULTS_ENV: "1", TEST_PAUSE_ENV: str(pause)})
+
+    def rank(r: int) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-c", PREPARE, str(configs)], cwd=REPO,
+                                env={**env, "SLURM_PROCID": str(r)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, start_new_session=True)
+
+    rank0 = rank(0)
+    rank1 = None
+    try:
+        deadline = time.monotonic() + 300
+        while not (claims := list(pause.glob("writing.*"))):  # rank 0 is writing its first shard
+            assert rank0.poll() is None and time.monotonic() < deadline, rank0.communicate()[0][-3000:]
+            time.sleep(0.05)
+        rank1 = rank(1)
+        seen = []
+        for line in rank1.stdout:  # until rank 1 waits (or ends: then it did not wait)
+            seen.append(line)
+            if "waiting for another process of this job" in line:
+                break
+        assert "waiting for another process of this job" in seen[-1], "".join(seen)[-3000:]
+        assert f"pid {rank0.pid} " in seen[-1] and "Slurm job 4242, rank 0" in seen[-1]
+        claims[0].unlink()  # rank 0's worker goes on
+        out0, out1 = finish(rank0), "".join(seen) + rank1.stdout.read()  # what was read is not read again
+        assert rank1.wait(timeout=300) == 0, out1[-3000:]
+    finally:
+        for p in (rank0, rank1):
+            if p is not None and p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+    assert "7 shards (0 already done)" in out0  # rank 0 preprocessed
+    assert "already done)" not in out1 and "complete and made with these settings: nothing to do" in out1
+    assert f"prepared {tokenizer['path']}" in out0 and f"prepared {tokenizer['path']}" in out1
+    report = json.loads((tmp_path / "data" / "store" / "report.json").read_text())
+    assert report["files"] == 7 and report["kept"] == 4
+    assert not list((tmp_path / "data").rglob("*.lock"))
 
 
 def test_array_task_from_config_or_slurm():

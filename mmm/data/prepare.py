@@ -48,6 +48,16 @@ def ensure_tokenizer(data_cfg: Mapping, tokenizer_cfg: Mapping) -> Path:
     return path
 
 
+def prepare_data(data_cfg: Mapping, tokenizer_cfg: Mapping) -> Path:
+    """`ensure_tokenizer` (the store and the tokenizer) for a training, which may share its data
+    folder with other runs (the jobs of a sweep) and other processes of its job (its ranks):
+    holds `<data.dir>/prepare.lock`, waiting for a holder rather than failing, so the first
+    builds what is missing and the others then find it done. The lock is per process: ranks
+    of one job sharing it would all write the same store at once."""
+    with acquire_lock(data_cfg["dir"], "prepare", wait=None):
+        return ensure_tokenizer(data_cfg, tokenizer_cfg)
+
+
 def augmented_bars(store: Store, vocab: Vocab, sequences_cfg: Mapping, seed: int = 0):
     """Every bar of the store as training will show it: transposed and with shifted velocities,
     drawn as the sequence builder draws them. Learned on unshifted bars only, BPE would merge
