@@ -52,6 +52,20 @@ def test_hang_in_c_code_and_deaths_by_signal_are_isolated(clean, tmp_path, monke
     assert not list(store.rglob("*.lock"))  # every shard lock released
 
 
+def test_the_timeout_counts_the_workers_cpu_not_the_wall_clock(tmp_path, monkeypatch):
+    """A file whose loading spins for ever is rejected as a timeout; one that takes twice the
+    timeout in wall time while using a tenth of a core (a worker waiting for CPU on a busy
+    node) is not: which files a store keeps must not depend on the machine's load."""
+    monkeypatch.setenv(TEST_FAULTS_ENV, "1")
+    songs = tmp_path / "songs"
+    songs.mkdir()
+    (songs / "spin.mid").write_bytes(b"MMM-TEST-SPIN" + b"\0" * 64)
+    (songs / "slow.mid").write_bytes(b"MMM-TEST-SLOW" + b"\0" * 64)  # 6 s of wall time, ~0.6 s of CPU
+    report = preprocess(data_cfg(songs, tmp_path / "store", num_workers=2, file_timeout=3), tok_cfg())
+    rejected = {r["name"]: r["reason"] for r in report["rejected_files"]}
+    assert rejected == {"spin.mid": "timeout", "slow.mid": "not_midi"}  # slow.mid got through to the checks
+
+
 def test_fault_hook_is_off_without_the_variable(tmp_path, monkeypatch):
     monkeypatch.delenv(TEST_FAULTS_ENV, raising=False)
     songs = tmp_path / "songs"

@@ -145,8 +145,9 @@ def _init_worker(source_cfg: dict, tokenizer_cfg: dict, settings: dict, split_cf
 
 def _test_fault(data: bytes) -> None:
     """Test hook: a file starting with one of these markers hangs inside C code (every signal
-    blocked, then `pause()`: nothing in the process can interrupt it), dies by SIGSEGV, aborts
-    in C (SIGABRT) or is killed as the out-of-memory killer does (SIGKILL)."""
+    blocked, then `pause()`: nothing in the process can interrupt it), loops forever, dies by
+    SIGSEGV, aborts in C (SIGABRT), is killed as the out-of-memory killer does (SIGKILL), or
+    takes 6 s to load while using a tenth of a core (a worker waiting for CPU on a busy node)."""
     import ctypes
     import faulthandler
 
@@ -156,6 +157,16 @@ def _test_fault(data: bytes) -> None:
     if data.startswith(b"MMM-TEST-HANG"):
         signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
         ctypes.CDLL(None).pause()
+    elif data.startswith(b"MMM-TEST-SPIN"):
+        while True:
+            pass
+    elif data.startswith(b"MMM-TEST-SLOW"):
+        end = time.monotonic() + 6.0
+        while time.monotonic() < end:
+            busy = time.monotonic() + 0.005
+            while time.monotonic() < busy:
+                pass
+            time.sleep(0.045)
     elif data.startswith(b"MMM-TEST-SEGV"):
         ctypes.string_at(0)  # reads address 0: a real segmentation fault
     elif data.startswith(b"MMM-TEST-ABRT"):
@@ -264,6 +275,36 @@ class _Worker:
     lock: AbstractContextManager | None = None
     file: int = -1  # index of the file in progress, -1 for none
     since: float = 0.0
+    cpu_since: float | None = None  # the worker's CPU seconds when it started the file
+    cpu_seen: float | None = None  # its CPU seconds when last seen advancing...
+    seen_at: float = 0.0  # ...and when that was
+
+    def start_file(self, file: int) -> None:
+        self.file, self.since = file, time.monotonic()
+        self.cpu_since = self.cpu_seen = _cpu_seconds(self.proc.pid)
+        self.seen_at = self.since
+
+    def hung(self, timeout: float) -> bool:
+        """On its file for over `timeout` seconds of its own CPU time (a loop), or without using
+        any CPU for `timeout` seconds (blocked). Wall time alone would also condemn a worker that
+        only waits for a core on an oversubscribed node, and the files kept would depend on the
+        machine's load. Without /proc: wall time."""
+        now = time.monotonic()
+        cpu = _cpu_seconds(self.proc.pid)
+        if cpu is None or self.cpu_since is None:
+            return now - self.since > timeout
+        if cpu > self.cpu_seen:
+            self.cpu_seen, self.seen_at = cpu, now
+        return cpu - self.cpu_since > timeout or now - self.seen_at > timeout
+
+
+def _cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of process `pid` (Linux /proc; None elsewhere or once it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @dataclass
@@ -364,8 +405,8 @@ def _run_isolated(jobs: list[tuple[int, range]], num_workers: int, timeout: floa
             busy = [w for w in workers if w.job is not None]
             if not busy:
                 continue
-            deadlines = [w.since + timeout for w in busy if w.file >= 0]
-            wait_s = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
+            # A worker on a file is looked at every second at least (its CPU time is sampled).
+            wait_s = min(1.0, timeout) if any(w.file >= 0 for w in busy) else None
             ready = wait([x for w in busy for x in (w.conn, w.proc.sentinel)], timeout=wait_s)
             for i, w in enumerate(workers):
                 if w.job is None:
@@ -379,7 +420,7 @@ def _run_isolated(jobs: list[tuple[int, range]], num_workers: int, timeout: floa
                         dead = True
                         break
                     if kind == "file":
-                        w.file, w.since = payload, time.monotonic()
+                        w.start_file(payload)
                     elif kind == "done":
                         on_done(payload)
                         release(w)
@@ -392,11 +433,12 @@ def _run_isolated(jobs: list[tuple[int, range]], num_workers: int, timeout: floa
                     w.proc.join()
                     code = w.proc.exitcode
                     lost(w, "crashed", _signal_name(-code) if code and code < 0 else f"exit code {code}")
-                elif w.file >= 0 and time.monotonic() - w.since > timeout:
+                elif w.file >= 0 and w.hung(timeout):
                     # Killed from here: a hang inside C code ignores anything the worker could do itself.
                     w.proc.kill()
                     w.proc.join()
-                    lost(w, "timeout", f"over file_timeout={timeout:g}s: the worker was killed")
+                    lost(w, "timeout", f"over file_timeout={timeout:g}s of CPU time, or that long without "
+                                       "using any: the worker was killed")
                 else:
                     continue
                 w.conn.close()
