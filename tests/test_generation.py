@@ -403,14 +403,18 @@ def test_generated_notes_end_at_the_span_end_unless_asked(mmm):
     score = synthetic_score(0, 12)
     t, a, b = 0, 3, 5
     start, end = _span_ticks(mmm, score, a, b)
-    past = []
-    for clip_notes in (True, False):
-        out = mmm.infill(score, track=t, bars=(a, b), seed=3, clip_notes=clip_notes, temperature=1.5)
+
+    def notes_past_the_end(seed: int, clip_notes: bool) -> int:
+        out = mmm.infill(score, track=t, bars=(a, b), seed=seed, clip_notes=clip_notes, temperature=1.5)
         assert_infill_ok(mmm, score, out, t, a, b, clip_notes=clip_notes)
         n = _notes(out.tracks[t])
         generated = (n[:, 0] >= start) & (n[:, 0] < end)
-        past.append(int((n[generated, 0] + n[generated, 1] > end).sum()))
-    assert past[0] == 0 and past[1] > 0, past
+        return int((n[generated, 0] + n[generated, 1] > end).sum())
+
+    # The (untrained) model writes such a note for some seeds: the first one that does, clipped.
+    seed = next((s for s in range(40) if notes_past_the_end(s, clip_notes=False) > 0), None)
+    assert seed is not None, "no seed gave a note lasting past the span: the test needs one"
+    assert notes_past_the_end(seed, clip_notes=True) == 0
 
 
 @pytest.mark.parametrize("path", MULTITRACK or [None], ids=[p.stem for p in MULTITRACK] or ["unset"])
