@@ -24,10 +24,9 @@ import random
 import numpy as np
 import torch
 
+from draw import has_notes, infill_requests
 from mmm import MMM
-from mmm.api import count_bars
 from mmm.data.store import Store
-from mmm.evaluate.analysis import window_score
 from mmm.grammar import GrammarTables
 
 
@@ -49,28 +48,13 @@ def main() -> None:
     closes[vocab.fill_end] = True
     store = Store(args.store, args.split)
     rng = random.Random(args.seed)
-    has_notes = lambda bar: any(vocab.is_note_start[i] for i in bar)  # noqa: E731
     rows = []
-    done = 0
-    while done < args.requests:
-        chunk = store[rng.randrange(len(store))]
-        nb = len(chunk["bars"][0])
-        n = min(16, nb)
-        first = rng.randrange(0, nb - n + 1)
-        score, kept = window_score(chunk, first, n, tok, vocab)
-        n = min(n, count_bars(score, tok))
-        if not kept or n < args.bars:
-            continue
-        a = rng.randrange(0, n - args.bars + 1)
-        b = a + args.bars
-        candidates = [j for j, t in enumerate(kept) if any(has_notes(x) for x in chunk["bars"][t][first + a:first + b])]
-        if not candidates:
-            continue
-        target = rng.choice(candidates)
+    requests = infill_requests(store, rng, tok, vocab, args.bars)
+    for done in range(1, args.requests + 1):
+        score, target, (a, b), real = next(requests)
         # The API builds the prompt (a tiny bar budget: only the prompt is used here).
         mmm.infill(score, track=target, bars=(a, b), seed=1, max_bar_tokens=8)
         prompt = list(mmm.last_report.steps[0].prompt)
-        real = [list(x) for x in chunk["bars"][kept[target]][first + a:first + b]]
         completion, starts = [], []
         for bar in real:
             starts.append(len(prompt) + len(completion))
@@ -85,9 +69,8 @@ def main() -> None:
                 for h in np.flatnonzero(header_only & (q > 0.005)):
                     after = model(torch.tensor([ids[:s] + [int(h)]]), last_only=True)[0, -1].float().softmax(-1).numpy()
                     empty += q[h] * after[closes].sum()
-                real_empty = float(not has_notes(real[k])) if k < len(real) else float("nan")
+                real_empty = float(not has_notes(real[k], vocab)) if k < len(real) else float("nan")
                 rows.append((k, q[vocab.fill_end], q[header_only].sum(), empty, real_empty))
-        done += 1
     rows = np.array(rows, dtype=float)
     print(f"{args.ckpt}, {args.split} split, {done} requests of {args.bars} bars (teacher forced on the real bars)")
     print("| boundary | P(FillBar_End) | P(header-only id) | P(empty bar) | real empty |")

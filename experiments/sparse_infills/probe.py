@@ -25,17 +25,12 @@ from collections import defaultdict
 import numpy as np
 import torch
 
+from draw import has_notes, infill_requests
 from mmm import MMM
-from mmm.api import count_bars
 from mmm.data.layout import generated_bars
 from mmm.data.store import Store
-from mmm.evaluate.analysis import window_score
 from mmm.generation import SamplingConfig, make_generator, sample_next
 from mmm.grammar import PHASES, BarGrammar, BarPlan, GrammarTables
-
-
-def has_note(bar, vocab) -> bool:
-    return any(vocab.is_note_start[i] for i in bar)
 
 
 @torch.inference_mode()
@@ -102,29 +97,15 @@ def main() -> None:
     fights = defaultdict(int)
     rng = random.Random(0)
     done = 0
+    requests = infill_requests(store, rng, tok, vocab)
     while done < args.requests:
-        chunk = store[rng.randrange(len(store))]
-        nb = len(chunk["bars"][0])
-        n = min(16, nb)
-        first = rng.randrange(0, nb - n + 1)
-        score, kept = window_score(chunk, first, n, tok, vocab)
-        n = min(n, count_bars(score, tok))
-        if not kept or n < 4:
-            continue
-        a = rng.randrange(0, n - 3)
-        b = a + 4
-        cands = [j for j, t in enumerate(kept) if any(has_note(bar, vocab) for bar in chunk["bars"][t][first + a:first + b])]
-        if not cands:
-            continue
-        target = rng.choice(cands)
+        score, target, (a, b), t_bars = next(requests)
         mmm.infill(score, track=target, bars=(a, b), seed=rng.randrange(2**31))
         step = mmm.last_report.steps[0]
         if len(mmm.last_report.steps) != 1:
             continue
         prompt = list(step.prompt)
-        t_bars = [list(bar) for bar in chunk["bars"][kept[target]][first + a:first + b]]
-        # the real bars as the prompt's bars see them (the API re-tokenizes the window score)
-        real = [has_note(bar, vocab) for bar in t_bars]
+        real = [has_notes(bar, vocab) for bar in t_bars]
         budget = step.budget
         tsigs = [next(i for i in bar if vocab.token_of[i].startswith("TimeSig")) for bar in t_bars]
         plan = BarPlan(tsigs, [[] for _ in tsigs], vocab.fill_end, score.tracks[target].is_drum)
@@ -134,9 +115,9 @@ def main() -> None:
         masses += mass
         for row in rows:
             for k, bar in enumerate(generated_bars(vocab.to_base(row), vocab)):
-                counts["generated"][0] += not has_note(bar, vocab)
+                counts["generated"][0] += not has_notes(bar, vocab)
                 counts["generated"][1] += 1
-                by_pos["generated", k][0] += not has_note(bar, vocab)
+                by_pos["generated", k][0] += not has_notes(bar, vocab)
                 by_pos["generated", k][1] += 1
         free, _ = sample_rows(model, prompt, budget, None, nv, sampling, gen, vocab.fill_end, vocab)
         for row in free:
@@ -145,7 +126,7 @@ def main() -> None:
             starts = [j for j, i in enumerate(base) if i == vocab.bar][:4]
             bars = [base[j:k] for j, k in zip(starts, starts[1:] + [len(base)])]
             for bar in bars:
-                counts["free"][0] += not has_note(bar, vocab)
+                counts["free"][0] += not has_notes(bar, vocab)
                 counts["free"][1] += 1
         # teacher forced: bar k alone after the real bars 0..k-1
         for k in range(4):
@@ -156,9 +137,9 @@ def main() -> None:
                                    nv, sampling, gen, vocab.fill_end, vocab)
             for row in rows1:
                 bar = generated_bars(vocab.to_base(row), vocab)[0]
-                counts["teacher-forced"][0] += not has_note(bar, vocab)
+                counts["teacher-forced"][0] += not has_notes(bar, vocab)
                 counts["teacher-forced"][1] += 1
-                by_pos["teacher-forced", k][0] += not has_note(bar, vocab)
+                by_pos["teacher-forced", k][0] += not has_notes(bar, vocab)
                 by_pos["teacher-forced", k][1] += 1
         for k, r in enumerate(real):
             counts["real"][0] += not r
