@@ -73,6 +73,11 @@ def unsafe_checkpoint(path: Any, offending: list[str]) -> UnsafeCheckpoint:
     )
 
 
+def globals_named_in(error: pickle.UnpicklingError) -> list[str]:
+    """The offending global that torch's weights-only refusal names (it names the first only)."""
+    return re.findall(r"GLOBAL ([\w.]+)", str(error))[:1]
+
+
 def load_checkpoint_file(path: str | Path, *, trusted: bool = False, map_location: Any = "cpu") -> Any:
     """`torch.load` of a `.ckpt`/`.pt` file that never runs code from it: only tensors, plain
     data and `SAFE_GLOBALS` are unpickled. Anything else raises `UnsafeCheckpoint` naming the
@@ -86,8 +91,8 @@ def load_checkpoint_file(path: str | Path, *, trusted: bool = False, map_locatio
         except pickle.UnpicklingError as e:
             try:  # every offending global, read from the file without unpickling it
                 offending = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-            except Exception:  # not a zip checkpoint: torch's message names the first one
-                offending = re.findall(r"GLOBAL ([\w.]+)", str(e))[:1]
+            except Exception:  # not a zip checkpoint
+                offending = globals_named_in(e)
             error = unsafe_checkpoint(path, offending)
             if not offending:
                 error.args = (f"{error.args[0]} torch said: {e}",)

@@ -11,7 +11,6 @@ one (`ckpt_path=https://...`, `s3://...`) is read by Lightning with `weights_onl
 from __future__ import annotations
 
 import pickle
-import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ from typing import Any
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from mmm.checkpoint import SAFE_GLOBALS, load_checkpoint_file, unsafe_checkpoint
+from mmm.checkpoint import SAFE_GLOBALS, globals_named_in, load_checkpoint_file, unsafe_checkpoint
 from mmm.io import atomic_write
 
 
@@ -41,16 +40,16 @@ class MMMCheckpointIO(TorchCheckpointIO):
         """`weights_only=False` (`trust_checkpoint=true`) is the opt-in for a trusted file
         holding more than plain data."""
         trusted = weights_only is False
-        if "://" in str(path) and trusted:
+        if "://" not in str(path):
+            if not Path(path).is_file():
+                raise FileNotFoundError(f"Checkpoint file not found: {path}")
+            return load_checkpoint_file(path, trusted=trusted, map_location=map_location)
+        if trusted:
             return super().load_checkpoint(path, map_location, weights_only=False)
-        if "://" in str(path):
-            # Lightning would unpickle everything from an http(s) URL (weights_only=None means
-            # False there): only the explicit opt-in above does that here.
-            try:
-                with torch.serialization.safe_globals(SAFE_GLOBALS):
-                    return super().load_checkpoint(path, map_location, weights_only=True)
-            except pickle.UnpicklingError as e:  # torch's message names the first offending global
-                raise unsafe_checkpoint(path, re.findall(r"GLOBAL ([\w.]+)", str(e))[:1]) from None
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"Checkpoint file not found: {path}")
-        return load_checkpoint_file(path, trusted=trusted, map_location=map_location)
+        # Lightning would unpickle everything from an http(s) URL (weights_only=None means False
+        # there): only the explicit opt-in above does that here.
+        try:
+            with torch.serialization.safe_globals(SAFE_GLOBALS):
+                return super().load_checkpoint(path, map_location, weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise unsafe_checkpoint(path, globals_named_in(e)) from None
