@@ -44,13 +44,18 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: 
 class MMMLitModule(L.LightningModule):
     """Holds the model config (saved in every .ckpt) and the optimisation settings."""
 
-    def __init__(self, model_config: Mapping[str, Any], optim: Mapping[str, Any], tokenizer_json: str | None = None) -> None:
+    def __init__(self, model_config: Mapping[str, Any], optim: Mapping[str, Any], tokenizer_json: str | None = None,
+                 compile: bool = False) -> None:
         super().__init__()
         check_section("optim", optim, OptimConfig)  # kept as a plain mapping in the checkpoint's hparams
         # The tokenizer travels inside every .ckpt so a checkpoint alone can be sampled from.
-        self.save_hyperparameters()
+        # `compile` is how this run computes, not what it learns: kept out of the checkpoint.
+        self.save_hyperparameters(ignore=["compile"])
         self.config = ModelConfig.from_dict(dict(model_config))
         self.model = MMMTransformer(self.config)
+        # torch.compile of the loss (forward included; backward through AOTAutograd). Compiling
+        # the function rather than the module keeps parameter names, hence checkpoints, as they are.
+        self._loss_fn = torch.compile(next_token_nll, dynamic=None) if compile else next_token_nll
         self._val_sums: list[torch.Tensor] = []  # per batch: (nll, tokens, notes)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -58,13 +63,14 @@ class MMMLitModule(L.LightningModule):
 
     def _nll(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed next-token NLL of the batch and its number of targets (evaluation scores the same way)."""
-        nll = next_token_nll(self.model, batch["input_ids"], batch["labels"], IGNORE_INDEX, reduction="sum")
+        nll = self._loss_fn(self.model, batch["input_ids"], batch["labels"], IGNORE_INDEX, reduction="sum",
+                            doc_ids=batch.get("doc_ids"))
         return nll, (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
 
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         nll, count = self._nll(batch)
         loss = nll / count.clamp(min=1)
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["index"]))
         self.log("train/tokens", count.float(), reduce_fx="sum", batch_size=1)
         return loss
 

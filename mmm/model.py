@@ -233,8 +233,9 @@ def _rotate_half(x: Tensor) -> Tensor:
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate ``x [B, T, heads, D]`` by position; HF's split-halves (not interleaved) convention."""
-    cos, sin = cos[:, None, :], sin[:, None, :]
+    """Rotate ``x [B, T, heads, D]`` by position; HF's split-halves (not interleaved) convention.
+    ``cos``/``sin`` are ``[T, D]`` (every row at the same positions) or ``[B, T, D]`` (packed rows)."""
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
     return x * cos + _rotate_half(x) * sin
 
 
@@ -250,6 +251,43 @@ def attention_mask(q_start: int, q_len: int, kv_len: int, window: int | None, de
     if window is not None:
         mask &= k_pos > q_pos - window
     return mask
+
+
+def packed_positions(doc_ids: Tensor) -> Tensor:
+    """Position of each token within its sample, for rows of samples packed end to end:
+    ``doc_ids [B, T]`` numbers the samples of a row (equal ids are one contiguous sample)."""
+    index = torch.arange(doc_ids.shape[1], device=doc_ids.device).expand_as(doc_ids)
+    starts = torch.ones_like(doc_ids, dtype=torch.bool)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    return index - torch.where(starts, index, 0).cummax(dim=1).values
+
+
+def packed_mask(doc_ids: Tensor, window: int | None) -> Tensor:
+    """Boolean ``[B, 1, T, T]`` mask of packed rows: causal, within ``window``, and never across
+    samples (block-diagonal), so each sample sees exactly what it would see alone."""
+    T = doc_ids.shape[1]
+    mask = attention_mask(0, T, T, window, doc_ids.device)[None]
+    return (mask & (doc_ids[:, :, None] == doc_ids[:, None, :]))[:, None]
+
+
+def varlen_offsets(doc_ids: Tensor) -> tuple[Tensor, int]:
+    """flash-attn's variable-length layout of packed rows: the cumulative sample lengths over
+    the flattened batch (int32, starting at 0) and the longest sample."""
+    B, T = doc_ids.shape
+    flat = (doc_ids + torch.arange(B, device=doc_ids.device)[:, None] * (T + 1)).flatten()
+    starts = torch.ones_like(flat, dtype=torch.bool)
+    starts[1:] = flat[1:] != flat[:-1]
+    offsets = torch.cat([starts.nonzero().flatten(), flat.new_tensor([flat.numel()])])
+    return offsets.to(torch.int32), int(offsets.diff().max())
+
+
+@functools.cache
+def _load_flash_attn_varlen() -> Callable[..., Tensor] | None:
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except ImportError:
+        return None
+    return flash_attn_varlen_func
 
 
 class Attention(nn.Module):
@@ -277,6 +315,7 @@ class Attention(nn.Module):
         mask: Tensor | None,
         is_causal: bool,
         cache: KVCache | None,
+        doc_ids: Tensor | None = None,
     ) -> Tensor:
         B, T, _ = x.shape
         q = apply_rope(self.q_proj(x).view(B, T, self.num_heads, self.head_dim), cos, sin)
@@ -291,7 +330,14 @@ class Attention(nn.Module):
             # triangle bottom-right, so a cached prefix needs no mask. Its window is inclusive on
             # both ends, hence W - 1 to match HF's "itself plus W - 1 before".
             window = (-1, -1) if self.sliding_window is None else (self.sliding_window - 1, 0)
-            out = _load_flash_attn()(q, k, v, softmax_scale=self.scale, causal=True, window_size=window)
+            if doc_ids is not None:  # packed rows: each sample is its own sequence
+                offsets, longest = varlen_offsets(doc_ids)
+                out = _load_flash_attn_varlen()(
+                    q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), offsets, offsets, longest, longest,
+                    softmax_scale=self.scale, causal=True, window_size=window,
+                ).view(B, T, self.num_heads, self.head_dim)
+            else:
+                out = _load_flash_attn()(q, k, v, softmax_scale=self.scale, causal=True, window_size=window)
         else:
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
             if cache is not None:
@@ -352,8 +398,9 @@ class DecoderLayer(nn.Module):
         mask: Tensor | None,
         is_causal: bool,
         cache: KVCache | None,
+        doc_ids: Tensor | None = None,
     ) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, backend, mask, is_causal, cache)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, backend, mask, is_causal, cache, doc_ids)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -372,7 +419,9 @@ class MMMTransformer(nn.Module):
         # Checked again here because dataclass fields may have been mutated since construction.
         config.validate()
         self.config = config
-        if config.attention == "flash" and _load_flash_attn() is None:
+        # Looked up once here: a cached import inside forward would break torch.compile's graph.
+        self._flash_installed = _load_flash_attn() is not None
+        if config.attention == "flash" and not self._flash_installed:
             raise ImportError(
                 "ModelConfig.attention='flash' needs the flash-attn package: `pip install mmm[gpu]` "
                 "(or use attention='auto' to fall back to PyTorch SDPA)"
@@ -440,9 +489,14 @@ class MMMTransformer(nn.Module):
 
         return KVCache(zeros(), zeros())
 
-    def forward(self, input_ids: Tensor, cache: KVCache | None = None, last_only: bool = False) -> Tensor:
+    def forward(self, input_ids: Tensor, cache: KVCache | None = None, last_only: bool = False,
+                doc_ids: Tensor | None = None) -> Tensor:
         """Logits ``[B, T, vocab]`` for ``input_ids [B, T]`` (``[B, 1, vocab]`` with ``last_only``,
         which spares a prompt prefill the vocabulary projection of every other position).
+
+        ``doc_ids [B, T]`` marks rows packed with several samples end to end
+        (``mmm.data.datamodule.pack``): positions restart at each sample and attention never
+        crosses from one sample to another, so every sample gets the logits it would get alone.
 
         Without a cache the tokens sit at positions 0..T-1. No attention mask is taken: training
         batches are right-padded, and with causal attention padding at the end can never influence
@@ -452,6 +506,11 @@ class MMMTransformer(nn.Module):
         """
         B, T = input_ids.shape
         start = 0
+        if doc_ids is not None:
+            if cache is not None:
+                raise ValueError("packed rows (doc_ids) are for training: they cannot use a KV cache")
+            if doc_ids.shape != input_ids.shape:
+                raise ValueError(f"doc_ids has shape {tuple(doc_ids.shape)}, input_ids {tuple(input_ids.shape)}")
         if cache is not None:
             start = cache.length
             if cache.batch_size != B:
@@ -464,11 +523,18 @@ class MMMTransformer(nn.Module):
         if cache is not None and cache.dtype != dtype:
             raise ValueError(f"cache dtype {cache.dtype} differs from the attention dtype {dtype}")
         backend = self._backend(h.device, dtype)
-        mask, is_causal = self._mask(backend, start, T, h.device)
-        cos, sin = (t[start : start + T].to(dtype) for t in self._rope_tables(start + T, h.device))
+        tables = self._rope_tables(start + T, h.device)
+        if doc_ids is None:
+            mask, is_causal = self._mask(backend, start, T, h.device)
+            cos, sin = (t[start : start + T].to(dtype) for t in tables)
+        else:
+            mask = None if backend == "flash" else packed_mask(doc_ids, self.config.sliding_window)
+            is_causal = False
+            positions = packed_positions(doc_ids)
+            cos, sin = (t[positions].to(dtype) for t in tables)
 
         for layer in self.layers:
-            h = layer(h, cos, sin, backend, mask, is_causal, cache)
+            h = layer(h, cos, sin, backend, mask, is_causal, cache, doc_ids)
         if cache is not None:
             cache.length = start + T
         if last_only:
@@ -478,7 +544,7 @@ class MMMTransformer(nn.Module):
     def _backend(self, device: torch.device, dtype: torch.dtype) -> str:
         # flash-attn only runs on CUDA in half precision. An explicit "flash" also falls back to SDPA
         # elsewhere, so that a checkpoint trained with it still loads and runs on CPU / in fp32.
-        use_flash = self.config.attention in ("auto", "flash") and _load_flash_attn() is not None
+        use_flash = self.config.attention in ("auto", "flash") and self._flash_installed
         if use_flash and device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):
             return "flash"
         return "eager" if self.config.attention == "eager" else "sdpa"
@@ -606,15 +672,17 @@ def _from_hf_key(key: str) -> str:
 
 
 def next_token_nll(model: MMMTransformer, input_ids: Tensor, labels: Tensor, ignore_index: int,
-                   reduction: str = "none") -> Tensor:
+                   reduction: str = "none", doc_ids: Tensor | None = None) -> Tensor:
     """NLL (nats, float32) of each next token: the logits of ``input_ids[:, :-1]`` scored against
     ``labels[:, 1:]``, positions labelled ``ignore_index`` (prompt, padding) excluded.
 
     ``reduction="none"``: ``[B, T-1]``, 0 at excluded positions; ``"sum"``: the total over the
     batch (training and validation divide it by the number of targets). Batches are right-padded
-    (``mmm.data.datamodule.collate``), which causal attention never lets reach a real position.
+    (``mmm.data.datamodule.collate``), which causal attention never lets reach a real position,
+    or packed (``doc_ids``, ``mmm.data.datamodule.pack``), whose labels never ask a sample's last
+    token to predict the next sample's first.
     """
-    logits = model(input_ids[:, :-1])
+    logits = model(input_ids[:, :-1], doc_ids=None if doc_ids is None else doc_ids[:, :-1])
     targets = labels[:, 1:]
     nll = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=ignore_index,
                           reduction=reduction)

@@ -55,6 +55,7 @@ def check_config(cfg: DictConfig) -> None:
     model = check_section("model", cfg.model, ModelSection)
     check_section("optim", cfg.optim, OptimConfig)
     check_value("seed", cfg.seed, int, at_least(0))
+    check_value("compile", cfg.compile, bool, {})
     for key in ("trainer.max_steps", "trainer.val_check_interval"):
         check_value(key, OmegaConf.select(cfg, key), int, at_least(1))
     tokenizer = check_tokenizer_cfg(cfg.tokenizer)
@@ -115,7 +116,8 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
         cfg.model.preset, vocab_size=vocab.size, max_seq_len=cfg.model.max_seq_len, **plain(cfg.model.overrides)
     )
     datamodule = MIDIDataModule.from_config(check_section("data", cfg.data, DataConfig), str(tokenizer_path), cfg.seed)
-    module = MMMLitModule(model_config.to_dict(), optim=plain(cfg.optim), tokenizer_json=tokenizer_path.read_text())
+    module = MMMLitModule(model_config.to_dict(), optim=plain(cfg.optim), tokenizer_json=tokenizer_path.read_text(),
+                          compile=cfg.compile)
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
     loggers = [instantiate(c) for c in cfg.get("logger", {}).values() if c is not None]
     if not loggers:  # logger=none: the LR monitor has nowhere to write

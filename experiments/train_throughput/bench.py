@@ -10,6 +10,7 @@ load from other processes hits both alike.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import random
 import statistics
@@ -28,10 +29,11 @@ sys.path.insert(0, str(ROOT / "tests"))  # the slow reference path lives with th
 
 from reference import reference_sample  # noqa: E402
 
-from mmm.data.datamodule import collate  # noqa: E402
+from mmm.data.datamodule import collate, pack  # noqa: E402
+from mmm.data.sequences import IGNORE_INDEX  # noqa: E402
 from mmm.data.sequences import SequenceBuilder  # noqa: E402
 from mmm.data.store import Store  # noqa: E402
-from mmm.model import MMMTransformer, model_config_from_preset, to_hf_mistral  # noqa: E402
+from mmm.model import MMMTransformer, model_config_from_preset, next_token_nll, to_hf_mistral  # noqa: E402
 from mmm.tokenizer import Vocab, load_tokenizer  # noqa: E402
 from mmm.data.prepare import train_tokenizer  # noqa: E402
 
@@ -56,35 +58,128 @@ def sequences_config() -> dict:
     return OmegaConf.to_container(config("data.path=unused").data.sequences, resolve=True)
 
 
-def step_time(model, batch, autocast: bool) -> float:
+def step_time(model, batch, autocast: bool, loss_fn=None) -> float:
+    """One forward + backward; `loss_fn(model, batch)` is ours (packed or not, compiled or not),
+    None is transformers' model on the padded batch."""
     start = time.perf_counter()
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        out = model(batch["input_ids"])
-        logits = out if isinstance(out, torch.Tensor) else out.logits
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(), ignore_index=-100)
+        if loss_fn is None:
+            logits = model(batch["input_ids"]).logits
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(), ignore_index=IGNORE_INDEX)
+        else:
+            loss = loss_fn(model, batch)
     loss.backward()
     for p in model.parameters():
         p.grad = None
     return time.perf_counter() - start
 
 
-def bench_models(vocab: Vocab, batches, preset: str, seq_len: int, steps: int, autocast: bool) -> dict:
+def ours_loss(nll_fn):
+    def loss(model, batch):
+        nll = nll_fn(model, batch["input_ids"], batch["labels"], IGNORE_INDEX, reduction="sum", doc_ids=batch.get("doc_ids"))
+        return nll / (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+    return loss
+
+
+def useful_tokens(batch) -> int:
+    """Ids of real samples in the batch (padding excluded)."""
+    return int(sum(batch["lengths"]))
+
+
+def bench_models(vocab: Vocab, samples: list[list[dict]], preset: str, seq_len: int, steps: int, autocast: bool) -> dict:
+    """Useful tokens/s of four ways to train on the same samples, steps interleaved:
+    transformers' Mistral and ours on today's padded batches, ours packed, ours packed and compiled."""
     torch.manual_seed(0)
     ours = MMMTransformer(model_config_from_preset(preset, vocab_size=vocab.size, max_seq_len=seq_len))
     hf = to_hf_mistral(ours, attn_implementation="sdpa")
-    times = {"ours": [], "hf": []}
-    for i in range(steps + 2):  # 2 warm-up steps each
-        batch = batches[i % len(batches)]
-        for name, model in (("ours", ours), ("hf", hf)):
-            t = step_time(model, batch, autocast)
-            if i >= 2:
-                times[name].append(t)
-    tokens = sum(b["input_ids"].numel() for b in batches) / len(batches)
-    med = {k: statistics.median(v) for k, v in times.items()}
+    padded = [with_lengths(collate(items, vocab.pad), items) for items in samples]
+    packed = [with_lengths(pack(items, seq_len, vocab.pad), items) for items in samples]
+    compiled = ours_loss(torch.compile(next_token_nll, dynamic=None))
+    variants = {  # name: (model, batches, loss_fn)
+        "mistral_padded": (hf, padded, None),
+        "ours_padded": (ours, padded, ours_loss(next_token_nll)),
+        "ours_packed": (ours, packed, ours_loss(next_token_nll)),
+        "ours_packed_compiled": (ours, packed, compiled),
+    }
+    # Compilation: the first steps of the compiled variant, over every distinct packed shape
+    # (a second row count recompiles once with a dynamic batch dimension), less a normal step.
+    start = time.perf_counter()
+    shapes = sorted({b["input_ids"].shape[0] for b in packed})
+    for rows in shapes:
+        step_time(ours, next(b for b in packed if b["input_ids"].shape[0] == rows), autocast, compiled)
+    compile_s = time.perf_counter() - start
+    times = {name: [] for name in variants}
+    for i in range(steps + 1):  # 1 warm-up step each
+        for name, (model, batches, loss_fn) in variants.items():
+            t = step_time(model, batches[i % len(batches)], autocast, loss_fn)
+            if i >= 1:
+                times[name].append((t, useful_tokens(batches[i % len(batches)])))
+    rate = {name: sum(n for _, n in v) / sum(t for t, _ in v) for name, v in times.items()}
+    compile_s -= len(shapes) * statistics.median(t for t, _ in times["ours_packed_compiled"])
     return {
         "preset": preset, "params": ours.num_parameters(), "precision": "bf16 autocast" if autocast else "fp32",
-        "ours_tok_s": tokens / med["ours"], "hf_tok_s": tokens / med["hf"], "ratio": med["hf"] / med["ours"],
+        **{f"{k}_tok_s": v for k, v in rate.items()},
+        "ratio": rate["ours_packed_compiled"] / rate["mistral_padded"],
+        "ratio_packed": rate["ours_packed"] / rate["mistral_padded"],
+        "ratio_padded": rate["ours_padded"] / rate["mistral_padded"],
+        "compile_s": compile_s,
+        "rows_padded": sum(b["input_ids"].shape[0] for b in padded) / len(padded),
+        "rows_packed": sum(b["input_ids"].shape[0] for b in packed) / len(packed),
     }
+
+
+def with_lengths(batch: dict, items: list[dict]) -> dict:
+    return {**batch, "lengths": [len(b["input_ids"]) for b in items]}
+
+
+def padding_fraction(samples: list[list[dict]], pad_to: int | None = None) -> float:
+    """Share of the ids of today's right-padded batches that are padding (`pad_to`: rows of that length)."""
+    useful = sum(len(b["input_ids"]) for items in samples for b in items)
+    total = sum(len(items) * (pad_to or max(len(b["input_ids"]) for b in items)) for items in samples)
+    return 1 - useful / total
+
+
+def length_curve(vocab_size: int, preset: str, lengths: list[int], tokens: int, steps: int) -> list[dict]:
+    """Training tokens/s vs row length at a fixed number of tokens per batch (full rows of
+    random ids, no padding): ours compiled vs transformers' Mistral, bf16 autocast."""
+    out = []
+    for length in lengths:
+        torch.manual_seed(0)
+        ours = MMMTransformer(model_config_from_preset(preset, vocab_size=vocab_size, max_seq_len=length))
+        hf = to_hf_mistral(ours, attn_implementation="sdpa")
+        rows = max(1, tokens // length)
+        ids = torch.randint(0, vocab_size, (rows, length))
+        batch = {"input_ids": ids, "labels": ids.clone(), "doc_ids": torch.zeros_like(ids)}
+        loss_fn = ours_loss(torch.compile(next_token_nll, dynamic=None))
+        step_time(ours, batch, True, loss_fn)  # compiles
+        times = {"ours": [], "hf": []}
+        for i in range(steps + 1):
+            times["ours"].append(step_time(ours, batch, True, loss_fn))
+            times["hf"].append(step_time(hf, batch, True))
+        med = {k: statistics.median(v[1:]) for k, v in times.items()}
+        out.append({"length": length, "rows": rows, "ours_tok_s": ids.numel() / med["ours"], "hf_tok_s": ids.numel() / med["hf"]})
+    return out
+
+
+def plot_curve(curve: list[dict], preset: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    x = [r["length"] for r in curve]
+    ax.plot(x, [r["ours_tok_s"] for r in curve], "o-", label="ours (packed rows, compiled)")
+    ax.plot(x, [r["hf_tok_s"] for r in curve], "s--", label="transformers Mistral")
+    ax.set(xscale="log", xlabel="sequence length (ids per row)", ylabel="training tokens/s",
+           title=f"{preset}: training tokens/s vs sequence length (same tokens per batch)")
+    ax.set_xticks(x, [str(v) for v in x])
+    ax.set_ylim(bottom=0)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def bench_loader(store: Store, tokenizer, vocab: Vocab, seq_len: int, n: int) -> dict:
@@ -106,13 +201,19 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--midi", type=Path, required=True)
     ap.add_argument("--vocab-size", type=int, default=2000)
-    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--batch", type=int, default=8, help="samples per step (the music21 recipe's batch)")
     ap.add_argument("--seq-len", type=int, default=1024)
+    ap.add_argument("--batches", type=int, default=6, help="distinct batches, cycled through")
     ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--presets", default="tiny,small,base")
+    ap.add_argument("--curve-preset", default="tiny")
+    ap.add_argument("--curve-lengths", default="256,512,1024,2048")
     ap.add_argument("--loader-samples", type=int, default=60)
+    ap.add_argument("--quick", action="store_true", help="tiny and small, few steps, no curve (a few minutes)")
     ap.add_argument("--write-readme", action="store_true")
     args = ap.parse_args()
-    torch.set_num_threads(torch.get_num_threads())
+    if args.quick:
+        args.presets, args.steps, args.batches, args.loader_samples, args.curve_lengths = "tiny,small", 3, 3, 20, ""
     with tempfile.TemporaryDirectory() as tmp:
         store_path, tok_path = build_data(args.midi, Path(tmp), args.vocab_size)
         tokenizer = load_tokenizer(tok_path)
@@ -120,20 +221,29 @@ def main() -> None:
         store = Store(store_path, "train")
         builder = SequenceBuilder(vocab, sequences_config(), args.seq_len)
         rng = random.Random(1)
-        batches = []
-        for b in range(4):
+        samples = []  # the same real samples for every variant, as the training loader draws them
+        for b in range(args.batches):
             items = []
             for i in range(args.batch):
                 index = (b * args.batch + i) % len(store)
                 ids, labels = builder(store[index], rng)
                 items.append({"input_ids": ids, "labels": labels, "num_notes": 0, "index": index})
-            batches.append(collate(items, vocab.pad))
-        rows = [bench_models(vocab, batches, p, args.seq_len, args.steps, ac) for p in ("tiny", "small") for ac in (False, True)]
+            samples.append(items)
+        rows = [bench_models(vocab, samples, p, args.seq_len, args.steps, True) for p in args.presets.split(",")]
         loader = bench_loader(store, tokenizer, vocab, args.seq_len, args.loader_samples)
+    lengths = [int(v) for v in args.curve_lengths.split(",") if v]
+    curve = length_curve(vocab.size, args.curve_preset, lengths, 8192, max(2, args.steps // 2)) if lengths else []
+    pad = padding_fraction(samples)
     lines = [
-        "| model | params | precision | ours tokens/s | Mistral tokens/s | ratio ours/Mistral |",
-        "|---|---|---|---|---|---|",
-        *(f"| {r['preset']} | {r['params']:,} | {r['precision']} | {r['ours_tok_s']:,.0f} | {r['hf_tok_s']:,.0f} | {r['ratio']:.2f} |" for r in rows),
+        f"Today's padded batches ({args.batch} samples, right-padded to the longest): {pad:.1%} padding "
+        f"({padding_fraction(samples, args.seq_len):.1%} of rows of {args.seq_len}).",
+        "",
+        "| model | params | Mistral, padded | ours, padded | ours, packed | ours, packed + compiled | **ratio** (packed + compiled / Mistral) | rows per step padded → packed | compile (s) |",
+        "|---|---|---|---|---|---|---|---|---|",
+        *(f"| {r['preset']} | {r['params']:,} | {r['mistral_padded_tok_s']:,.0f} | {r['ours_padded_tok_s']:,.0f} "
+          f"({r['ratio_padded']:.2f}x) | {r['ours_packed_tok_s']:,.0f} ({r['ratio_packed']:.2f}x) | "
+          f"{r['ours_packed_compiled_tok_s']:,.0f} | **{r['ratio']:.2f}x** | {r['rows_padded']:.1f} → {r['rows_packed']:.1f} | {r['compile_s']:.0f} |"
+          for r in rows),
         "",
         "| sequence builder | samples/s |",
         "|---|---|",
@@ -141,6 +251,11 @@ def main() -> None:
         f"| slow reference (miditok on the augmented Score) | {loader['reference_per_s']:.2f} |",
         f"| **ratio** | **{loader['ratio']:.1f}x** (identical outputs: {loader['identical']}) |",
     ]
+    if curve:
+        lines += ["", f"Training tokens/s vs sequence length ({args.curve_preset}, 8,192 ids per batch, bf16 autocast; `length_curve.png`):", "",
+                  "| length | rows | ours (packed, compiled) | Mistral | ratio |", "|---|---|---|---|---|",
+                  *(f"| {c['length']} | {c['rows']} | {c['ours_tok_s']:,.0f} | {c['hf_tok_s']:,.0f} | {c['ours_tok_s'] / c['hf_tok_s']:.2f}x |" for c in curve)]
+        plot_curve(curve, args.curve_preset, Path(__file__).with_name("length_curve.png"))
     table = "\n".join(lines)
     print(table)
     if args.write_readme:
@@ -148,9 +263,12 @@ def main() -> None:
         text = readme.read_text()
         marker = "<!-- results -->"
         head = text.split(marker)[0]
-        machine = f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
-        batch = f"batches {args.batch}x{args.seq_len} (real samples, right-padded)"
-        readme.write_text(f"{head}{marker}\nMachine: {machine}; {batch}; {args.steps} timed steps each, interleaved.\n\n{table}\n")
+        load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
+        machine = f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, load average at the end {load}"
+        setup = f"{args.batches} batches of {args.batch} real samples (≤ {args.seq_len} ids), bf16 autocast; {args.steps} timed steps each, interleaved"
+        readme.write_text(f"{head}{marker}\nRun of {time.strftime('%Y-%m-%d')}. Machine: {machine}; {setup}.\n\n{table}\n")
+    print("ratios: " + ", ".join(f"{r['preset']} {r['ratio']:.2f}x (compile {r['compile_s']:.0f} s)" for r in rows)
+          + f"; padding {pad:.1%}; builder {loader['ratio']:.0f}x")
 
 
 if __name__ == "__main__":

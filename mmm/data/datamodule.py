@@ -26,6 +26,9 @@ class LoaderConfig:
     batch_size: int = field(metadata=at_least(1))
     num_workers: int = field(metadata=at_least(0))
     pin_memory: bool = False
+    # Samples packed end to end into rows of max_seq_len ids (`pack`) instead of one padded row
+    # each: no compute on padding, and every step has the same row length (torch.compile).
+    pack: bool = True
 
 
 @dataclass(frozen=True)
@@ -103,6 +106,50 @@ def collate(batch: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]
     }
 
 
+def pack(batch: list[dict[str, Any]], row_len: int, pad_id: int) -> dict[str, torch.Tensor]:
+    """Pack the samples end to end into as few rows of `row_len` ids as first-fit decreasing
+    finds. `doc_ids` numbers the samples of each row (the padding at a row's end is a sample of
+    its own) so that the model restarts positions and keeps attention within each sample.
+
+    A sample's first label is ignored: unpacked, position 0 is never a target; packed, it would
+    be the previous sample's last token predicting it. Per-sample losses are therefore exactly
+    those of `collate`'s padded rows."""
+    lengths = [len(b["input_ids"]) for b in batch]
+    if max(lengths) > row_len:
+        raise ValueError(f"a sample of {max(lengths)} ids does not fit a packed row of {row_len}: "
+                         "data.max_seq_len must bound the samples")
+    rows: list[list[int]] = []  # sample indices per row
+    free: list[int] = []
+    for i in sorted(range(len(batch)), key=lambda i: -lengths[i]):
+        row = next((r for r, space in enumerate(free) if space >= lengths[i]), None)
+        if row is None:
+            rows.append([])
+            free.append(row_len)
+            row = len(rows) - 1
+        rows[row].append(i)
+        free[row] -= lengths[i]
+    ids = np.full((len(rows), row_len), pad_id, dtype=np.int64)
+    labels = np.full((len(rows), row_len), IGNORE_INDEX, dtype=np.int64)
+    docs = np.empty((len(rows), row_len), dtype=np.int64)
+    for r, members in enumerate(rows):
+        at = 0
+        for doc, i in enumerate(members):
+            end = at + lengths[i]
+            ids[r, at:end] = batch[i]["input_ids"]
+            labels[r, at:end] = batch[i]["labels"]
+            labels[r, at] = IGNORE_INDEX
+            docs[r, at:end] = doc
+            at = end
+        docs[r, at:] = len(members)
+    return {
+        "input_ids": torch.from_numpy(ids),
+        "labels": torch.from_numpy(labels),
+        "doc_ids": torch.from_numpy(docs),
+        "num_notes": torch.tensor([b["num_notes"] for b in batch]),
+        "index": torch.tensor([b["index"] for b in batch]),
+    }
+
+
 class ResumableSampler(Sampler[int]):
     """Random order fixed by (seed, epoch), split across ranks, able to start mid-epoch: a
     resumed run sees the rest of the interrupted epoch, not the epoch again from its start.
@@ -131,11 +178,11 @@ class ResumableSampler(Sampler[int]):
 
 
 class _Collate:
-    def __init__(self, pad_id: int) -> None:
-        self.pad_id = pad_id
+    def __init__(self, pad_id: int, row_len: int | None) -> None:
+        self.pad_id, self.row_len = pad_id, row_len
 
     def __call__(self, batch):
-        return collate(batch, self.pad_id)
+        return collate(batch, self.pad_id) if self.row_len is None else pack(batch, self.row_len, self.pad_id)
 
 
 class MIDIDataModule(L.LightningDataModule):
@@ -179,7 +226,7 @@ class MIDIDataModule(L.LightningDataModule):
             batch_size=self.loader.batch_size,
             sampler=sampler,
             num_workers=self.loader.num_workers,
-            collate_fn=_Collate(self.pad_id),
+            collate_fn=_Collate(self.pad_id, self.max_seq_len if self.loader.pack else None),
             pin_memory=self.loader.pin_memory,
             persistent_workers=False,
             drop_last=False,
