@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from mmm.decoding import StaticDecoder, is_compile_enabled
 from mmm.grammar import BarGrammar
 from mmm.model import KVCache, MMMTransformer
 from mmm.tokenizer import Vocab
@@ -106,6 +107,7 @@ def generate_ids(
     generator: torch.Generator | None = None,
     num_threads: int | None = None,
     on_step: Callable[[Sequence[BarGrammar] | None], None] | None = None,
+    compile: bool | None = None,
 ) -> GenerationOutput:
     """Sample `num_variations` continuations of `prompt` (model ids).
 
@@ -117,15 +119,40 @@ def generate_ids(
     busy machine: multi-threaded tiny matmuls spin-wait) and restores them afterwards.
     `on_step(grammars)` is called after every sampled token (progress: `grammar.bars_done`); an
     exception it raises stops the loop and propagates (how a server cancels a request).
+    `compile`: True decodes with the `torch.compile`d static-shape step of `mmm.decoding`
+    (compiled on the model's first such call, tens of seconds on a CPU, then reused); False
+    with the eager loop; None (default) with the compiled step when this model already has one
+    (`mmm.decoding.enable_compile(model)`), so no call pays a compile it did not ask for.
     """
+    if compile is None:
+        compile = is_compile_enabled(model)
+    elif not isinstance(compile, bool):
+        raise ValueError(f"compile must be True, False or None, got {compile!r}")
     if num_threads is None:
-        return _generate(model, prompt, max_new_tokens, grammars, num_variations, sampling, generator, on_step)
+        return _generate(model, prompt, max_new_tokens, grammars, num_variations, sampling, generator, on_step, compile)
     previous = torch.get_num_threads()
     torch.set_num_threads(num_threads)
     try:
-        return _generate(model, prompt, max_new_tokens, grammars, num_variations, sampling, generator, on_step)
+        return _generate(model, prompt, max_new_tokens, grammars, num_variations, sampling, generator, on_step, compile)
     finally:
         torch.set_num_threads(previous)
+
+
+def _blocked(grammars: Sequence[BarGrammar], rows: list[int], done: list[bool], vocab_size: int,
+             device: torch.device) -> Tensor:
+    """The grammar masks of the batch rows ``[B, V]``; a finished row (kept in a static batch)
+    blocks nothing, so that sampling it stays defined."""
+    if len(rows) == 1:
+        return grammars[rows[0]].blocked(vocab_size, device)
+    free = None
+    masks = []
+    for r in rows:
+        if done[r]:
+            free = torch.zeros(vocab_size, dtype=torch.bool, device=device) if free is None else free
+            masks.append(free)
+        else:
+            masks.append(grammars[r].blocked(vocab_size, device))
+    return torch.stack(masks)
 
 
 @torch.inference_mode()
@@ -137,7 +164,8 @@ def _generate(
     num_variations: int,
     sampling: SamplingConfig | None,
     generator: torch.Generator | None,
-    on_step: Callable[[Sequence[BarGrammar] | None], None] | None = None,
+    on_step: Callable[[Sequence[BarGrammar] | None], None] | None,
+    compile: bool,
 ) -> GenerationOutput:
     sampling = sampling or SamplingConfig()
     sampling.check()
@@ -151,49 +179,57 @@ def _generate(
     if total > model.config.max_seq_len:
         raise ValueError(f"prompt ({len(prompt)}) + budget ({max_new_tokens}) exceeds the model context {model.config.max_seq_len}")
 
+    n = num_variations
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     t0 = time.perf_counter()
-    cache = model.new_cache(1, max_len=total)
-    logits = model(torch.tensor([list(prompt)], device=device), cache, last_only=True)[:, -1].float()
+    # The eager loop drops finished rows from its batch and cache; the static decoder keeps
+    # them (a new batch size would be a new compiled graph) and ignores what they sample.
+    static = StaticDecoder(model, n, total, compile=True) if compile else None
+    if static is not None:
+        logits = static.prefill(prompt)
+    else:
+        cache = model.new_cache(1, max_len=total)
+        logits = model(torch.tensor([list(prompt)], device=device), cache, last_only=True)[:, -1].float()
     sync()
     prefill_s = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    n = num_variations
     if n > 1:
-        cache = cache.repeat(n)
+        if static is None:
+            cache = cache.repeat(n)
         logits = logits.expand(n, -1)
     out: list[list[int]] = [[] for _ in range(n)]
     rows = list(range(n))  # variation of each batch row
+    done = [False] * n
     steps = 0
     for step in range(max_new_tokens):
         if grammars is not None:
-            if len(rows) == 1:
-                blocked = grammars[rows[0]].blocked(vocab_size, device)
-            else:
-                blocked = torch.stack([grammars[r].blocked(vocab_size, device) for r in rows])
-            logits = logits.masked_fill(blocked, float("-inf"))
+            logits = logits.masked_fill(_blocked(grammars, rows, done, vocab_size, device), float("-inf"))
         next_ids = sample_next(logits, sampling, generator)
         ids = next_ids.tolist()
         finished = []
         for j, (r, i) in enumerate(zip(rows, ids)):
+            if done[r]:
+                continue
             out[r].append(i)
             if grammars is not None:
                 grammars[r].advance(i)
                 if grammars[r].done:
+                    done[r] = True
                     finished.append(j)
         if on_step is not None:
             on_step(grammars)
-        if finished:
+        if all(done) or step + 1 == max_new_tokens:
+            break
+        if finished and static is None:
             keep = [j for j in range(len(rows)) if j not in finished]
-            if not keep:
-                break
             index = torch.tensor(keep, device=device)
             cache, next_ids = _select_rows(cache, index), next_ids.index_select(0, index)
             rows = [rows[j] for j in keep]
-        if step + 1 == max_new_tokens:
-            break
-        logits = model(next_ids[:, None], cache)[:, -1].float()
+        if static is not None:
+            logits = static.step(next_ids)
+        else:
+            logits = model(next_ids[:, None], cache)[:, -1].float()
         steps += 1
     sync()
     decode_s = time.perf_counter() - t0
