@@ -11,9 +11,10 @@ Softmax does not care about key order and keys carry their rotary position alrea
 needs no reordering.
 
 The step runs eager (`compile=False`, the reference the tests compare with) or through
-`torch.compile`; compiled steps are cached per model and options (`compiled_step`), so the
-compile is paid once per model and process. The prefill stays the model's own eager forward
-(prompts change length every call) and its cache is copied into the slots.
+`torch.compile`; `enable_compile(model)` keeps one compiled step per model, so the compile is
+paid once per model and process (a second batch size adds one graph generic in it), not per
+generation. The prefill stays the model's own eager forward (prompts change length every call)
+and its cache is copied into the slots.
 """
 
 from __future__ import annotations
@@ -93,6 +94,7 @@ def enable_compile(model: MMMTransformer, mode: str | None = None, options: dict
 
 
 def is_compile_enabled(model: MMMTransformer) -> bool:
+    """Whether `enable_compile` (or a `compile=True` generation) gave this model a compiled step."""
     return model in _COMPILED
 
 
@@ -128,7 +130,7 @@ class StaticDecoder:
         self.position = torch.zeros((), dtype=torch.long, device=ref.device)
         self.length = 0
         self.cos, self.sin = model._rope_tables(total, ref.device)
-        if compile:
+        if compile and self.slots > 1:  # (dynamo specializes sizes 0 and 1 whatever it is told)
             # The slot count follows the prompt + budget of each call: one graph generic in it
             # (rather than a graph per length) is compiled once per model and batch size.
             for t in (*self.keys, *self.values):
