@@ -18,6 +18,7 @@ from lightning.pytorch.strategies import DeepSpeedStrategy
 from conftest import CONFIGS, REPO, compose_config, small_overrides
 from mmm.checkpoint import FORMAT_VERSION, load_pretrained
 from mmm.data.sequences import IGNORE_INDEX
+from mmm.model import packed_positions
 from mmm.train import check_config, train
 
 EXPERIMENTS = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))
@@ -149,8 +150,11 @@ def test_batches_mask_prompt_only_tokens(trained):
     dm.setup("fit")
     batch = next(iter(dm.val_dataloader()))
     ids, labels = batch["input_ids"], batch["labels"]
+    assert "doc_ids" in batch  # packed rows by default (data.loader.pack)
     prompt_only = torch.from_numpy(vocab.prompt_only_model)[ids]
-    assert torch.equal(labels == IGNORE_INDEX, prompt_only | (ids == vocab.pad))
+    # A packed sample's first label is never a target: the previous sample's last id precedes it.
+    sample_start = packed_positions(batch["doc_ids"]) == 0
+    assert torch.equal(labels == IGNORE_INDEX, prompt_only | (ids == vocab.pad) | sample_start)
     assert (batch["num_notes"] > 0).all()
 
 
