@@ -43,6 +43,7 @@ from mmm.data.checks import Rejected, check_midi_header, check_score
 from mmm.data.layout import (TRACK_FRAME, Piece, carry_tempo, generated_bars, piece_from_score, ticks_per_bar, time_signature_of,
                               track_ids)
 from mmm.data.sequences import SampleSpec, TrackPart, assemble
+from mmm.decoding import enable_compile
 from mmm.generation import SamplingConfig, generate_ids, make_generator
 from mmm.grammar import BarGrammar, BarPlan, GrammarTables
 from mmm.model import MMMTransformer
@@ -196,18 +197,24 @@ class MMM:
 
     def __init__(self, model: MMMTransformer, tokenizer: MMMTokenizer, device: str | torch.device | None = None,
                  max_bar_tokens: int = DEFAULT_MAX_BAR_TOKENS, num_threads: int | None = None,
-                 controls_seen: Sequence[int] | None = None) -> None:
+                 controls_seen: Sequence[int] | None = None, compile: bool = False) -> None:
         """`max_bar_tokens`: generation budget per bar (model ids) from which spans are sized; a
         generation may use all the context left after its prompt. `num_threads`: torch CPU
         threads while sampling (None: torch's setting). `controls_seen`: AC base ids seen in
         training (other control values are refused); `from_pretrained` reads both from the
-        checkpoint."""
+        checkpoint. `compile`: decode with the `torch.compile`d step (`mmm.decoding`): the first
+        generation pays a compilation of a minute or more on a CPU, later ones decode several
+        times faster (worth it for a server or a batch of requests, not for one infill)."""
+        if not isinstance(compile, bool):
+            raise ValueError(f"compile must be true or false, got {compile!r}")
         self.tokenizer = tokenizer
         self.vocab = Vocab(tokenizer)
         if model.config.vocab_size < self.vocab.size:
             raise ValueError(f"model vocab_size {model.config.vocab_size} < tokenizer vocab size {self.vocab.size}")
         self.model = model.to(device) if device is not None else model
         self.model.eval()
+        if compile:
+            enable_compile(self.model)
         self.controls = Controls(tokenizer, self.vocab, controls_seen)
         self.controls_seen = None if controls_seen is None else sorted(controls_seen)
         if isinstance(max_bar_tokens, bool) or not isinstance(max_bar_tokens, (int, np.integer)) or max_bar_tokens < 4:

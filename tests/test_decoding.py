@@ -124,3 +124,17 @@ def test_greedy_generation_same_ids_compiled_or_not(compiled, bpe_vocab):
             compiled.lm_head.weight.copy_(head)
     assert len(eager.ids[0]) < len(eager.ids[1])
     assert fast.ids == eager.ids and fast.steps == eager.steps
+
+
+def test_mmm_compile_switch(tokenizer, vocab):
+    """`MMM(..., compile=True)` (and `python -m mmm.serve compile=true`) gives the model its
+    compiled step; compiling itself waits for the first generation."""
+    from conftest import tiny_model
+    from mmm.api import MMM
+
+    eager = MMM(tiny_model(vocab.size), tokenizer)
+    assert not is_compile_enabled(eager.model)
+    compiled = MMM(tiny_model(vocab.size), tokenizer, compile=True)
+    assert is_compile_enabled(compiled.model)
+    with pytest.raises(ValueError, match="compile must be true or false"):
+        MMM(tiny_model(vocab.size), tokenizer, compile="yes")

@@ -24,6 +24,7 @@ class ServeConfig(Settings):
     device: str = "cpu"
     num_threads: int | None = dataclasses.field(default=None, metadata=at_least(1))
     max_bar_tokens: int | None = dataclasses.field(default=None, metadata=at_least(1))
+    compile: bool = False
     log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = "info"
 
     def check(self) -> None:
@@ -58,7 +59,7 @@ def serve(cfg: Mapping[str, Any]) -> None:
     from mmm.api import MMM
 
     options = {k: getattr(cfg, k) for k in ("num_threads", "max_bar_tokens") if getattr(cfg, k) is not None}
-    mmm = MMM.from_pretrained(ckpt, device=cfg.device, **options)
+    mmm = MMM.from_pretrained(ckpt, device=cfg.device, compile=cfg.compile, **options)
     app = create_app(mmm, settings, model_card(ckpt))
     print(f"MMM studio: http://{settings.host}:{settings.port}/  (API docs: /docs)", flush=True)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=cfg.log_level)
