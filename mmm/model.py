@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
 from dataclasses import MISSING, asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any
 
@@ -138,12 +137,13 @@ def model_config_from_preset(name: str, vocab_size: int, max_seq_len: int, **ove
 
 
 @functools.cache
-def _load_flash_attn() -> Callable[..., Tensor] | None:
+def _load_flash_attn() -> Any:
+    """The flash_attn module, or None when it is not installed."""
     try:
-        from flash_attn import flash_attn_func
+        import flash_attn
     except ImportError:
         return None
-    return flash_attn_func
+    return flash_attn
 
 
 class KVCache:
@@ -281,15 +281,6 @@ def varlen_offsets(doc_ids: Tensor) -> tuple[Tensor, int]:
     return offsets.to(torch.int32), int(offsets.diff().max())
 
 
-@functools.cache
-def _load_flash_attn_varlen() -> Callable[..., Tensor] | None:
-    try:
-        from flash_attn import flash_attn_varlen_func
-    except ImportError:
-        return None
-    return flash_attn_varlen_func
-
-
 class Attention(nn.Module):
     """Grouped-query self-attention with RoPE, dispatching to flash-attn, SDPA or an eager reference."""
 
@@ -332,12 +323,12 @@ class Attention(nn.Module):
             window = (-1, -1) if self.sliding_window is None else (self.sliding_window - 1, 0)
             if doc_ids is not None:  # packed rows: each sample is its own sequence
                 offsets, longest = varlen_offsets(doc_ids)
-                out = _load_flash_attn_varlen()(
+                out = _load_flash_attn().flash_attn_varlen_func(
                     q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), offsets, offsets, longest, longest,
                     softmax_scale=self.scale, causal=True, window_size=window,
                 ).view(B, T, self.num_heads, self.head_dim)
             else:
-                out = _load_flash_attn()(q, k, v, softmax_scale=self.scale, causal=True, window_size=window)
+                out = _load_flash_attn().flash_attn_func(q, k, v, softmax_scale=self.scale, causal=True, window_size=window)
         else:
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
             if cache is not None:
