@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from lightning.pytorch.strategies import DeepSpeedStrategy
 
 from conftest import CONFIGS, REPO, compose_config, small_overrides
@@ -146,11 +147,12 @@ def test_batches_mask_prompt_only_tokens(trained):
     from mmm.config import check_section
     from mmm.data.datamodule import DataConfig, MIDIDataModule
 
-    dm = MIDIDataModule.from_config(check_section("data", cfg.data, DataConfig), cfg.tokenizer.path, seed=0)
+    packed = OmegaConf.merge(cfg.data, {"loader": {"pack": True}})
+    dm = MIDIDataModule.from_config(check_section("data", packed, DataConfig), cfg.tokenizer.path, seed=0)
     dm.setup("fit")
     batch = next(iter(dm.val_dataloader()))
     ids, labels = batch["input_ids"], batch["labels"]
-    assert "doc_ids" in batch  # packed rows by default (data.loader.pack)
+    assert "doc_ids" in batch  # packed rows (data.loader.pack=true)
     prompt_only = torch.from_numpy(vocab.prompt_only_model)[ids]
     # A packed sample's first label is never a target: the previous sample's last id precedes it.
     sample_start = packed_positions(batch["doc_ids"]) == 0

@@ -28,7 +28,7 @@ class LoaderConfig:
     pin_memory: bool = False
     # Samples packed end to end into rows of max_seq_len ids (`pack`) instead of one padded row
     # each: no compute on padding, and every step has the same row length (torch.compile).
-    pack: bool = True
+    pack: bool = False
 
 
 @dataclass(frozen=True)
