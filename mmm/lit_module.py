@@ -55,7 +55,9 @@ class MMMLitModule(L.LightningModule):
         self.model = MMMTransformer(self.config)
         # torch.compile of the loss (forward included; backward through AOTAutograd). Compiling
         # the function rather than the module keeps parameter names, hence checkpoints, as they are.
-        self._loss_fn = torch.compile(next_token_nll, dynamic=None) if compile else next_token_nll
+        # Every batch has its own length (its samples in one packed row, or padded to the longest):
+        # dynamic shapes compile once for all lengths instead of once per length.
+        self._loss_fn = torch.compile(next_token_nll, dynamic=True) if compile else next_token_nll
         self._val_sums: list[torch.Tensor] = []  # per batch: (nll, tokens, notes)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,8 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import MISSING, asdict, dataclass, fields
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -270,15 +271,104 @@ def packed_mask(doc_ids: Tensor, window: int | None) -> Tensor:
     return (mask & (doc_ids[:, :, None] == doc_ids[:, None, :]))[:, None]
 
 
-def varlen_offsets(doc_ids: Tensor) -> tuple[Tensor, int]:
-    """flash-attn's variable-length layout of packed rows: the cumulative sample lengths over
-    the flattened batch (int32, starting at 0) and the longest sample."""
+class Packing(NamedTuple):
+    """Where the samples of packed rows lie in the flattened batch (``B * T`` tokens): flash-attn's
+    cumulative lengths (``offsets``, int32, from 0 to ``B * T``), the ``longest`` sample, and the
+    same offsets as Python ints (``bounds``) for attention computed sample by sample."""
+
+    offsets: Tensor
+    longest: int
+    bounds: list[int]
+
+
+def varlen_offsets(doc_ids: Tensor) -> Packing:
+    """The variable-length layout of packed rows ``doc_ids [B, T]`` (see :class:`Packing`)."""
     B, T = doc_ids.shape
     flat = (doc_ids + torch.arange(B, device=doc_ids.device)[:, None] * (T + 1)).flatten()
     starts = torch.ones_like(flat, dtype=torch.bool)
     starts[1:] = flat[1:] != flat[:-1]
     offsets = torch.cat([starts.nonzero().flatten(), flat.new_tensor([flat.numel()])])
-    return offsets.to(torch.int32), int(offsets.diff().max())
+    bounds = offsets.tolist()
+    return Packing(offsets.to(torch.int32), max(b - a for a, b in zip(bounds, bounds[1:])), bounds)
+
+
+# Attention of packed rows on a CPU: one call of SDPA's causal CPU kernel per sample. A single call
+# over whole rows would need a block-diagonal mask, which costs ~1.6x in attention and computes
+# scores across samples only to mask them. The loop lives inside one custom op so that
+# torch.compile sees an opaque call with fixed output shapes instead of a per-batch list of sample
+# bounds to specialise on (a recompile per batch).
+
+
+def _window_mask(length: int, window: int, like: Tensor) -> Tensor | None:
+    """None where the causal kernel suffices, else the additive causal + window mask of a sample
+    (the CPU kernel takes masks of the query's dtype)."""
+    if window == 0 or length <= window:
+        return None
+    allowed = attention_mask(0, length, length, window, like.device)
+    return torch.zeros(allowed.shape, dtype=like.dtype, device=like.device).masked_fill(~allowed, float("-inf"))
+
+
+def _segments(*tensors: Tensor, doc_ids: Tensor) -> Iterator[tuple[Tensor, ...]]:
+    """Per sample: each tensor ``[B, T, heads, D]`` sliced to that sample as ``[1, heads, L, D]``."""
+    bounds = varlen_offsets(doc_ids).bounds
+    flat = [t.flatten(0, 1) for t in tensors]
+    for start, end in zip(bounds, bounds[1:]):
+        yield tuple(t[start:end].transpose(0, 1)[None] for t in flat)
+
+
+@torch.library.custom_op("mmm::packed_attention", mutates_args=())
+def packed_attention(q: Tensor, k: Tensor, v: Tensor, doc_ids: Tensor, window: int, scale: float) -> tuple[Tensor, Tensor]:
+    """Causal attention within each sample of packed rows (``doc_ids [B, T]``), ``window`` tokens
+    back at most (0: unlimited). ``q [B, T, heads, D]``, ``k``/``v [B, T, kv_heads, D]``; returns
+    the output like ``q`` and the float32 log-sum-exp ``[heads, B * T]`` its backward needs."""
+    outs, lses = [], []
+    for q_s, k_s, v_s in _segments(q, k, v, doc_ids=doc_ids):
+        mask = _window_mask(q_s.shape[2], window, q)
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q_s, k_s, v_s, 0.0, mask is None, attn_mask=mask, scale=scale)
+        outs.append(out[0].transpose(0, 1))
+        lses.append(lse[0])
+    return torch.cat(outs).view(q.shape), torch.cat(lses, dim=1)
+
+
+@packed_attention.register_fake
+def _(q, k, v, doc_ids, window, scale):
+    return torch.empty_like(q), q.new_empty((q.shape[2], q.shape[0] * q.shape[1]), dtype=torch.float32)
+
+
+@torch.library.custom_op("mmm::packed_attention_backward", mutates_args=())
+def packed_attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                              doc_ids: Tensor, window: int, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    grads: tuple[list[Tensor], list[Tensor], list[Tensor]] = ([], [], [])
+    at = 0
+    for grad_s, q_s, k_s, v_s, out_s in _segments(grad, q, k, v, out, doc_ids=doc_ids):
+        length = q_s.shape[2]
+        mask = _window_mask(length, window, q)
+        parts = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            grad_s, q_s, k_s, v_s, out_s, lse[None, :, at : at + length], 0.0, mask is None, attn_mask=mask, scale=scale)
+        for into, part in zip(grads, parts):
+            into.append(part[0].transpose(0, 1))
+        at += length
+    return tuple(torch.cat(g).view(t.shape) for g, t in zip(grads, (q, k, v)))  # type: ignore[return-value]
+
+
+@packed_attention_backward.register_fake
+def _(grad, q, k, v, out, lse, doc_ids, window, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _packed_attention_setup(ctx, inputs, output) -> None:
+    q, k, v, doc_ids, window, scale = inputs
+    ctx.save_for_backward(q, k, v, output[0], output[1], doc_ids)
+    ctx.window, ctx.scale = window, scale
+
+
+def _packed_attention_grad(ctx, grad, _grad_lse):
+    q, k, v, out, lse, doc_ids = ctx.saved_tensors
+    return *packed_attention_backward(grad, q, k, v, out, lse, doc_ids, ctx.window, ctx.scale), None, None, None
+
+
+packed_attention.register_autograd(_packed_attention_grad, setup_context=_packed_attention_setup)
 
 
 class Attention(nn.Module):
@@ -322,13 +412,15 @@ class Attention(nn.Module):
             # both ends, hence W - 1 to match HF's "itself plus W - 1 before".
             window = (-1, -1) if self.sliding_window is None else (self.sliding_window - 1, 0)
             if doc_ids is not None:  # packed rows: each sample is its own sequence
-                offsets, longest = varlen_offsets(doc_ids)
+                offsets, longest, _ = varlen_offsets(doc_ids)
                 out = _load_flash_attn().flash_attn_varlen_func(
                     q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), offsets, offsets, longest, longest,
                     softmax_scale=self.scale, causal=True, window_size=window,
                 ).view(B, T, self.num_heads, self.head_dim)
             else:
                 out = _load_flash_attn().flash_attn_func(q, k, v, softmax_scale=self.scale, causal=True, window_size=window)
+        elif doc_ids is not None and backend == "sdpa" and mask is None:  # on a CPU
+            out = packed_attention(q, k, v, doc_ids, self.sliding_window or 0, self.scale)[0]
         else:
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
             if cache is not None:
@@ -519,7 +611,10 @@ class MMMTransformer(nn.Module):
             mask, is_causal = self._mask(backend, start, T, h.device)
             cos, sin = (t[start : start + T].to(dtype) for t in tables)
         else:
-            mask = None if backend == "flash" else packed_mask(doc_ids, self.config.sliding_window)
+            # flash-attn (CUDA) and SDPA on a CPU attend sample by sample (flash_attn_varlen_func,
+            # packed_attention); the eager reference and SDPA elsewhere take a block-diagonal mask.
+            per_sample = backend == "flash" or (backend == "sdpa" and h.device.type == "cpu")
+            mask = None if per_sample else packed_mask(doc_ids, self.config.sliding_window)
             is_causal = False
             positions = packed_positions(doc_ids)
             cos, sin = (t[positions].to(dtype) for t in tables)

@@ -50,7 +50,7 @@ def per_sample_nll(m, batch, packed):
 
 def test_pack_layout():
     batch = samples([40, 10, 30, 20, 5, 64])
-    out = pack(batch, 64, PAD)
+    out = pack(batch, PAD, row_len=64)
     ids, labels, docs = out["input_ids"], out["labels"], out["doc_ids"]
     assert ids.shape == (3, 64)  # 64 | 40+20 | 30+10+5 (first fit decreasing); not 6 padded rows
     found = []
@@ -68,22 +68,33 @@ def test_pack_layout():
     assert sorted(found) == list(range(6))
     assert out["index"].tolist() == list(range(6))
     with pytest.raises(ValueError, match="does not fit a packed row of 32"):
-        pack(batch, 32, PAD)
+        pack(batch, PAD, row_len=32)
 
 
 def test_positions_restart_per_sample():
     docs = torch.tensor([[0, 0, 0, 1, 1, 2], [0, 1, 1, 1, 1, 1]])
     assert packed_positions(docs).tolist() == [[0, 1, 2, 0, 1, 0], [0, 0, 1, 2, 3, 4]]
-    offsets, longest = varlen_offsets(docs)  # flash-attn's layout of the flattened batch
-    assert offsets.tolist() == [0, 3, 5, 6, 7, 12] and longest == 5 and offsets.dtype == torch.int32
+    packing = varlen_offsets(docs)  # flash-attn's layout of the flattened batch
+    assert packing.offsets.tolist() == packing.bounds == [0, 3, 5, 6, 7, 12]
+    assert packing.longest == 5 and packing.offsets.dtype == torch.int32
 
 
+def test_pack_into_one_row_has_no_padding():
+    batch = samples([40, 10, 30, 20, 5, 64])
+    out = pack(batch, PAD)  # the training loader's layout (data.loader.pack=true)
+    assert out["input_ids"].shape == (1, 169) and (out["input_ids"] != PAD).all()
+    # Longest first (the order first-fit decreasing takes them in).
+    assert out["doc_ids"].tolist() == [sum(([d] * n for d, n in enumerate([64, 40, 30, 20, 10, 5])), [])]
+    assert out["labels"][0, [0, 64, 104, 134, 154, 164]].eq(IGNORE_INDEX).all()  # each sample's first
+
+
+@pytest.mark.parametrize("row_len", [None, 64])  # one row of everything; fixed rows of 64
 @pytest.mark.parametrize("attention,window", [("sdpa", None), ("eager", None), ("sdpa", 8)])
-def test_packed_batch_trains_like_padded(attention, window):
+def test_packed_batch_trains_like_padded(attention, window, row_len):
     batch = samples([40, 10, 30, 20, 5, 64, 17], seed=1)
     m = model(attention, window)
     padded, grads_padded = per_sample_nll(m, collate(batch, PAD), packed=False)
-    packed_batch = pack(batch, 64, PAD)
+    packed_batch = pack(batch, PAD, row_len=row_len)
     per_row, grads_packed = per_sample_nll(m, packed_batch, packed=True)
     # Map each packed sample back to its index through its length and first ids.
     packed = {}
@@ -105,7 +116,7 @@ def test_unmasked_packing_would_differ():
     samples, positions running on) give other losses."""
     batch = samples([40, 10, 30, 20], seed=2)
     m = model()
-    packed_batch = pack(batch, 64, PAD)
+    packed_batch = pack(batch, PAD, row_len=64)
     with torch.no_grad():
         right = next_token_nll(m, packed_batch["input_ids"], packed_batch["labels"], IGNORE_INDEX,
                                doc_ids=packed_batch["doc_ids"])
@@ -121,7 +132,7 @@ def test_compiled_loss_matches_eager():
     eager, compiled = MMMLitModule(config, optim), MMMLitModule(config, optim, compile=True)
     compiled.model.load_state_dict(eager.model.state_dict())
     assert "compile" not in compiled.hparams  # not saved in checkpoints
-    batch = pack(samples([40, 10, 30, 20, 5], seed=3), 64, PAD)
+    batch = pack(samples([40, 10, 30, 20, 5], seed=3), PAD)
     results = []
     for module in (eager, compiled):
         nll, count = module._nll(batch)

@@ -19,10 +19,14 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
+# Compile times are measured cold: a fresh Inductor cache for this run (a second training run
+# of the same model would find its kernels cached and compile faster).
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="mmm-bench-inductor-"))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))  # the slow reference path lives with the tests
@@ -86,46 +90,60 @@ def useful_tokens(batch) -> int:
     return int(sum(batch["lengths"]))
 
 
-def bench_models(vocab: Vocab, samples: list[list[dict]], preset: str, seq_len: int, steps: int, autocast: bool) -> dict:
-    """Useful tokens/s of four ways to train on the same samples, steps interleaved:
-    transformers' Mistral and ours on today's padded batches, ours packed, ours packed and compiled."""
+def bench_models(vocab: Vocab, samples: list[list[dict]], preset: str, seq_len: int, steps: int, autocast: bool,
+                 full: bool) -> dict:
+    """Useful tokens/s of ways to train on the same samples, steps interleaved: transformers'
+    Mistral on today's padded batches; ours packed into one row per batch (the loader's `pack`),
+    eager and compiled as `compile=true` compiles; with `full`, also ours on the padded batches
+    and ours packed into rows of `seq_len` (fixed shapes, compiled for them)."""
     torch.manual_seed(0)
     ours = MMMTransformer(model_config_from_preset(preset, vocab_size=vocab.size, max_seq_len=seq_len))
     hf = to_hf_mistral(ours, attn_implementation="sdpa")
     padded = [with_lengths(collate(items, vocab.pad), items) for items in samples]
-    packed = [with_lengths(pack(items, seq_len, vocab.pad), items) for items in samples]
-    compiled = ours_loss(torch.compile(next_token_nll, dynamic=None))
+    packed = [with_lengths(pack(items, vocab.pad), items) for items in samples]
     variants = {  # name: (model, batches, loss_fn)
         "mistral_padded": (hf, padded, None),
-        "ours_padded": (ours, padded, ours_loss(next_token_nll)),
         "ours_packed": (ours, packed, ours_loss(next_token_nll)),
-        "ours_packed_compiled": (ours, packed, compiled),
+        "ours_packed_compiled": (ours, packed, ours_loss(torch.compile(next_token_nll, dynamic=True))),
     }
-    # Compilation: the first steps of the compiled variant, over every distinct packed shape
-    # (a second row count recompiles once with a dynamic batch dimension), less a normal step.
-    start = time.perf_counter()
-    shapes = sorted({b["input_ids"].shape[0] for b in packed})
-    for rows in shapes:
-        step_time(ours, next(b for b in packed if b["input_ids"].shape[0] == rows), autocast, compiled)
-    compile_s = time.perf_counter() - start
+    rows = [with_lengths(pack(items, vocab.pad, seq_len), items) for items in samples]
+    if full:
+        variants["ours_padded"] = (ours, padded, ours_loss(next_token_nll))
+        variants["ours_rows_compiled"] = (ours, rows, ours_loss(torch.compile(next_token_nll, dynamic=None)))
+    # Compilation: the first step of each compiled variant, once per shape it compiles for (dynamic
+    # shapes: one; fixed rows: one per row count), less as many normal steps. It is their warm-up.
+    compile_s = {}
+    for name, (model, batches, loss_fn) in variants.items():
+        start = time.perf_counter()
+        shapes = list({tuple(b["input_ids"].shape): b for b in batches}.values())
+        warm_up = shapes if name == "ours_rows_compiled" else batches[:1]
+        for b in warm_up:
+            step_time(model, b, autocast, loss_fn)
+        if "compiled" in name:
+            compile_s[name] = (time.perf_counter() - start, len(warm_up))
     times = {name: [] for name in variants}
-    for i in range(steps + 1):  # 1 warm-up step each
+    for i in range(steps):
         for name, (model, batches, loss_fn) in variants.items():
             t = step_time(model, batches[i % len(batches)], autocast, loss_fn)
-            if i >= 1:
-                times[name].append((t, useful_tokens(batches[i % len(batches)])))
+            times[name].append((t, useful_tokens(batches[i % len(batches)])))
     rate = {name: sum(n for _, n in v) / sum(t for t, _ in v) for name, v in times.items()}
-    compile_s -= len(shapes) * statistics.median(t for t, _ in times["ours_packed_compiled"])
+    compile_s = {name: total - steps_run * statistics.median(t for t, _ in times[name])
+                 for name, (total, steps_run) in compile_s.items()}
     return {
         "preset": preset, "params": ours.num_parameters(), "precision": "bf16 autocast" if autocast else "fp32",
         **{f"{k}_tok_s": v for k, v in rate.items()},
+        **{f"ratio_{k}": v / rate["mistral_padded"] for k, v in rate.items()},
         "ratio": rate["ours_packed_compiled"] / rate["mistral_padded"],
-        "ratio_packed": rate["ours_packed"] / rate["mistral_padded"],
-        "ratio_padded": rate["ours_padded"] / rate["mistral_padded"],
-        "compile_s": compile_s,
-        "rows_padded": sum(b["input_ids"].shape[0] for b in padded) / len(padded),
-        "rows_packed": sum(b["input_ids"].shape[0] for b in packed) / len(packed),
+        "compile_s": compile_s["ours_packed_compiled"],
+        "compile_rows_s": compile_s.get("ours_rows_compiled"),
+        "ids_padded": sum(b["input_ids"].numel() for b in padded) / len(padded),
+        "ids_packed": sum(b["input_ids"].numel() for b in packed) / len(packed),
+        "ids_rows": sum(b["input_ids"].numel() for b in rows) / len(rows),
     }
+
+
+def padded_cell(r: dict) -> str:
+    return f"{r['ours_padded_tok_s']:,.0f} ({r['ratio_ours_padded']:.2f}x)" if "ours_padded_tok_s" in r else "(full run)"
 
 
 def with_lengths(batch: dict, items: list[dict]) -> dict:
@@ -150,7 +168,7 @@ def length_curve(vocab_size: int, preset: str, lengths: list[int], tokens: int, 
         rows = max(1, tokens // length)
         ids = torch.randint(0, vocab_size, (rows, length))
         batch = {"input_ids": ids, "labels": ids.clone(), "doc_ids": torch.zeros_like(ids)}
-        loss_fn = ours_loss(torch.compile(next_token_nll, dynamic=None))
+        loss_fn = ours_loss(torch.compile(next_token_nll, dynamic=True))
         step_time(ours, batch, True, loss_fn)  # compiles
         times = {"ours": [], "hf": []}
         for i in range(steps + 1):
@@ -213,7 +231,7 @@ def main() -> None:
     ap.add_argument("--write-readme", action="store_true")
     args = ap.parse_args()
     if args.quick:
-        args.presets, args.steps, args.batches, args.loader_samples, args.curve_lengths = "tiny,small", 3, 3, 20, ""
+        args.presets, args.steps, args.batches, args.loader_samples, args.curve_lengths = "tiny,small", 2, 2, 20, ""
     with tempfile.TemporaryDirectory() as tmp:
         store_path, tok_path = build_data(args.midi, Path(tmp), args.vocab_size)
         tokenizer = load_tokenizer(tok_path)
@@ -229,7 +247,8 @@ def main() -> None:
                 ids, labels = builder(store[index], rng)
                 items.append({"input_ids": ids, "labels": labels, "num_notes": 0, "index": index})
             samples.append(items)
-        rows = [bench_models(vocab, samples, p, args.seq_len, args.steps, True) for p in args.presets.split(",")]
+        rows = [bench_models(vocab, samples, p, args.seq_len, args.steps, True, full=not args.quick)
+                for p in args.presets.split(",")]
         loader = bench_loader(store, tokenizer, vocab, args.seq_len, args.loader_samples)
     lengths = [int(v) for v in args.curve_lengths.split(",") if v]
     curve = length_curve(vocab.size, args.curve_preset, lengths, 8192, max(2, args.steps // 2)) if lengths else []
@@ -238,12 +257,27 @@ def main() -> None:
         f"Today's padded batches ({args.batch} samples, right-padded to the longest): {pad:.1%} padding "
         f"({padding_fraction(samples, args.seq_len):.1%} of rows of {args.seq_len}).",
         "",
-        "| model | params | Mistral, padded | ours, padded | ours, packed | ours, packed + compiled | **ratio** (packed + compiled / Mistral) | rows per step padded → packed | compile (s) |",
+        "Useful tokens/s (padding excluded) of one training step, forward + backward, on the same samples; "
+        "ours packed = the batch's samples end to end in one row (`data.loader.pack`), compiled as `compile=true` does:",
+        "",
+        "| model | params | Mistral, padded | ours, padded | ours, packed | ours, packed + compiled | **ratio** (packed + compiled / Mistral) | ids per step padded → packed | compile (s) |",
         "|---|---|---|---|---|---|---|---|---|",
-        *(f"| {r['preset']} | {r['params']:,} | {r['mistral_padded_tok_s']:,.0f} | {r['ours_padded_tok_s']:,.0f} "
-          f"({r['ratio_padded']:.2f}x) | {r['ours_packed_tok_s']:,.0f} ({r['ratio_packed']:.2f}x) | "
-          f"{r['ours_packed_compiled_tok_s']:,.0f} | **{r['ratio']:.2f}x** | {r['rows_padded']:.1f} → {r['rows_packed']:.1f} | {r['compile_s']:.0f} |"
+        *(f"| {r['preset']} | {r['params']:,} | {r['mistral_padded_tok_s']:,.0f} | {padded_cell(r)} | "
+          f"{r['ours_packed_tok_s']:,.0f} ({r['ratio_ours_packed']:.2f}x) | "
+          f"{r['ours_packed_compiled_tok_s']:,.0f} | **{r['ratio']:.2f}x** | {r['ids_padded']:,.0f} → {r['ids_packed']:,.0f} | {r['compile_s']:.0f} |"
           for r in rows),
+    ]
+    if "ours_rows_compiled_tok_s" in rows[0]:
+        lines += [
+            "",
+            f"The fixed-shape alternative: the same samples packed into rows of {args.seq_len} (first fit decreasing), compiled for those shapes:",
+            "",
+            "| model | ours, rows of fixed length + compiled | ratio / Mistral | ids per step | compile (s) |",
+            "|---|---|---|---|---|",
+            *(f"| {r['preset']} | {r['ours_rows_compiled_tok_s']:,.0f} | {r['ratio_ours_rows_compiled']:.2f}x | "
+              f"{r['ids_rows']:,.0f} | {r['compile_rows_s']:.0f} |" for r in rows),
+        ]
+    lines += [
         "",
         "| sequence builder | samples/s |",
         "|---|---|",

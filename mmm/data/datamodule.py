@@ -26,9 +26,9 @@ class LoaderConfig:
     batch_size: int = field(metadata=at_least(1))
     num_workers: int = field(metadata=at_least(0))
     pin_memory: bool = False
-    # Samples packed end to end into rows of max_seq_len ids (`pack`) instead of one padded row
-    # each: no compute on padding, and every step has the same row length (torch.compile).
-    pack: bool = False
+    # The batch's samples end to end in one row (`pack`) instead of one padded row each: no
+    # compute on padding; attention stays within each sample.
+    pack: bool = True
 
 
 @dataclass(frozen=True)
@@ -106,15 +106,19 @@ def collate(batch: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]
     }
 
 
-def pack(batch: list[dict[str, Any]], row_len: int, pad_id: int) -> dict[str, torch.Tensor]:
-    """Pack the samples end to end into as few rows of `row_len` ids as first-fit decreasing
-    finds. `doc_ids` numbers the samples of each row (the padding at a row's end is a sample of
-    its own) so that the model restarts positions and keeps attention within each sample.
+def pack(batch: list[dict[str, Any]], pad_id: int, row_len: int | None = None) -> dict[str, torch.Tensor]:
+    """Pack the samples end to end: by default into one row exactly as long as all of them (no
+    padding at all); with `row_len`, into as few rows of `row_len` ids as first-fit decreasing
+    finds (fixed shapes, at the cost of padding at the rows' ends: samples of 500-1,000 ids
+    rarely share a row of 1,024). `doc_ids` numbers the samples of each row (the padding at a
+    row's end is a sample of its own) so that the model restarts positions and keeps attention
+    within each sample.
 
     A sample's first label is ignored: unpacked, position 0 is never a target; packed, it would
     be the previous sample's last token predicting it. Per-sample losses are therefore exactly
     those of `collate`'s padded rows."""
     lengths = [len(b["input_ids"]) for b in batch]
+    row_len = sum(lengths) if row_len is None else row_len
     if max(lengths) > row_len:
         raise ValueError(f"a sample of {max(lengths)} ids does not fit a packed row of {row_len}: "
                          "data.max_seq_len must bound the samples")
@@ -178,11 +182,11 @@ class ResumableSampler(Sampler[int]):
 
 
 class _Collate:
-    def __init__(self, pad_id: int, row_len: int | None) -> None:
-        self.pad_id, self.row_len = pad_id, row_len
+    def __init__(self, pad_id: int, packed: bool) -> None:
+        self.pad_id, self.packed = pad_id, packed
 
     def __call__(self, batch):
-        return collate(batch, self.pad_id) if self.row_len is None else pack(batch, self.row_len, self.pad_id)
+        return pack(batch, self.pad_id) if self.packed else collate(batch, self.pad_id)
 
 
 class MIDIDataModule(L.LightningDataModule):
@@ -226,7 +230,7 @@ class MIDIDataModule(L.LightningDataModule):
             batch_size=self.loader.batch_size,
             sampler=sampler,
             num_workers=self.loader.num_workers,
-            collate_fn=_Collate(self.pad_id, self.max_seq_len if self.loader.pack else None),
+            collate_fn=_Collate(self.pad_id, self.loader.pack),
             pin_memory=self.loader.pin_memory,
             persistent_workers=False,
             drop_last=False,
