@@ -4,7 +4,11 @@
 step has new shapes and a compiled graph would be rebuilt per token. `StaticDecoder` instead
 keeps, per layer, keys/values ``[B, kv_heads, S, head_dim]`` of a fixed number of slots S, and
 the position as a 0-d tensor: one step writes its key/value at slot ``position % S`` and attends
-over all S slots, masking slots not yet written. With a sliding window W smaller than the
+over the slots written so far, ``min(S, position + 1)`` of them (a size the compiled graph takes
+as a symbol, so it is not recompiled per step). Slots are filled in order, so those are exactly
+the first ones and no mask is needed, and a step never pays for the part of the budget the
+generation has not reached (an infill allocates its whole token budget; most rows end well
+before it). With a sliding window W smaller than the
 context, S = W and the cache is a ring: a slot is overwritten by the position W later, exactly
 when that position leaves the window, so a step costs O(W) however long the sequence grows.
 Softmax does not care about key order and keys carry their rotary position already, so the ring
@@ -12,8 +16,8 @@ needs no reordering.
 
 The step runs eager (`compile=False`, the reference the tests compare with) or through
 `torch.compile`; `enable_compile(model)` keeps one compiled step per model, so the compile is
-paid once per model and process (a second batch size adds one graph generic in it), not per
-generation. The prefill stays the model's own eager forward (prompts change length every call)
+paid once per model and process, not per generation: every size (slots, written slots, batch
+rows) is a symbol of the graph. The prefill stays the model's own eager forward (prompts change length every call)
 and its cache is copied into the slots.
 """
 
@@ -38,26 +42,24 @@ def num_slots(model: MMMTransformer, total: int) -> int:
 
 
 def decode_step(model: MMMTransformer, ids: Tensor, position: Tensor, keys: list[Tensor], values: list[Tensor],
-                cos_table: Tensor, sin_table: Tensor) -> Tensor:
+                cos_table: Tensor, sin_table: Tensor, written: int) -> Tensor:
     """Float32 logits ``[B, V]`` after the tokens ``ids [B]`` at ``position`` (0-d int64 tensor).
 
     Writes their keys/values into slot ``position % S`` of the per-layer ``keys``/``values``
-    ``[B, kv_heads, S, head_dim]`` and advances ``position`` by one, in place. The grammar mask
+    ``[B, kv_heads, S + 1, head_dim]`` (S slots and a spare), attends over the first ``written`` slots (``min(S, position
+    + 1)``, the new one included) and advances ``position`` by one, in place. The grammar mask
     stays outside: one masked_fill per step, measured at well under 1% of a compiled step
     (experiments/generation_speed), and a mask input would be one more graph per model.
     """
     config = model.config
     B = ids.shape[0]
-    S = keys[0].shape[2]
+    S = keys[0].shape[2] - 1  # the last slot is a spare, never written (StaticDecoder)
     heads, kv_heads, head_dim = config.num_heads, config.num_kv_heads, config.head_dim
     groups = heads // kv_heads
     h = model.embed_tokens(ids)[:, None]  # [B, 1, H]
     at = position.view(1)
     cos, sin = cos_table.index_select(0, at).to(h.dtype), sin_table.index_select(0, at).to(h.dtype)
     slot = at % S
-    # Slot s holds a position <= the current one once written; positions are written in order,
-    # so before the ring wraps the unwritten slots are exactly those above the position.
-    valid = torch.arange(S, device=ids.device) <= position
     for i, layer in enumerate(model.layers):
         attn = layer.self_attn
         x = layer.input_layernorm(h)
@@ -69,10 +71,9 @@ def decode_step(model: MMMTransformer, ids: Tensor, position: Tensor, keys: list
         # Grouped-query attention without repeating K/V: the query heads of one KV head form a
         # [groups, head_dim] block against that head's [S, head_dim] keys.
         q = q.view(B, kv_heads, groups, head_dim)
-        scores = (q @ keys[i].transpose(-2, -1)) * attn.scale  # [B, kv_heads, groups, S]
-        scores = scores.masked_fill(~valid, float("-inf"))
+        scores = (q @ keys[i][:, :, :written].transpose(-2, -1)) * attn.scale  # [B, kv_heads, groups, written]
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-        out = (probs @ values[i]).reshape(B, 1, heads * head_dim)
+        out = (probs @ values[i][:, :, :written]).reshape(B, 1, heads * head_dim)
         h = h + attn.o_proj(out)
         h = h + layer.mlp(layer.post_attention_layernorm(h))
     position.add_(1)
@@ -87,7 +88,7 @@ def enable_compile(model: MMMTransformer, mode: str | None = None, options: dict
     ``cpp_wrapper`` (the step's kernels called from C++ rather than Python: a `small` preset
     step ran 5.4x faster than the eager forward with it, 2.6x without; see
     experiments/generation_speed). Compiling is lazy: the first decode step pays it, once per
-    model (the cache length is dynamic; a second batch size adds one graph generic in it).
+    model (its sizes are dynamic; a batch of one row and one of several are two graphs).
     Calling again with other settings replaces the compiled step.
     """
     on_cuda = model.embed_tokens.weight.device.type == "cuda"
@@ -95,8 +96,9 @@ def enable_compile(model: MMMTransformer, mode: str | None = None, options: dict
         mode = "reduce-overhead"
     if mode is None and options is None and not on_cuda:
         options = {"cpp_wrapper": True}
-    # fullgraph: a graph break would silently bring back the per-op Python overhead.
-    _COMPILED[model] = torch.compile(decode_step, mode=mode, options=options, fullgraph=True)
+    # fullgraph: a graph break would silently bring back the per-op Python overhead. dynamic:
+    # the number of written slots changes every step; compiled as a symbol from the first call.
+    _COMPILED[model] = torch.compile(decode_step, mode=mode, options=options, fullgraph=True, dynamic=True)
 
 
 def is_compile_enabled(model: MMMTransformer) -> bool:
@@ -130,17 +132,14 @@ class StaticDecoder:
         self.slots = num_slots(model, total)
         # One tensor per layer, not one stacked tensor: a compiled step can then update each in
         # place, where a write into a view of a stacked input makes Inductor copy all of it.
-        shape = (batch_size, config.num_kv_heads, self.slots, config.head_dim)
+        # One spare slot past the S used: the attended slots are then never the whole tensor,
+        # whose contiguous view would make a second graph once all S are written.
+        shape = (batch_size, config.num_kv_heads, self.slots + 1, config.head_dim)
         self.keys = [torch.zeros(shape, device=ref.device, dtype=ref.dtype) for _ in range(config.num_layers)]
         self.values = [torch.zeros(shape, device=ref.device, dtype=ref.dtype) for _ in range(config.num_layers)]
         self.position = torch.zeros((), dtype=torch.long, device=ref.device)
         self.length = 0
         self.cos, self.sin = model._rope_tables(total, ref.device)
-        if compile and self.slots > 1:  # (dynamo specializes sizes 0 and 1 whatever it is told)
-            # The slot count follows the prompt + budget of each call: one graph generic in it
-            # (rather than a graph per length) is compiled once per model and batch size.
-            for t in (*self.keys, *self.values):
-                torch._dynamo.mark_dynamic(t, 2)
         if compile and ref.device.type == "cuda":
             # A CUDA graph may then update these in place (inputs it mutates must keep their
             # address); a new decoder's buffers make it re-record the graph, not recompile.
@@ -176,5 +175,6 @@ class StaticDecoder:
             raise ValueError(f"ids must have shape ({self.batch_size},), got {tuple(ids.shape)}")
         if self.length >= self.total:
             raise ValueError(f"the decoder holds {self.total} tokens; it is full")
+        written = min(self.slots, self.length + 1)
         self.length += 1  # a Python copy of `position`: reading the tensor would sync a GPU
-        return self._step(self.model, ids, self.position, self.keys, self.values, self.cos, self.sin)
+        return self._step(self.model, ids, self.position, self.keys, self.values, self.cos, self.sin, written)

@@ -97,6 +97,19 @@ def test_compiled_step_matches_forward_past_the_window(compiled):
     assert max_logit_gap(compiled, decoder, list(range(3, 8)), 25) < 1e-4
 
 
+def test_compiled_step_is_not_recompiled_as_the_cache_fills(compiled):
+    """The step attends over the slots written so far, a count that grows every step: it must be
+    a symbol of the one graph, not a recompile per token."""
+    decoder = StaticDecoder(compiled, 2, 40, compile=True)
+    ids = torch.zeros(2, dtype=torch.long)
+    with torch.inference_mode():  # as generate_ids decodes
+        decoder.prefill([3, 4])
+        decoder.step(ids)  # compiles, unless an earlier test already did
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for _ in range(12):  # 4 to 8 written slots, then the ring is full
+                decoder.step(ids)
+
+
 def test_greedy_generation_same_ids_compiled_or_not(compiled, bpe_vocab):
     tables = GrammarTables.of(bpe_vocab)
     ts = [i for i in range(bpe_vocab.base_size) if bpe_vocab.is_time_sig[i]][:3]
