@@ -238,7 +238,7 @@ def plot_curve(curve: dict, path: Path) -> None:
     ax.set_xscale("log", base=2)
     ax.set_xticks(xs, [str(x) for x in xs])
     ax.set_xlabel("tokens already in the cache")
-    ax.set_ylabel("decode tokens/s (1 thread, loaded machine)")
+    ax.set_ylabel("decode tokens/s (1 thread)")
     ax.set_title("small preset: decode speed against context")
     ax.set_ylim(bottom=0)
     ax.legend()
