@@ -114,6 +114,14 @@ def fit(xs: list[int], ys: list[float]) -> tuple[float, float, float]:
     return a, b, max(abs(y - (a + b * x)) / y for x, y in zip(xs, ys))
 
 
+def load_note(loads: list[float]) -> str:
+    """What the load during the run means for the absolute times (the bench's own workers load
+    at most 2 cores)."""
+    if max(loads) > (os.cpu_count() or 1) + 0.5:
+        return ": other work shared the machine, so absolute times are depressed by that load"
+    return ": no other work on the machine"
+
+
 def break_even(fits: dict[int, tuple]) -> str:
     """Files from which 2 workers are faster than 1, by the fits."""
     (a1, b1, _), (a2, b2, _) = fits[1], fits[2]
@@ -242,8 +250,8 @@ def main() -> None:
         readme.write_text(
             f"{head}<!-- results -->\nFiles: the first N of {what}. {repeats} runs per cell, median shown. "
             f"Machine: {os.cpu_count()} CPU cores, no GPU, torch {torch.__version__}, Python "
-            f"{sys.version.split()[0]}; shared with a training job, {load_line}: absolute times are "
-            f"depressed by that load. The whole bench took {total / 60:.1f} min.\n\n{table}\n\n"
+            f"{sys.version.split()[0]}; {load_line}{load_note(loads)}. "
+            f"The whole bench took {total / 60:.1f} min.\n\n{table}\n\n"
             f"Fit, seconds = start-up + per-file cost x files (least squares on the medians):\n\n{fit_lines}\n\n"
             f"2 workers pay {break_even(fits)} by the fits. Not in the curve: the first call in a process "
             f"took {warm:.1f} s for {sizes[0]} files (lazy imports), and a new interpreter importing "
