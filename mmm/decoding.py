@@ -2,23 +2,22 @@
 
 `MMMTransformer.forward` with a `KVCache` slices the cache up to its Python-int length, so every
 step has new shapes and a compiled graph would be rebuilt per token. `StaticDecoder` instead
-keeps, per layer, keys/values ``[B, kv_heads, S, head_dim]`` of a fixed number of slots S, and
+keeps, per layer, keys/values of a fixed number of slots S (and one spare, never written), and
 the position as a 0-d tensor: one step writes its key/value at slot ``position % S`` and attends
 over the slots written so far, ``min(S, position + 1)`` of them (a size the compiled graph takes
 as a symbol, so it is not recompiled per step). Slots are filled in order, so those are exactly
 the first ones and no mask is needed, and a step never pays for the part of the budget the
 generation has not reached (an infill allocates its whole token budget; most rows end well
-before it). With a sliding window W smaller than the
-context, S = W and the cache is a ring: a slot is overwritten by the position W later, exactly
-when that position leaves the window, so a step costs O(W) however long the sequence grows.
-Softmax does not care about key order and keys carry their rotary position already, so the ring
-needs no reordering.
+before it). With a sliding window W smaller than the context, S = W and the cache is a ring: a
+slot is overwritten by the position W later, exactly when that position leaves the window, so a
+step costs O(W) however long the sequence grows. Softmax does not care about key order and keys
+carry their rotary position already, so the ring needs no reordering.
 
 The step runs eager (`compile=False`, the reference the tests compare with) or through
 `torch.compile`; `enable_compile(model)` keeps one compiled step per model, so the compile is
 paid once per model and process, not per generation: every size (slots, written slots, batch
-rows) is a symbol of the graph. The prefill stays the model's own eager forward (prompts change length every call)
-and its cache is copied into the slots.
+rows) is a symbol of the graph. The prefill stays the model's own eager forward (prompts change
+length every call) and its cache is copied into the slots.
 """
 
 from __future__ import annotations
@@ -46,8 +45,9 @@ def decode_step(model: MMMTransformer, ids: Tensor, position: Tensor, keys: list
     """Float32 logits ``[B, V]`` after the tokens ``ids [B]`` at ``position`` (0-d int64 tensor).
 
     Writes their keys/values into slot ``position % S`` of the per-layer ``keys``/``values``
-    ``[B, kv_heads, S + 1, head_dim]`` (S slots and a spare), attends over the first ``written`` slots (``min(S, position
-    + 1)``, the new one included) and advances ``position`` by one, in place. The grammar mask
+    ``[B, kv_heads, S + 1, head_dim]`` (S slots and a spare), attends over the first ``written``
+    slots (``min(S, position + 1)``, the new one included) and advances ``position`` by one, in
+    place. The grammar mask
     stays outside: one masked_fill per step, measured at well under 1% of a compiled step
     (experiments/generation_speed), and a mask input would be one more graph per model.
     """

@@ -69,7 +69,6 @@ def test_kv_cache_decoding_on_cuda_matches_the_full_forward():
     torch.testing.assert_close(decoded, full, rtol=2e-2, atol=2e-2)
 
 
-
 def packed_vs_alone(model: MMMTransformer, device: str, lengths: list[int]) -> None:
     """Each sample's logits in a packed row equal those it gets alone in a padded row."""
     from mmm.data.datamodule import collate, pack

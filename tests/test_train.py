@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 from lightning.pytorch.strategies import DeepSpeedStrategy
+from omegaconf import OmegaConf
 
 from conftest import CONFIGS, REPO, compose_config, small_overrides
 from mmm.checkpoint import FORMAT_VERSION, load_pretrained
