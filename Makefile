@@ -39,7 +39,7 @@ docs: $(VENV)/.installed
 	$(PY) -m sphinx -M html docs docs/public -W --keep-going
 	@echo "open docs/public/html/index.html"
 
-# FluidSynth and a General MIDI soundfont, for `render=true` and mmm.audio.
+# FluidSynth and a General MIDI soundfont, for `render=true` and mmm.render.audio.
 audio-deps:
 	$(SUDO) apt-get update -qq
 	$(SUDO) apt-get install -y --no-install-recommends fluidsynth fluid-soundfont-gm vorbis-tools

@@ -1,7 +1,7 @@
 """Config helpers shared by the entry points: plain containers and the one config check.
 
 Each config section has a dataclass next to the code that consumes it (`SequenceConfig` in
-`mmm.data.sequences`, `OptimConfig` in `mmm.lit_module`, ...). `check_section` turns the
+`mmm.data.sequences`, `OptimConfig` in `mmm.training.module`, ...). `check_section` turns the
 section's mapping into that dataclass: unknown keys are refused naming the closest valid key,
 missing keys and wrong types (read from the annotations) are refused naming the key, ranges
 come from each field's metadata (`at_least`, `within`, `interval`) and rules between fields

@@ -1,4 +1,4 @@
-"""`python -m mmm.preprocess data=<source>`: music files -> token store (`mmm.data.preprocess`).
+"""`python -m mmm.preprocess data=<source>`: music files -> token store (`mmm.data.store_writer`).
 
 Filters unreadable and unsuitable files (each reported with its reason), chunks pieces on bar
 boundaries and stores base token ids per track and bar. A piece's split is the one its source
@@ -21,7 +21,7 @@ from __future__ import annotations
 def main() -> None:
     import hydra
 
-    from mmm.data.preprocess import array_task, preprocess
+    from mmm.data.store_writer import array_task, preprocess
 
     @hydra.main(config_path="../configs", config_name="preprocess", version_base="1.3")
     def _run(cfg) -> None:

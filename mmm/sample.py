@@ -18,12 +18,13 @@ from typing import Any
 
 from symusic import Score
 
-from mmm.api import MMM, count_bars, read_score
-from mmm.checkpoint import checkpoint_location
+from mmm.generation.api import MMM
+from mmm.generation.scores import count_bars, read_score
+from mmm.model.pretrained import checkpoint_location
 from mmm.config import at_least, check_section
-from mmm.controls import Controls
-from mmm.generation import SamplingConfig
-from mmm.request import Request, check_request
+from mmm.controls.table import Controls
+from mmm.generation.request import SamplingConfig
+from mmm.generation.request import Request, check_request
 from mmm.tokenizer import Vocab
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class SampleConfig:
     """configs/sample.yaml. The request fields (track ... track_controls) are checked as a
-    `mmm.request.Request`; the rest here."""
+    `mmm.generation.request.Request`; the rest here."""
 
     ckpt: str
     input: str | None
@@ -90,7 +91,7 @@ def validate(cfg: Any) -> tuple[SampleConfig, Score | None]:
     cfg = check_section("sample", cfg, SampleConfig)
     checkpoint_location(cfg.ckpt)
     if cfg.render:  # a missing FluidSynth fails here, not after minutes of generation
-        from mmm.audio import find_fluidsynth, find_soundfont
+        from mmm.render.audio import find_fluidsynth, find_soundfont
 
         find_fluidsynth()
         find_soundfont(cfg.soundfont)
@@ -117,12 +118,11 @@ def sample(cfg: Any) -> dict[str, Any]:
     load_s = time.perf_counter() - t0
     task = cfg.task
     t0 = time.perf_counter()
-    outputs = model.run(cfg.request(), score)
+    generation = model.run(cfg.request(), score)
     total_s = time.perf_counter() - t0
-    outputs = outputs if isinstance(outputs, list) else [outputs]
-    report = model.last_report
+    outputs, report = generation.scores, generation.report
 
-    from mmm.pianoroll import plot_pianoroll
+    from mmm.render.pianoroll import plot_pianoroll
 
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -135,7 +135,7 @@ def sample(cfg: Any) -> dict[str, Any]:
         png = plot_pianoroll(out, out_dir / f"{name}.png", report.regions[v], title=f"{stem}: {task} (variation {v})")
         files.append({"midi": str(midi), "png": str(png), "generated_regions": [list(r) for r in report.regions[v]]})
         if cfg.render:
-            from mmm.audio import render_wav
+            from mmm.render.audio import render_wav
 
             files[-1]["wav"] = str(render_wav(out, out_dir / f"{name}.wav", soundfont=cfg.soundfont))
     summary = {
@@ -162,7 +162,7 @@ def main() -> None:
     import hydra
     from omegaconf import DictConfig
 
-    from mmm.audio import AudioDependencyError
+    from mmm.render.audio import AudioDependencyError
 
     @hydra.main(config_path="../configs", config_name="sample", version_base="1.3")
     def _run(cfg: DictConfig) -> None:

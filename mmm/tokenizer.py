@@ -22,7 +22,7 @@ from miditok.attribute_controls import BarAttributeControl
 from miditok.constants import CHR_ID_START
 
 from mmm.config import at_least, check_section, plain, require_keys
-from mmm.io import atomic_write
+from mmm.files.atomic import atomic_write
 
 TOKENIZER_FILE = "tokenizer.json"
 # Keys accepted in configs/tokenizer/*.yaml: every miditok.TokenizerConfig argument, plus

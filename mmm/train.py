@@ -21,15 +21,15 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from mmm.checkpoint import load_pretrained, save_pretrained
-from mmm.checkpoint_io import MMMCheckpointIO
+from mmm.model.pretrained import load_pretrained, save_pretrained
+from mmm.training.checkpoint_io import MMMCheckpointIO
 from mmm.config import at_least, check_section, check_value, plain
 from mmm.data.datamodule import DataConfig, MIDIDataModule
 from mmm.data.prepare import prepare_data
 from mmm.data.stats import generation_stats
 from mmm.data.store import Store
-from mmm.lit_module import MMMLitModule, OptimConfig
-from mmm.locking import acquire_lock
+from mmm.training.module import MMMLitModule, OptimConfig
+from mmm.files.locks import acquire_lock
 from mmm.model import PRESETS, model_config_from_preset
 from mmm.tokenizer import Vocab, check_tokenizer_cfg, check_tokenizer_file, load_tokenizer
 
@@ -99,7 +99,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """Train as configured; returns the final metrics (and writes `export_dir`).
 
     Holds `run_dir/train.lock` throughout: a second run on the same folder fails at once
-    naming this one; the ranks of this job share the lock (`mmm.locking`)."""
+    naming this one; the ranks of this job share the lock (`mmm.files.locks`)."""
     check_config(cfg)
     with acquire_lock(cfg.run_dir, "train", shared_by_job=True):
         return _train(cfg)

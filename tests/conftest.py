@@ -35,7 +35,7 @@ from symusic import ControlChange, Note, PitchBend, Score, Tempo, TimeSignature,
 
 import mmm.config  # noqa: F401 (registers the ${mmm.slug:...} resolver the data configs use)
 import mmm.data.sources as sources
-from mmm.data.pieces import tokenize_score
+from mmm.data.chunks import tokenize_score
 from mmm.data.store import Store
 from mmm.tokenizer import Vocab, build_tokenizer, train_bpe
 
@@ -62,7 +62,7 @@ def _resolved_preprocess_config(overrides: tuple[str, ...]) -> dict:
 
 def data_config(path: str | Path = "unused", store: str | Path | None = None) -> dict:
     """The `data` config `python -m mmm.preprocess data=folder data.path=<path> [data.store=<store>]`
-    hands to `mmm.data.preprocess.preprocess`, composed by Hydra and resolved into plain, mutable
+    hands to `mmm.data.store_writer.preprocess`, composed by Hydra and resolved into plain, mutable
     containers (a fresh copy each call). Its `preprocess`, `split` and `sequences` sections
     are those of configs/data/common.yaml; `path` defaults to a placeholder."""
     overrides = ["data=folder", f"data.path={path}"] + ([f"data.store={store}"] if store is not None else [])
@@ -82,7 +82,7 @@ def tokenizer_params() -> dict:
 
 def preprocess_settings(**overrides) -> SimpleNamespace:
     """The `data.preprocess` settings (configs/data/common.yaml) with `overrides`, as the
-    namespace `mmm.data.pieces.tokenize_score` takes."""
+    namespace `mmm.data.chunks.tokenize_score` takes."""
     return SimpleNamespace(**{**data_config()["preprocess"], **overrides})
 
 
@@ -92,7 +92,7 @@ def sequences_config(**overrides) -> dict:
 
 
 def data_cfg(source_path: Path, store: Path, **preprocess_overrides) -> dict:
-    """The data config of a folder source for `mmm.data.preprocess.preprocess`, with small test
+    """The data config of a folder source for `mmm.data.store_writer.preprocess`, with small test
     settings (1 worker, shards of 4 files, pieces of at least 16 notes) and
     `preprocess_overrides` on top (e.g. `num_workers=2`, `shard_size=1`)."""
     cfg = data_config(source_path, store)
@@ -101,7 +101,7 @@ def data_cfg(source_path: Path, store: Path, **preprocess_overrides) -> dict:
 
 
 def tok_cfg() -> dict:
-    """The tokenizer config for `mmm.data.preprocess.preprocess`: the YAML params, no BPE, no file."""
+    """The tokenizer config for `mmm.data.store_writer.preprocess`: the YAML params, no BPE, no file."""
     return {**tokenizer_config(), "vocab_size": None, "path": "unused"}
 
 
@@ -449,6 +449,6 @@ def corpus(tmp_path_factory) -> Path:
 def serve_mmm(tokenizer, vocab):
     """An `MMM` over a `tiny_model` (context 1024) and the base tokenizer, as the serve, studio
     and load tests serve it."""
-    from mmm.api import MMM
+    from mmm.generation.api import MMM
 
     return MMM(tiny_model(vocab.size, max_seq_len=1024), tokenizer, max_bar_tokens=24, num_threads=1)

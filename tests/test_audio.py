@@ -1,4 +1,4 @@
-"""mmm.audio: real FluidSynth renders (skipped without it) and the missing-dependency errors."""
+"""mmm.render.audio: real FluidSynth renders (skipped without it) and the missing-dependency errors."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from symusic import Note, Score, Tempo, Track
 
-from mmm.audio import SOUNDFONT_ENV, AudioDependencyError, find_soundfont, render_wav
+from mmm.render.audio import SOUNDFONT_ENV, AudioDependencyError, find_soundfont, render_wav
 
 TPQ = 480
 TEMPO = 120.0
@@ -102,7 +102,7 @@ def test_missing_soundfont_says_how_to_install(tmp_path: Path, monkeypatch: pyte
     with pytest.raises(AudioDependencyError, match=r"\$MMM_SOUNDFONT"):
         find_soundfont()
     monkeypatch.delenv(SOUNDFONT_ENV)
-    monkeypatch.setattr("mmm.audio.SOUNDFONT_CANDIDATES", (str(tmp_path / "none.sf2"),))
+    monkeypatch.setattr("mmm.render.audio.SOUNDFONT_CANDIDATES", (str(tmp_path / "none.sf2"),))
     with pytest.raises(AudioDependencyError, match="no General MIDI soundfont found"):
         find_soundfont()
 

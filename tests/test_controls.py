@@ -1,4 +1,4 @@
-"""`mmm.controls.Controls`, the one table between attribute-control values and AC token ids:
+"""`mmm.controls.table.Controls`, the one table between attribute-control values and AC token ids:
 values -> ids -> values and ids -> values -> ids on the tokenizer of `configs/tokenizer/mmm.yaml`."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import pytest
 from miditok.utils import get_bars_ticks
 
 from conftest import synthetic_score
-from mmm.controls import Controls
-from mmm.data.controls import bar_controls, track_controls
+from mmm.controls.table import Controls
+from mmm.controls.measure import bar_controls, track_controls
 
 
 def encode(controls: Controls, level: str, name: str, value) -> list[int]:

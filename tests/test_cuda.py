@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmm.model import MMMTransformer, _load_flash_attn, model_config_from_preset
+from mmm.model import MMMTransformer, model_config_from_preset
+from mmm.model.transformer import _load_flash_attn
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 flash = pytest.mark.skipif(_load_flash_attn() is None, reason="needs flash-attn (pip install -e '.[gpu]')")

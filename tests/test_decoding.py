@@ -1,4 +1,4 @@
-"""The static-shape decode step (`mmm.decoding`) against the model's own forward.
+"""The static-shape decode step (`mmm.generation.compiled_step`) against the model's own forward.
 
 The eager step is checked cheaply over many cases (no window, a window the ring wraps past, a
 prompt longer than the window, several rows); the compiled step once, on one tiny model whose
@@ -12,9 +12,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mmm.decoding import StaticDecoder, enable_compile, is_compile_enabled, num_slots
-from mmm.generation import SamplingConfig, generate_ids
-from mmm.grammar import BarGrammar, BarPlan, GrammarTables
+from mmm.generation.compiled_step import StaticDecoder, enable_compile, is_compile_enabled, num_slots
+from mmm.generation.request import SamplingConfig
+from mmm.generation.sampling import generate_ids
+from mmm.generation.grammar import BarGrammar, BarPlan, GrammarTables
 from mmm.model import MMMTransformer, ModelConfig
 
 
@@ -143,7 +144,7 @@ def test_mmm_compile_switch(tokenizer, vocab):
     """`MMM(..., compile=True)` (and `python -m mmm.serve compile=true`) gives the model its
     compiled step; compiling itself waits for the first generation."""
     from conftest import tiny_model
-    from mmm.api import MMM
+    from mmm.generation.api import MMM
 
     eager = MMM(tiny_model(vocab.size), tokenizer)
     assert not is_compile_enabled(eager.model)

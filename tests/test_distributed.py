@@ -127,7 +127,7 @@ def test_newest_hpc_checkpoint_wins_over_last_ckpt(tmp_path):
 def test_deepspeed_cpu_config_is_the_gpu_config_but_the_accelerator(tmp_path):
     from hydra.utils import instantiate
 
-    from mmm.strategies import MMMDeepSpeedStrategy
+    from mmm.training.strategies import MMMDeepSpeedStrategy
     from mmm.train import check_config
 
     gpu, cpu = (OmegaConf.to_container(compose_config("train", [f"trainer={t}", f"run_dir={tmp_path}"]).trainer)
@@ -262,7 +262,7 @@ def test_deepspeed_save_on_a_full_disk_keeps_the_previous_checkpoint(corpus, dat
     """A DeepSpeed save that runs out of space (a file-size limit below its state files) fails
     with DiskFull on every rank and leaves the previous last.ckpt folder byte for byte, loadable,
     with no temporary folder beside it; the re-run with space resumes from it and completes."""
-    from mmm.checkpoint import load_pretrained
+    from mmm.model.pretrained import load_pretrained
 
     overrides = [o for o in run_overrides(corpus, data_root) if o != "trainer.max_steps=8"] + ["trainer=deepspeed_cpu"]
     run = data_root / "deepspeed_full_disk"

@@ -57,7 +57,7 @@ def test_site_builds_without_warnings(tmp_path: Path) -> None:
     token = (html / "token_format.html").read_text()
     assert "FillBar_Start" in token and "Infill_Bar" in token
     api = (html / "api" / "generation.html").read_text()
-    assert 'id="mmm.api.MMM.infill"' in api and 'id="mmm.api.MMM.add_track"' in api
+    assert 'id="mmm.generation.api.MMM.infill"' in api and 'id="mmm.generation.api.MMM.add_track"' in api
 
 
 @needs_sphinx
@@ -72,14 +72,14 @@ def test_broken_mmm_reference_fails_the_build(tmp_path: Path) -> None:
         "html_static_path, html_css_files = [], []\n"
     )
     (src / "index.rst").write_text(
-        "Probe\n=====\n\n.. autofunction:: mmm.audio.render_wav\n\n.. autofunction:: mmm.audio.find_sound_font\n\n"
-        "See :func:`mmm.audio.render_wav`, :class:`mmm.audio.AudioDependencyError` (not documented here), "
-        ":func:`mmm.audio.render_wave` and :func:`symusic.Score.dump_midi` (not mmm's: ignored).\n"
+        "Probe\n=====\n\n.. autofunction:: mmm.render.audio.render_wav\n\n.. autofunction:: mmm.render.audio.find_sound_font\n\n"
+        "See :func:`mmm.render.audio.render_wav`, :class:`mmm.render.audio.AudioDependencyError` (not documented here), "
+        ":func:`mmm.render.audio.render_wave` and :func:`symusic.Score.dump_midi` (not mmm's: ignored).\n"
     )
     result = sphinx_build(src, tmp_path / "out")
     assert result.returncode != 0
     warnings = [line for line in result.stderr.splitlines() if "WARNING" in line or "ERROR" in line]
-    expected = ("find_sound_font", "mmm.audio.render_wave", "mmm.audio.AudioDependencyError")
+    expected = ("find_sound_font", "mmm.render.audio.render_wave", "mmm.render.audio.AudioDependencyError")
     for name in expected:
         assert any(name in w for w in warnings), (name, result.stderr[-3000:])
     assert all(any(name in w for name in expected) for w in warnings), result.stderr[-3000:]
@@ -155,8 +155,8 @@ def python_calls() -> list[tuple[str, ast.Call, str]]:
 
 def test_python_examples_match_the_api() -> None:
     """The pages' calls of the API bind to the current signatures (a renamed argument fails)."""
-    from mmm.api import MMM
-    from mmm.audio import render_wav
+    from mmm.generation.api import MMM
+    from mmm.render.audio import render_wav
 
     functions = {"from_pretrained": MMM.from_pretrained, "infill": MMM.infill, "add_track": MMM.add_track,
                  "generate": MMM.generate, "save_pretrained": MMM.save_pretrained, "render_wav": render_wav}

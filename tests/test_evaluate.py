@@ -1,4 +1,4 @@
-"""`mmm.evaluate` and `mmm.metrics`: n-gram baselines and musical statistics on hand-computed
+"""`mmm.evaluate` and `mmm.evaluate.metrics`: n-gram baselines and musical statistics on hand-computed
 cases, control scores, and the whole evaluation on a tiny random model over a synthetic store
 (metrics keys and sanity, determinism, report and plots, vocabulary mismatch)."""
 
@@ -16,10 +16,10 @@ import pytest
 import torch
 
 from conftest import CONFIGS, REPO, compose_config, write_synthetic_midi
-from mmm.checkpoint import save_pretrained
+from mmm.model.pretrained import save_pretrained
 from mmm.data.sequences import IGNORE_INDEX
 from mmm.evaluate import check_config, evaluate
-from mmm.metrics import BigramKN, UnigramLM, adherence, histogram_overlap, musical_stats, spearman
+from mmm.evaluate.metrics import BigramKN, UnigramLM, adherence, histogram_overlap, musical_stats, spearman
 from mmm.model import MMMTransformer, model_config_from_preset
 from mmm.tokenizer import Vocab, load_tokenizer
 from mmm.data.prepare import train_tokenizer

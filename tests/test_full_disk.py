@@ -49,15 +49,15 @@ def assert_clear_error(output: str, target: Path) -> None:
 MODULES = {
     "shard": ["mmm.data.store"],
     "tokenizer": ["mmm.tokenizer", "conftest"],
-    "folder": ["mmm.checkpoint", "mmm.model", "conftest"],
-    "lightning_ckpt": ["mmm.checkpoint_io"],
-    "preprocess": ["mmm.data.preprocess", "conftest"],
+    "folder": ["mmm.model.pretrained", "mmm.model", "conftest"],
+    "lightning_ckpt": ["mmm.training.checkpoint_io"],
+    "preprocess": ["mmm.data.store_writer", "conftest"],
 }
 
 
 # -- the writers: "old" is written first with space, "new" (bigger) with the limit ---------
 def shard_rows(version: str) -> list:
-    from mmm.data.pieces import Chunk
+    from mmm.data.chunks import Chunk
 
     n = 50 if version == "old" else 50_000
     chunk = Chunk(programs=[0], bars=[[list(range(n))]], track_acs=[[[]]], bar_acs=[[[[]]]], bar_ticks=[0], start_tick=0, tpq=480, num_notes=n)
@@ -79,7 +79,7 @@ def write_tokenizer(path: str, version: str) -> None:
 def write_folder(folder: str, version: str) -> None:
     import torch
 
-    from mmm.checkpoint import save_pretrained
+    from mmm.model.pretrained import save_pretrained
     from mmm.model import MMMTransformer, model_config_from_preset
     from mmm.tokenizer import build_tokenizer
 
@@ -92,7 +92,7 @@ def write_folder(folder: str, version: str) -> None:
 def write_lightning_ckpt(path: str, version: str) -> None:
     import torch
 
-    from mmm.checkpoint_io import MMMCheckpointIO
+    from mmm.training.checkpoint_io import MMMCheckpointIO
 
     value = 1.0 if version == "old" else 2.0
     MMMCheckpointIO().save_checkpoint({"version": version, "w": torch.full((100_000,), value)}, path)
@@ -101,7 +101,7 @@ def write_lightning_ckpt(path: str, version: str) -> None:
 def write_preprocess(store: str, version: str) -> dict:
     """Preprocess `<store>/../corpus` with 2 worker processes (they write the shards)."""
     from conftest import data_cfg, tok_cfg
-    from mmm.data.preprocess import preprocess
+    from mmm.data.store_writer import preprocess
 
     return preprocess(data_cfg(Path(store).parent / "corpus", Path(store), num_workers=2), tok_cfg())
 
@@ -144,7 +144,7 @@ def test_tokenizer_file(tmp_path):
 
 
 def test_checkpoint_folder(tmp_path):
-    from mmm.checkpoint import load_pretrained
+    from mmm.model.pretrained import load_pretrained
 
     folder = tmp_path / "model"
     write_folder(str(folder), "old")
@@ -161,7 +161,7 @@ def test_checkpoint_folder(tmp_path):
 
 
 def test_lightning_checkpoint(tmp_path):
-    from mmm.checkpoint import load_checkpoint_file
+    from mmm.model.pretrained import load_checkpoint_file
 
     path = tmp_path / "last.ckpt"
     write_lightning_ckpt(str(path), "old")
@@ -180,7 +180,7 @@ def test_a_full_disk_or_quota_reads_the_same(tmp_path, monkeypatch, code):
     (safetensors raises its own type carrying the OS message) are recognised."""
     import errno
 
-    from mmm.io import DiskFull, atomic_write, atomic_write_bytes
+    from mmm.files.atomic import DiskFull, atomic_write, atomic_write_bytes
 
     target = tmp_path / "x.bin"
     atomic_write_bytes(target, b"old")

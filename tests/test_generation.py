@@ -1,4 +1,4 @@
-"""Generation: grammar (`mmm.grammar`), sampling loop (`mmm.generation`), API (`mmm.api`).
+"""Generation: grammar (`mmm.generation.grammar`), sampling loop (`mmm.generation.sampling`), API (`mmm.generation.api`).
 
 Proves, with untrained random-weight models (whose logits are close to uniform, so only the
 grammar can make the structure hold):
@@ -34,25 +34,38 @@ from miditok.utils import get_bars_ticks
 from symusic import Note, Score, Tempo, TimeSignature, Track
 
 from conftest import preprocess_settings, synthetic_score, tiny_model
-from mmm.api import MMM, Controls
+from mmm.generation.api import MMM, Controls
 from mmm.data.layout import piece_from_score
-from mmm.data.controls import bar_controls, track_controls
-from mmm.data.pieces import tokenize_score
-from mmm.generation import SamplingConfig, generate_ids, make_generator, sample_next
-from mmm.grammar import BarGrammar, BarPlan, GrammarTables
+from mmm.controls.measure import bar_controls, track_controls
+from mmm.data.chunks import tokenize_score
+from mmm.generation.request import Request, SamplingConfig
+from mmm.generation.sampling import generate_ids, make_generator, sample_next
+from mmm.generation.grammar import BarGrammar, BarPlan, GrammarTables
 
 MULTITRACK = sorted((Path(os.environ["MMM_TEST_MIDI"]) / "multitrack").glob("*.mid")) if os.environ.get("MMM_TEST_MIDI") else []
 
 
+class Recorded(MMM):
+    """An `MMM` that keeps the report of its last call for the assertions below (the library
+    returns it from `run` instead: one result per call, see the two-threads test)."""
+
+    last_report = None
+
+    def run(self, *args, **kwargs):
+        generation = super().run(*args, **kwargs)
+        self.last_report = generation.report
+        return generation
+
+
 @pytest.fixture(scope="module")
 def mmm(bpe_tokenizer, bpe_vocab) -> MMM:
-    return MMM(tiny_model(bpe_vocab.size), bpe_tokenizer, max_bar_tokens=24, num_threads=1)
+    return Recorded(tiny_model(bpe_vocab.size), bpe_tokenizer, max_bar_tokens=24, num_threads=1)
 
 
 @pytest.fixture(scope="module")
 def mmm_base(tokenizer, vocab) -> MMM:
     """Without BPE: model ids are base ids."""
-    return MMM(tiny_model(vocab.size), tokenizer, max_bar_tokens=24, num_threads=1)
+    return Recorded(tiny_model(vocab.size), tokenizer, max_bar_tokens=24, num_threads=1)
 
 
 # -- an independent checker of generated tokens (token strings, not the grammar's tables) ---------
@@ -383,15 +396,15 @@ def test_synthetic_piece_infill_and_new_track(mmm):
 def test_bars_cut_short_by_the_budget_are_reported(bpe_tokenizer, bpe_vocab, caplog):
     """A row that runs out of context is closed with the exact bar count, and the bars written
     under that pressure are named in the report and in a warning, never silently."""
-    cramped = MMM(tiny_model(bpe_vocab.size, max_seq_len=160), bpe_tokenizer, max_bar_tokens=8, num_threads=1)
+    cramped = Recorded(tiny_model(bpe_vocab.size, max_seq_len=160), bpe_tokenizer, max_bar_tokens=8, num_threads=1)
     score = synthetic_score(0, 12)
-    with caplog.at_level("WARNING", logger="mmm.api"):
+    with caplog.at_level("WARNING", logger="mmm.generation.api"):
         out = cramped.infill(score, track=0, bars=(2, 6), seed=0, bars_before=1, bars_after=1)
     assert_infill_ok(cramped, score, out, 0, 2, 6)
     starved = cramped.last_report.summary()["starved_bars"]
     assert starved and all(t == 0 and 2 <= b < 6 for t, b in starved), starved
     assert "may be cut short" in caplog.text
-    roomy = MMM(tiny_model(bpe_vocab.size, max_seq_len=2048), bpe_tokenizer, max_bar_tokens=8, num_threads=1)
+    roomy = Recorded(tiny_model(bpe_vocab.size, max_seq_len=2048), bpe_tokenizer, max_bar_tokens=8, num_threads=1)
     roomy.infill(score, track=0, bars=(2, 3), seed=0, bars_before=0, bars_after=0)
     assert roomy.last_report.summary()["starved_bars"] == []
 
@@ -512,6 +525,44 @@ def test_generate_from_scratch(mmm):
         assert len([s for s in steps if s.track == 0]) == (1 if bar_tokens == 8 else 3)
 
 
+def test_two_threads_on_one_model_each_get_their_own_report(bpe_tokenizer, bpe_vocab):
+    """`MMM.run` returns the scores with the report of that call: two requests running at once
+    on one `MMM` (threads, a server) never see each other's report nor progress."""
+    import threading
+
+    shared = MMM(tiny_model(bpe_vocab.size), bpe_tokenizer, max_bar_tokens=24, num_threads=1)
+    score = synthetic_score(1, 12)
+    requests = {"infill": Request("infill", track=1, bars=(2, 5), seed=3),
+                "add_track": Request("add_track", program=33, seed=4)}
+    results, progress, errors = {}, {name: 0 for name in requests}, []
+    barrier = threading.Barrier(len(requests))
+
+    def work(name: str) -> None:
+        def on_step(grammars) -> None:
+            progress[name] += 1
+        try:
+            barrier.wait()
+            results[name] = shared.run(requests[name], score, on_step)
+        except Exception as err:  # noqa: BLE001 - reported by the assertion below
+            errors.append(err)
+
+    threads = [threading.Thread(target=work, args=(name,)) for name in requests]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    infill, added = results["infill"].report, results["add_track"].report
+    assert {s.task for s in infill.steps} == {"infill"} and {(s.track, s.bars) for s in infill.steps} == {(1, (2, 5))}
+    assert infill.steps[0].context_tracks and added.steps[0].task == "track"
+    assert all(s.track == len(score.tracks) for s in added.steps)
+    # each progress hook counted its own tokens only
+    assert progress["infill"] == sum(s.timings["new_tokens"] for s in infill.steps)
+    assert progress["add_track"] == sum(s.timings["new_tokens"] for s in added.steps)
+    assert len(results["add_track"].scores[0].tracks) == len(score.tracks) + 1
+    assert len(results["infill"].scores[0].tracks) == len(score.tracks)
+
+
 def test_variations_differ_and_seed_reproduces(mmm):
     score = synthetic_score(0, 12)
     outs = mmm.infill(score, track=0, bars=(3, 6), seed=7, num_variations=3)
@@ -537,7 +588,7 @@ def _one(step, tokens):
 # -- prompts are the training format ------------------------------------------------------
 def test_prompts_are_training_samples(bpe_tokenizer, bpe_vocab):
     v = bpe_vocab
-    big = MMM(tiny_model(v.size, max_seq_len=4096), bpe_tokenizer, max_bar_tokens=24, num_threads=1)
+    big = Recorded(tiny_model(v.size, max_seq_len=4096), bpe_tokenizer, max_bar_tokens=24, num_threads=1)
     score = synthetic_score(0, 12)
     settings = preprocess_settings(min_notes=1, min_bars=1, chunk_max_tokens=10**9, chunk_max_track_tokens=10**9)
     (chunk,) = tokenize_score(score, bpe_tokenizer, v, settings)  # the training path
@@ -567,7 +618,7 @@ def test_prompts_are_training_samples(bpe_tokenizer, bpe_vocab):
 
 
 def test_context_window_fits_the_model(bpe_tokenizer, bpe_vocab):
-    small = MMM(tiny_model(bpe_vocab.size, max_seq_len=256), bpe_tokenizer, max_bar_tokens=16, num_threads=1)
+    small = Recorded(tiny_model(bpe_vocab.size, max_seq_len=256), bpe_tokenizer, max_bar_tokens=16, num_threads=1)
     score = synthetic_score(3, 24)
     out = small.infill(score, track=0, bars=(10, 12), bars_before=2, bars_after=1, seed=0)
     step = small.last_report.steps[0]
@@ -783,8 +834,8 @@ def test_import_mmm_is_light():
     import sys
 
     import mmm as package
-    import mmm.api
+    import mmm.generation.api
 
-    code = "import sys, mmm; assert 'torch' not in sys.modules and 'mmm.api' not in sys.modules"
+    code = "import sys, mmm; assert 'torch' not in sys.modules and 'mmm.generation.api' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
-    assert package.MMM is mmm.api.MMM
+    assert package.MMM is mmm.generation.api.MMM

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 
 from conftest import chunk_dict, preprocess_settings, sequences_config, synthetic_score
-from mmm.data.pieces import tokenize_score
+from mmm.data.chunks import tokenize_score
 from mmm.data.sequences import SequenceBuilder, generated_start
-from mmm.grammar import BarGrammar, BarPlan, GrammarTables
+from mmm.generation.grammar import BarGrammar, BarPlan, GrammarTables
 from mmm.tokenizer import Vocab
 
 

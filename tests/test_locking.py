@@ -1,4 +1,4 @@
-"""One writer per folder (mmm.locking), with real processes holding and fighting over locks."""
+"""One writer per folder (mmm.files.locks), with real processes holding and fighting over locks."""
 
 from __future__ import annotations
 
@@ -13,14 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from mmm.locking import LockHeld, acquire_lock
+from mmm.files.locks import LockHeld, acquire_lock
 
 # Holds the lock argv[4] of folder argv[1] (shared by the job when argv[5] is "1") and reports;
 # stays until the file argv[2] exists (or is killed).
 HOLDER = """
 import sys, time
 from pathlib import Path
-from mmm.locking import LockHeld, acquire_lock
+from mmm.files.locks import LockHeld, acquire_lock
 try:
     with acquire_lock(sys.argv[1], sys.argv[4], stale_after=float(sys.argv[3]), shared_by_job=sys.argv[5] == "1") as lock:
         print("owner" if lock.owner else "joined", lock.record["pid"], flush=True)

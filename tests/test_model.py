@@ -5,16 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmm.model import (
-    PRESETS,
-    MMMTransformer,
-    ModelConfig,
-    from_hf_config,
-    from_hf_mistral,
-    model_config_from_preset,
-    to_hf_config,
-    to_hf_mistral,
-)
+from mmm.model import PRESETS, MMMTransformer, ModelConfig, model_config_from_preset
+from mmm.model.hf import from_hf_config, from_hf_mistral, to_hf_config, to_hf_mistral
 
 try:  # optional (the train and dev extras): only the comparisons with its Mistral need it
     import transformers

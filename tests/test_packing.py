@@ -9,8 +9,9 @@ import torch
 
 from mmm.data.datamodule import collate, pack
 from mmm.data.sequences import IGNORE_INDEX
-from mmm.lit_module import MMMLitModule
-from mmm.model import MMMTransformer, ModelConfig, next_token_nll, packed_positions, varlen_offsets
+from mmm.training.module import MMMLitModule
+from mmm.model import MMMTransformer, ModelConfig, next_token_nll
+from mmm.model.masks import packed_positions, varlen_offsets
 
 VOCAB = 50
 PAD = 0

@@ -1,4 +1,4 @@
-"""One file -> chunks of base ids (`mmm.data.pieces.tokenize_score`), what the store keeps.
+"""One file -> chunks of base ids (`mmm.data.chunks.tokenize_score`), what the store keeps.
 
 Proves: the chunks of a file hold exactly its notes (time, duration, pitch, velocity, per
 program / drums), tempos and time signatures, as miditok's own preprocessing gives them,
@@ -20,7 +20,7 @@ from symusic import Note, Score, Tempo, TimeSignature, Track
 from conftest import notes_of, preprocess_settings, synthetic_score
 from mmm.data.checks import Rejected
 from mmm.data.layout import split_bars
-from mmm.data.pieces import tokenize_score
+from mmm.data.chunks import tokenize_score
 
 SMALL_CHUNKS = dict(chunk_max_tokens=900, chunk_max_track_tokens=400)
 

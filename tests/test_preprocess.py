@@ -13,7 +13,7 @@ import pytest
 
 from conftest import REPO, corpus_with_bad_files, data_cfg, store_rows, tok_cfg
 from mmm.data.store import Store, done_shards, shard_paths
-from mmm.data.preprocess import preprocess, split_of
+from mmm.data.store_writer import preprocess, split_of
 
 
 @pytest.fixture(scope="module")

@@ -20,8 +20,8 @@ import pytest
 
 from conftest import REPO, corpus_with_bad_files, data_cfg, tok_cfg
 from mmm.data.store import done_shards, shard_paths
-from mmm.locking import LockHeld
-from mmm.data.preprocess import TEST_FAULTS_ENV, TEST_PAUSE_ENV, array_task, preprocess
+from mmm.files.locks import LockHeld
+from mmm.data.store_writer import TEST_FAULTS_ENV, TEST_PAUSE_ENV, array_task, preprocess
 
 TIMEOUT = 3  # file_timeout of every run here (it is part of the store's settings)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from conftest import corpus_with_bad_files, data_cfg, store_rows, tok_cfg
-from mmm.data.preprocess import MAX_SHARD_TRIES, TEST_FAULTS_ENV, TEST_PAUSE_ENV, preprocess
+from mmm.data.store_writer import MAX_SHARD_TRIES, TEST_FAULTS_ENV, TEST_PAUSE_ENV, preprocess
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import symusic
 
 from conftest import LAYOUTS, SCHEMA, data_cfg, make_gigamidi, midi_bytes, store_rows, tok_cfg, write_synthetic_midi
 from mmm.data.store import Store
-from mmm.data.preprocess import preprocess, split_of
+from mmm.data.store_writer import preprocess, split_of
 
 SMALL = {"min_bars": 1, "min_notes": 1, "chunk_min_bars": 1}  # midi_bytes pieces are one bar long
 

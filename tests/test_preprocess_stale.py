@@ -15,8 +15,8 @@ from omegaconf import OmegaConf
 from conftest import REPO, corpus_with_bad_files, data_cfg, data_config, tok_cfg
 from mmm.data.datamodule import MIDIDataModule
 from mmm.data.store import Store
-from mmm.locking import acquire_lock
-from mmm.data.preprocess import preprocess
+from mmm.files.locks import acquire_lock
+from mmm.data.store_writer import preprocess
 from mmm.tokenizer import build_tokenizer, save_tokenizer
 from mmm.data.prepare import ensure_tokenizer
 from mmm.data.prepare import train_tokenizer

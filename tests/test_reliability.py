@@ -133,7 +133,7 @@ def bad_files(root: Path) -> dict[str, str]:
 
 def test_every_kind_of_bad_midi_is_skipped_with_its_reason(tmp_path):
     from conftest import data_cfg, tok_cfg
-    from mmm.data.preprocess import preprocess
+    from mmm.data.store_writer import preprocess
 
     expected = bad_files(tmp_path / "bad")
     write_synthetic_midi(tmp_path / "bad" / "fine.mid", 5, 12)
@@ -150,7 +150,7 @@ def test_fuzzed_midi_never_crashes_or_hangs_preprocessing(tmp_path, request):
     import random
 
     from conftest import data_cfg, tok_cfg
-    from mmm.data.preprocess import preprocess
+    from mmm.data.store_writer import preprocess
 
     root = os.environ.get("MMM_TEST_MIDI")
     seeds = sorted(Path(root, "multitrack").glob("*.mid"))[:4] if root else []
@@ -218,7 +218,7 @@ def test_sampling_side_check_refuses_bad_scores():
 
 # -- atomic writes -------------------------------------------------------------------------
 def test_store_shard_write_is_atomic(tmp_path, monkeypatch):
-    import mmm.io
+    import mmm.files.atomic
     from mmm.data import store as store_module
 
     target = tmp_path / "x.arrow"
@@ -227,14 +227,14 @@ def test_store_shard_write_is_atomic(tmp_path, monkeypatch):
     def boom(fd):
         raise OSError("disk full")
 
-    monkeypatch.setattr(mmm.io.os, "fsync", boom)
+    monkeypatch.setattr(mmm.files.atomic.os, "fsync", boom)
     with pytest.raises(OSError):
         store_module.atomic_write_bytes(target, b"new content")
     assert target.read_bytes() == b"old"
 
 
 def test_checkpoint_folder_write_is_atomic(tmp_path, monkeypatch):
-    from mmm.checkpoint import load_pretrained, save_pretrained
+    from mmm.model.pretrained import load_pretrained, save_pretrained
     from mmm.model import MMMTransformer, model_config_from_preset
     from mmm.tokenizer import build_tokenizer
 
@@ -304,7 +304,7 @@ def mmm_ckpt(path: Path, **extra) -> Path:
 
 def test_a_checkpoint_carrying_code_is_refused_and_the_code_never_runs(tmp_path):
     from mmm import MMM
-    from mmm.checkpoint import UnsafeCheckpoint, load_checkpoint_file, load_pretrained
+    from mmm.model.pretrained import UnsafeCheckpoint, load_checkpoint_file, load_pretrained
 
     marker = tmp_path / "pwned"
     good = mmm_ckpt(tmp_path / "good.ckpt")
@@ -340,7 +340,7 @@ def deepspeed_dir(folder: Path, marker: Path) -> Path:
 def test_a_deepspeed_checkpoint_carrying_code_is_refused_before_deepspeed_unpickles_it(tmp_path):
     """DeepSpeed's zero_to_fp32 loads every state file with weights_only=False: each is scanned
     first, and a global beyond DeepSpeed's own few is refused before anything is unpickled."""
-    from mmm.checkpoint import UnsafeCheckpoint, load_pretrained
+    from mmm.model.pretrained import UnsafeCheckpoint, load_pretrained
 
     marker = tmp_path / "pwned"
     folder = deepspeed_dir(tmp_path / "last.ckpt", marker)
@@ -351,7 +351,7 @@ def test_a_deepspeed_checkpoint_carrying_code_is_refused_before_deepspeed_unpick
 
 def test_resuming_from_a_checkpoint_carrying_code_is_refused(corpus, tmp_path):
     """Lightning's own resume path (`Trainer.fit(ckpt_path=...)`) goes through the same check."""
-    from mmm.checkpoint import UnsafeCheckpoint
+    from mmm.model.pretrained import UnsafeCheckpoint
 
     marker = tmp_path / "pwned"
     bad = mmm_ckpt(tmp_path / "bad.ckpt", callbacks={"Innocent": {"state": Trap(marker)}})
@@ -383,8 +383,8 @@ def test_a_remote_checkpoint_carrying_code_is_refused(tmp_path, monkeypatch):
     import http.server
     import threading
 
-    from mmm.checkpoint import UnsafeCheckpoint
-    from mmm.checkpoint_io import MMMCheckpointIO
+    from mmm.model.pretrained import UnsafeCheckpoint
+    from mmm.training.checkpoint_io import MMMCheckpointIO
 
     marker = tmp_path / "pwned"
     served = tmp_path / "served"
@@ -448,7 +448,7 @@ def test_tokenizer_vocab_size_mismatch_fails_before_training(corpus, tmp_path):
 
 
 def test_sampling_refuses_bad_midi_with_its_reason(tmp_path):
-    from mmm.api import read_score
+    from mmm.generation.scores import read_score
 
     expected = bad_files(tmp_path / "bad")
     for name, reason in expected.items():

@@ -1,4 +1,4 @@
-"""`python -m mmm.sample` (`mmm.sample.sample`) and the piano roll (`mmm.pianoroll`).
+"""`python -m mmm.sample` (`mmm.sample.sample`) and the piano roll (`mmm.render.pianoroll`).
 
 Proves: the real configs/sample.yaml composes and runs every task on a saved random-weight
 checkpoint, writing one MIDI + one piano-roll PNG (original and generated notes in their two
@@ -22,8 +22,8 @@ from symusic import Score, TimeSignature
 
 from conftest import compose_config, synthetic_score, tiny_model, write_synthetic_midi
 from mmm import sample as sample_module
-from mmm.checkpoint import save_pretrained
-from mmm.pianoroll import GENERATED_COLOR, ORIGINAL_COLOR, plot_pianoroll
+from mmm.model.pretrained import save_pretrained
+from mmm.render.pianoroll import GENERATED_COLOR, ORIGINAL_COLOR, plot_pianoroll
 from mmm.sample import sample
 
 
@@ -95,12 +95,12 @@ def test_summary_warns_when_the_bar_grid_differs_from_the_file(ckpt, bpe_tokeniz
     score.time_signatures.append(TimeSignature(0, num, den))  # the later event at tick 0 rules the file's bars
     midi = tmp_path / "odd.mid"
     score.dump_midi(str(midi))
-    with caplog.at_level("WARNING", logger="mmm.api"):
+    with caplog.at_level("WARNING", logger="mmm.generation.api"):
         summary = sample(config(f"ckpt={ckpt}", f"input={midi}", "task=infill", "track=1", "bars=[1,2]",
                                 f"out_dir={tmp_path / 'out'}"))
     written = json.loads(Path(summary["summary_path"]).read_text())["bar_grid_warning"]
     assert f"{num}/{den}" in written and "bar 0" in written  # the model counts 4/4 bars from the start
-    assert any(r.name == "mmm.api" and written in r.getMessage() for r in caplog.records)
+    assert any(r.name == "mmm.generation.api" and written in r.getMessage() for r in caplog.records)
 
 
 def _empty_midi(path: Path) -> Path:
@@ -198,7 +198,7 @@ def test_render_writes_a_wav_per_output(ckpt, midi, tmp_path):
 
     if shutil.which("fluidsynth") is None:
         pytest.skip("fluidsynth is not installed (make audio-deps)")
-    from mmm.audio import find_soundfont
+    from mmm.render.audio import find_soundfont
 
     try:
         find_soundfont()
@@ -211,10 +211,23 @@ def test_render_writes_a_wav_per_output(ckpt, midi, tmp_path):
 
 
 def test_render_without_fluidsynth_fails_before_loading(ckpt, midi, tmp_path, monkeypatch):
-    from mmm.audio import AudioDependencyError
+    from mmm.render.audio import AudioDependencyError
 
     monkeypatch.setenv("PATH", str(tmp_path))  # no fluidsynth on PATH
     monkeypatch.setattr(sample_module.MMM, "from_pretrained", lambda *a, **k: pytest.fail("model loaded"))
     with pytest.raises(AudioDependencyError, match="fluidsynth"):
         sample(config(f"ckpt={ckpt}", f"input={midi}", "task=infill", "track=0", "bars=[1,3]", "render=true",
                       f"out_dir={tmp_path}"))
+
+
+@pytest.mark.parametrize("config", ["sample", "evaluate"])
+def test_sampling_defaults_of_the_configs_are_the_libraries(config):
+    """`configs/sampling/default.yaml` (used by `mmm.sample` and `mmm.evaluate`) says what
+    `SamplingConfig` says: one set of defaults, whichever way a request comes in."""
+    from dataclasses import asdict
+
+    from mmm.generation.request import SamplingConfig
+
+    cfg = compose_config(config, ["ckpt=x"])
+    section = cfg if config == "sample" else cfg.sampling
+    assert {k: section[k] for k in asdict(SamplingConfig())} == asdict(SamplingConfig())

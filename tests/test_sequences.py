@@ -1,4 +1,4 @@
-"""Training sequences (`mmm.data.sequences`) and attribute controls (`mmm.data.controls`).
+"""Training sequences (`mmm.data.sequences`) and attribute controls (`mmm.controls.measure`).
 
 Proves: bar ACs hold miditok's own values (`encode(..., attribute_controls_indexes=...)`), and
 where miditok skips single-note bars ours does not; they sit right after `Bar TimeSig`, where
@@ -22,9 +22,9 @@ from miditok.utils import get_bars_ticks
 from symusic import Score
 
 from conftest import chunk_dict, preprocess_settings, sequences_config, synthetic_score
-from mmm.data.controls import bar_controls
+from mmm.controls.measure import bar_controls
 from mmm.data.layout import insert_bar_acs, split_bars
-from mmm.data.pieces import tokenize_score
+from mmm.data.chunks import tokenize_score
 from mmm.data.sequences import IGNORE_INDEX, SampleSpec, SequenceBuilder, TrackPart, assemble, encode_sample
 from reference import reference_sample
 

@@ -36,8 +36,9 @@ from fastapi.testclient import TestClient  # noqa: E402
 from symusic import Note, Score, Tempo, TimeSignature, Track  # noqa: E402
 
 from conftest import REPO, synthetic_score  # noqa: E402
-from mmm.api import MMM, bar_grid, count_bars  # noqa: E402
-from mmm.checkpoint import save_pretrained  # noqa: E402
+from mmm.generation.api import MMM  # noqa: E402
+from mmm.generation.scores import bar_grid, count_bars  # noqa: E402
+from mmm.model.pretrained import save_pretrained  # noqa: E402
 from mmm.serve.app import Settings, create_app  # noqa: E402
 from mmm.serve.jobs import Job  # noqa: E402
 
@@ -335,7 +336,7 @@ def test_cancel_stops_a_running_job_and_drops_a_queued_one(serve_mmm, song):
         # "cancelled" is only set once the worker caught the exception raised in the sampling loop
         assert cancelled["state"] == "cancelled" and cancelled["progress"]["bars_done"] < 4 * 64 * 4
         jobs = c.app.state.server.jobs
-        assert jobs.running is None and serve_mmm.on_step is None
+        assert jobs.running is None
         done_bars = c.get(f"/v1/jobs/{job_id}").json()["progress"]["bars_done"]
         time.sleep(0.2)
         assert c.get(f"/v1/jobs/{job_id}").json()["progress"]["bars_done"] == done_bars  # it really stopped
@@ -425,10 +426,10 @@ def test_bar_grid_reports_a_grid_that_differs_from_the_file(client, serve_mmm, t
     midi = score.dumps_midi()
     a = client.post("/v1/analyze", files={"file": ("odd.mid", midi)}).json()
     assert a["grid"]["first_difference"] == grid.first_difference and f"{num}/{den}" in a["grid"]["difference"]
-    with caplog.at_level("WARNING", logger="mmm.api"):
+    with caplog.at_level("WARNING", logger="mmm.generation.api"):
         r = client.post("/v1/infill", files={"file": ("odd.mid", midi)}, data={"track": "0", "bars": "[1,2]", "seed": "0"})
     assert r.status_code == 200 and f"{num}/{den}" in r.json()["bar_grid_warning"]
-    assert any(rec.name == "mmm.api" and f"{num}/{den}" in rec.getMessage() for rec in caplog.records)  # MMM.run's
+    assert any(rec.name == "mmm.generation.api" and f"{num}/{den}" in rec.getMessage() for rec in caplog.records)  # MMM.run's
 
 
 # --- the entry point ---------------------------------------------------------------------------------

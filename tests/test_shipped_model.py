@@ -52,14 +52,14 @@ def test_an_uncontrolled_infill_bar_is_rarely_expected_empty(shipped):
     an empty bar: the first infilled bar got a ~50% chance of silence (experiments/sparse_infills)."""
     import torch
 
-    from mmm.grammar import GrammarTables
-    from mmm.request import Request
+    from mmm.generation.grammar import GrammarTables
+    from mmm.generation.request import Request
 
     score = synthetic_score(3, 12)
     track, (a, b) = 1, (4, 8)
-    shipped.infill(score, track=track, bars=(a, b), seed=0)
-    prompt = list(shipped.last_report.steps[0].prompt)
-    _, _, piece = shipped.check(Request("infill", track=track, bars=(a, b)), score)
+    request = Request("infill", track=track, bars=(a, b), seed=0)
+    prompt = list(shipped.run(request, score).report.steps[0].prompt)
+    _, _, piece = shipped.check(request, score)
     vocab, model = shipped.vocab, shipped.model
     tables = GrammarTables.of(vocab)
     closes = tables.opens_bar.copy()

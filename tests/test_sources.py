@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import symusic
 
+import mmm.data.music21_corpus as music21_corpus
 import mmm.data.sources as sources
 from conftest import LAYOUTS, ROWS, SCHEMA, SUBSETS, gigamidi_rows, make_gigamidi, midi_bytes, write_parquet
 from mmm.data.sources import (
@@ -23,8 +24,8 @@ from mmm.data.sources import (
     MusicFile,
     Source,
     build_source,
-    convert_to_midi,
 )
+from mmm.data.music21_corpus import convert_to_midi
 
 ABC_TUNE = "X:1\nT:Scale\nM:4/4\nL:1/8\nK:G\nGABc defg|g2f2 e2d2|]\n"
 
@@ -217,7 +218,7 @@ def test_embedded_converts_first_works(embedded_cache):
     cache, src = embedded_cache
     assert isinstance(src, Source)
     assert len(src) == 3
-    expected = [name for name, _ in sources._corpus_works("bach")[:3]]
+    expected = [name for name, _ in music21_corpus.corpus_works("bach")[:3]]
     assert [src[i].name for i in range(3)] == expected == sorted(expected)
     for i in range(3):
         score = src[i].load()
@@ -252,7 +253,7 @@ def test_embedded_failures_are_skipped_and_remembered(tmp_path, monkeypatch, cap
             raise RuntimeError("music21 choked")
         return midi_bytes(len(calls))
 
-    monkeypatch.setattr(sources, "convert_to_midi", flaky)
+    monkeypatch.setattr(music21_corpus, "convert_to_midi", flaky)
     with caplog.at_level(logging.WARNING, logger="mmm.data.sources"):
         src = EmbeddedSource(tmp_path, max_files=3, num_workers=1)
     assert len(src) == 2 and len(calls) == 3
@@ -272,7 +273,7 @@ def test_embedded_interrupted_conversion_resumes(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return midi_bytes(len(calls))
 
-    monkeypatch.setattr(sources, "convert_to_midi", interrupted)
+    monkeypatch.setattr(music21_corpus, "convert_to_midi", interrupted)
     with pytest.raises(KeyboardInterrupt):
         EmbeddedSource(tmp_path, max_files=3, num_workers=1)
     assert len(list(tmp_path.rglob("*.mid"))) == 1  # the interrupted work left no file at all
@@ -281,7 +282,7 @@ def test_embedded_interrupted_conversion_resumes(tmp_path, monkeypatch):
 
 
 def test_embedded_programs():
-    works = dict(sources._corpus_works("all"))
+    works = dict(music21_corpus.corpus_works("all"))
     chorale = symusic.Score.from_midi(convert_to_midi(works["bach/bwv10.7.mid"]))
     assert [(t.name, t.program) for t in chorale.tracks] == [("Soprano", 40), ("Alto", 41), ("Tenor", 42), ("Bass", 43)]
     quartet = symusic.Score.from_midi(convert_to_midi(works["haydn/opus74no1/movement3.mid"]))
@@ -321,12 +322,12 @@ def music21_part(name: str, inst: str | None, pitches: list[int]):
     ],
 )
 def test_program_for_part(name, inst, pitches, program):
-    assert sources._program_for_part(music21_part(name, inst, pitches)) == program
+    assert music21_corpus._program_for_part(music21_part(name, inst, pitches)) == program
 
 
 def test_embedded_corpus_lists():
-    bach = sources._corpus_works("bach")
-    everything = sources._corpus_works("all")
+    bach = music21_corpus.corpus_works("bach")
+    everything = music21_corpus.corpus_works("all")
     names = [n for n, _ in everything]
     assert len(bach) > 350 and set(bach) <= set(everything)
     assert names == sorted(names) and len(set(names)) == len(names)

@@ -17,9 +17,9 @@ from lightning.pytorch.strategies import DeepSpeedStrategy
 from omegaconf import OmegaConf
 
 from conftest import CONFIGS, REPO, compose_config, small_overrides
-from mmm.checkpoint import FORMAT_VERSION, load_pretrained
+from mmm.model.pretrained import FORMAT_VERSION, load_pretrained
 from mmm.data.sequences import IGNORE_INDEX
-from mmm.model import packed_positions
+from mmm.model.masks import packed_positions
 from mmm.train import check_config, train
 
 EXPERIMENTS = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))
@@ -105,7 +105,7 @@ def test_export_carries_generation_settings_measured_on_the_data(trained):
 
     import numpy as np
 
-    from mmm.api import MMM
+    from mmm.generation.api import MMM
     from mmm.data.store import Store
     from mmm.tokenizer import Vocab
 

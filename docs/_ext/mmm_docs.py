@@ -173,21 +173,23 @@ def selectable_options(group: str) -> list[str]:
     """Options of a group, without the shared bases that its other options include."""
     options = group_options(group)
     files = {o: load_file(f"{group}/{o}.yaml") for o in options}
-    bases = {sub for f in files.values() for g, sub, _ in _default_entries(f) if g is None and sub != "_self_"}
+    bases = {sub for f in files.values() for g, sub, _, _ in _default_entries(f) if g is None and sub != "_self_"}
     return [o for o in options if o not in bases or o == "default"]
 
 
-def _default_entries(cfg: ConfigFile) -> list[tuple[str | None, str, bool]]:
-    """(group or None, option, is_override) of a defaults list; `_self_` is ("", "_self_")."""
+def _default_entries(cfg: ConfigFile) -> list[tuple[str | None, str, bool, tuple[str, ...] | None]]:
+    """(group or None, option, is_override, package) of a defaults list; `_self_` is (None,
+    "_self_", ...). `package` is set by `group@package` (`@_here_`: the including file's)."""
     out = []
     for entry in cfg.defaults:
         if isinstance(entry, str):
-            out.append((None, entry, False))
+            out.append((None, entry, False, None))
         elif isinstance(entry, dict):
             for key, value in entry.items():
                 override = key.startswith("override ")
-                group = key.removeprefix("override ").strip().lstrip("/")
-                out.append((group, str(value), override))
+                group, _, package = key.removeprefix("override ").strip().lstrip("/").partition("@")
+                where = None if not package else () if package in ("_here_", "_global_") else tuple(package.split("."))
+                out.append((group, str(value), override, where))
     return out
 
 
@@ -220,21 +222,21 @@ def compose(config_name: str, overrides: list[str] | None = None) -> Composed:
     files: list[tuple[tuple[str, ...], ConfigFile]] = []
     groups = []
 
-    def add(group: str, option: str) -> None:
+    def add(group: str, option: str, package: tuple[str, ...] | None = None) -> None:
         if option in PLUGIN_CONFIGS or not (CONFIGS / group / f"{option}.yaml").is_file():
             return
         file = load_file(f"{group}/{option}.yaml")
-        for sub_group, sub_option, _ in _default_entries(file):
+        for sub_group, sub_option, _, sub_package in _default_entries(file):
             if sub_option == "_self_":
                 continue
-            add(sub_group or group, sub_option)
-        files.append((file.package(), file))
+            add(sub_group or group, sub_option, sub_package)
+        files.append((file.package() if package is None else package, file))
 
-    for group, option, _ in _default_entries(primary):
+    for group, option, _, package in _default_entries(primary):
         if option == "_self_" or group is None:
             continue
         groups.append(group)
-        add(group, choices.get(group, option))
+        add(group, choices.get(group, option), package)
     for extra in (overrides or []):  # +experiment=x and other appended groups
         key, _, option = extra.lstrip("+~").partition("=")
         if "/" not in key and (CONFIGS / key).is_dir() and key not in groups:
@@ -603,7 +605,7 @@ class ConfigGroupDirective(_ConfigDirective):
         notes, used = load_notes(), self._used()
         self._depend(NOTES_FILE, *(CONFIGS / group / f"{o}.yaml" for o in options))
         files = {o: load_file(f"{group}/{o}.yaml") for o in options}
-        included = {sub for f in files.values() for g, sub, _ in _default_entries(f) if g is None and sub != "_self_"}
+        included = {sub for f in files.values() for g, sub, _, _ in _default_entries(f) if g is None and sub != "_self_"}
         default = composed.choices.get(group)
         out: list[nodes.Node] = []
         for option in options:
@@ -619,7 +621,7 @@ class ConfigGroupDirective(_ConfigDirective):
                 self.warn(f"config option configs/{file.rel} has no description: start the file with a comment "
                           f"or add `{group}/{option}` under `options:` in docs/config_notes.yaml")
             parts = [text] if text else []
-            bases = [sub for g, sub, _ in _default_entries(file) if sub != "_self_"]
+            bases = [sub for g, sub, _, _ in _default_entries(file) if sub != "_self_"]
             if bases:
                 parts.append("Includes " + ", ".join(
                     f"`{b}`" + (" (from the Hydra plugin)" if b in PLUGIN_CONFIGS else "") for b in bases) + ".")
@@ -655,7 +657,7 @@ class ExperimentsDirective(_ConfigDirective):
                 out.append(para(file.header))
             else:
                 self.warn(f"configs/experiment/{option}.yaml has no header comment saying what it is")
-            swaps = [f"`{g}={o}`" for g, o, _ in _default_entries(file) if g]
+            swaps = [f"`{g}={o}`" for g, o, _, _ in _default_entries(file) if g]
             if swaps:
                 out.append(para("Selects " + ", ".join(swaps) + ", then sets:"))
             search = [((), file)] + composed.files
@@ -671,7 +673,7 @@ def token_example() -> dict[str, Any]:
     """Build a real infill sample and a new-track sample from a 4-bar synthetic score."""
     from symusic import Note, Score, Tempo, TimeSignature, Track
 
-    from mmm.data.controls import bar_controls, track_controls
+    from mmm.controls.measure import bar_controls, track_controls
     from mmm.data.layout import tokenize_bars
     from mmm.data.sequences import SampleSpec, TrackPart, assemble, encode_sample
     from mmm.tokenizer import Vocab, build_tokenizer

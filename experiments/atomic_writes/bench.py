@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from mmm.checkpoint_io import MMMCheckpointIO
-from mmm.locking import acquire_lock
+from mmm.training.checkpoint_io import MMMCheckpointIO
+from mmm.files.locks import acquire_lock
 
 
 def timed(fn, repeats: int) -> float:

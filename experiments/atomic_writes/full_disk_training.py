@@ -23,7 +23,7 @@ def child(corpus: Path, root: Path, steps: int, limit: int) -> None:
     sys.path.insert(0, str(REPO / "tests"))
     from conftest import compose_config, small_overrides
 
-    from mmm.checkpoint import load_checkpoint_file
+    from mmm.model.pretrained import load_checkpoint_file
     from mmm.train import train
 
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # write() then fails with EFBIG, as a full disk fails with ENOSPC

@@ -149,7 +149,7 @@ def main() -> None:
     ap.add_argument("--write-readme", action="store_true")
     args = ap.parse_args()
 
-    from mmm.data.preprocess import preprocess
+    from mmm.data.store_writer import preprocess
 
     with tempfile.TemporaryDirectory() as tmp:
         out = args.out or Path(tmp)

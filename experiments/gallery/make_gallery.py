@@ -7,7 +7,7 @@ short audio excerpts.
         --out models/mmm-music21-small/gallery --no-train
 
 Inputs are the first bars of chorales of the model's store's held-out splits (valid/test), so the
-model never trained on them. Audio: mmm.audio.render_wav (FluidSynth, GM soundfont), then Ogg
+model never trained on them. Audio: mmm.render.audio.render_wav (FluidSynth, GM soundfont), then Ogg
 Vorbis (oggenc, Debian package vorbis-tools) to keep the files small; without oggenc the WAVs
 are kept. The page docs/gallery.rst shows what docs/gallery/gallery.json lists.
 """
@@ -85,7 +85,7 @@ class Gallery:
         self.oggenc = shutil.which("oggenc")
 
     def audio(self, score, name: str) -> str:
-        from mmm.audio import render_wav
+        from mmm.render.audio import render_wav
 
         wav = render_wav(score, self.tmp / f"{name}.wav", sample_rate=22050)
         if self.oggenc is None:
@@ -97,7 +97,7 @@ class Gallery:
         return f"{name}.ogg"
 
     def roll(self, score, name: str, title: str, regions=()) -> str:
-        from mmm.pianoroll import plot_pianoroll
+        from mmm.render.pianoroll import plot_pianoroll
 
         plot_pianoroll(score, self.out / f"{name}.png", regions, title=title)
         return f"{name}.png"
@@ -127,7 +127,7 @@ def main() -> None:
     args = parse_args()
     ensure_model(args)
     from mmm import MMM
-    from mmm.request import describe_tracks
+    from mmm.generation.request import describe_tracks
 
     model = MMM.from_pretrained(args.model)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,7 @@ Four measurements, every variant run interleaved with the others under the same 
 
 1. decode tokens/s, unconstrained, per model size: `generate_ids` eager, `generate_ids` with the
    compiled static-shape step (`compile=True`), and `MistralForCausalLM.generate` on
-   `mmm.model.to_hf_mistral(model)`; the same prompt (the one `MMM.infill` builds for a 4-bar
+   `mmm.model.hf.to_hf_mistral(model)`; the same prompt (the one `MMM.infill` builds for a 4-bar
    infill), the same sampling (temperature 1, top-p 0.95, no top-k), exactly the same number of
    new tokens. `small` is the shipped model; `base` has random weights (speed does not depend
    on them). Decode time starts after the prefill (transformers: at its first logits processor
@@ -44,12 +44,14 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 from symusic import Score  # noqa: E402
 
-from mmm.api import MMM  # noqa: E402
+from mmm.generation.api import MMM  # noqa: E402
 from mmm.data.layout import piece_from_score  # noqa: E402
-from mmm.decoding import StaticDecoder, enable_compile  # noqa: E402
-from mmm.generation import SamplingConfig, generate_ids, make_generator  # noqa: E402
-from mmm.grammar import BarGrammar, BarPlan, GrammarTables  # noqa: E402
-from mmm.model import MMMTransformer, model_config_from_preset, to_hf_mistral  # noqa: E402
+from mmm.generation.compiled_step import StaticDecoder, enable_compile  # noqa: E402
+from mmm.generation.request import SamplingConfig  # noqa: E402
+from mmm.generation.sampling import generate_ids, make_generator  # noqa: E402
+from mmm.generation.grammar import BarGrammar, BarPlan, GrammarTables  # noqa: E402
+from mmm.model import MMMTransformer, model_config_from_preset  # noqa: E402
+from mmm.model.hf import to_hf_mistral  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 README = HERE / "README.md"
@@ -65,7 +67,7 @@ def default_midi() -> tuple[Score, str]:
             return Score(str(files[0])), str(files[0])
     import music21
 
-    from mmm.data.sources import convert_to_midi
+    from mmm.data.music21_corpus import convert_to_midi
 
     path = music21.corpus.getWork("bach/bwv66.6")
     return Score.from_midi(convert_to_midi(path)), "music21 corpus bach/bwv66.6"

@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from mmm.model import MMMTransformer, _load_flash_attn, model_config_from_preset
+from mmm.model import MMMTransformer, model_config_from_preset
+from mmm.model.transformer import _load_flash_attn
 
 # Dense bf16 tensor-core peaks from the vendors' data sheets (FLOP/s, without sparsity).
 PEAK_BF16 = {"H200": 989.4e12, "H100 SXM": 989.4e12, "H100 80GB HBM3": 989.4e12, "H100 PCIe": 756e12,

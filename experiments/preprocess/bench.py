@@ -36,7 +36,7 @@ BEGAN = time.perf_counter()  # "took" counts the imports below (tens of seconds 
 
 from hydra import compose, initialize_config_dir  # noqa: E402
 
-from mmm.data.preprocess import preprocess  # noqa: E402
+from mmm.data.store_writer import preprocess  # noqa: E402
 from mmm.data.sources import FolderSource, build_source  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -174,7 +174,7 @@ def main() -> None:
     if args.no_fsync:
         if args.write_readme:
             sys.exit("--no-fsync measures something users do not run: not with --write-readme")
-        os.fsync = lambda fd: None  # mmm.io calls os.fsync through the module
+        os.fsync = lambda fd: None  # mmm.files.atomic calls os.fsync through the module
     sizes = sorted(set(args.sizes or (QUICK_SIZES if args.quick else SIZES)))
     repeats = args.repeats or (1 if args.quick else 2)
     load_start = os.getloadavg()

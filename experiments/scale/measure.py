@@ -57,7 +57,7 @@ def config(midi: Path, work: Path, vocab_size: int):
 
 
 def measure_preprocessing(cfg) -> dict:
-    from mmm.data.preprocess import preprocess
+    from mmm.data.store_writer import preprocess
 
     with Clock() as c:
         report = preprocess(cfg.data, cfg.tokenizer)

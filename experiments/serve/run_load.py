@@ -23,7 +23,7 @@ import httpx
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from mmm.checkpoint import save_pretrained
+from mmm.model.pretrained import save_pretrained
 from mmm.model import MMMTransformer, model_config_from_preset
 from mmm.serve.load import load_test
 from mmm.serve.music import example_midi

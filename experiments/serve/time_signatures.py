@@ -5,7 +5,7 @@
 For every .mid/.midi/.abc file: its time signatures (files and bars in each, on the file's own
 bar grid), whether each is in the vocabulary of (a) miditok's default `time_signature_range`
 and (b) the tokenizer config given, and for each of the two whether the model's bar grid
-(`mmm.api.bar_grid`) differs from the file's: the bars a musician reads in a DAW are then not
+(`mmm.generation.scores.bar_grid`) differs from the file's: the bars a musician reads in a DAW are then not
 the bars the API rewrites. Prints two markdown tables.
 """
 
@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 from symusic import Score
 
-from mmm.api import bar_grid
+from mmm.generation.scores import bar_grid
 from mmm.tokenizer import build_tokenizer
 
 
@@ -67,7 +67,7 @@ def main() -> None:
     for text, bars in ts_bars.most_common():
         marks = ["yes" if text in known[n] else "**no**" for n in names]
         print(f"| {text} | {len(ts_files[text])} | {bars} | {marks[0]} | {marks[1]} |")
-    print(f"\n| tokenizer | files whose model bar grid differs from the file's (first differing bar) |")
+    print("\n| tokenizer | files whose model bar grid differs from the file's (first differing bar) |")
     print("|---|---|")
     for n in names:
         print(f"| {n} | {len(differs[n])}: {', '.join(differs[n]) or '-'} |")

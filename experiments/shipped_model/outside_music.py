@@ -18,7 +18,7 @@ import numpy as np
 from symusic import Score
 
 from mmm import MMM
-from mmm.api import count_bars
+from mmm.generation.scores import count_bars
 
 
 def notes_in(track, start: int, end: int) -> np.ndarray:

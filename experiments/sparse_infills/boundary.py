@@ -27,7 +27,7 @@ import torch
 from draw import has_notes, infill_requests
 from mmm import MMM
 from mmm.data.store import Store
-from mmm.grammar import GrammarTables
+from mmm.generation.grammar import GrammarTables
 
 
 def main() -> None:

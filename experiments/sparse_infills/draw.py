@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from collections.abc import Iterator
 
-from mmm.api import count_bars
+from mmm.generation.scores import count_bars
 from mmm.data.store import Store
 from mmm.evaluate.analysis import window_score
 

@@ -15,7 +15,7 @@ from mmm import MMM
 from mmm.config import plain
 from mmm.data.sequences import SequenceBuilder
 from mmm.data.store import Store
-from mmm.grammar import GrammarTables
+from mmm.generation.grammar import GrammarTables
 from omegaconf import OmegaConf
 
 

@@ -29,8 +29,9 @@ from draw import has_notes, infill_requests
 from mmm import MMM
 from mmm.data.layout import generated_bars
 from mmm.data.store import Store
-from mmm.generation import SamplingConfig, make_generator, sample_next
-from mmm.grammar import PHASES, BarGrammar, BarPlan, GrammarTables
+from mmm.generation.request import SamplingConfig
+from mmm.generation.sampling import make_generator, sample_next
+from mmm.generation.grammar import PHASES, BarGrammar, BarPlan, GrammarTables
 
 
 @torch.inference_mode()

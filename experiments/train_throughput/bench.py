@@ -37,7 +37,8 @@ from mmm.data.datamodule import collate, pack  # noqa: E402
 from mmm.data.sequences import IGNORE_INDEX  # noqa: E402
 from mmm.data.sequences import SequenceBuilder  # noqa: E402
 from mmm.data.store import Store  # noqa: E402
-from mmm.model import MMMTransformer, model_config_from_preset, next_token_nll, to_hf_mistral  # noqa: E402
+from mmm.model import MMMTransformer, model_config_from_preset, next_token_nll  # noqa: E402
+from mmm.model.hf import to_hf_mistral  # noqa: E402
 from mmm.tokenizer import Vocab, load_tokenizer  # noqa: E402
 from mmm.data.prepare import train_tokenizer  # noqa: E402
 

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from mmm.config import at_least, check_section
 from mmm.data.sequences import IGNORE_INDEX, SequenceBuilder, SequenceConfig
 from mmm.data.store import Store, check_vocab
-from mmm.data.preprocess import PreprocessConfig, SplitConfig
+from mmm.data.store_writer import PreprocessConfig, SplitConfig
 from mmm.tokenizer import Vocab, load_tokenizer
 
 

@@ -1,5 +1,5 @@
 """Build what a run needs when it is missing, from the data and tokenizer sections: the token
-store (`ensure_store`: `mmm.data.preprocess` returns at once when the store is complete and made
+store (`ensure_store`: `mmm.data.store_writer` returns at once when the store is complete and made
 with these settings, and refuses one made otherwise) and the BPE tokenizer (`ensure_tokenizer`).
 Every entry point (train, train_tokenizer, evaluate) builds its inputs through these.
 
@@ -19,8 +19,8 @@ from pathlib import Path
 from mmm.config import plain
 from mmm.data.sequences import SampleSpec, SequenceBuilder
 from mmm.data.store import Store, check_vocab
-from mmm.locking import acquire_lock
-from mmm.data.preprocess import preprocess
+from mmm.files.locks import acquire_lock
+from mmm.data.store_writer import preprocess
 from mmm.tokenizer import (Vocab, build_tokenizer, check_tokenizer_cfg, check_tokenizer_file, load_tokenizer,
                            save_tokenizer, train_bpe)
 
@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 def ensure_store(data_cfg: Mapping, tokenizer_cfg: Mapping) -> Path:
     """The store's folder, preprocessed first when it is missing or incomplete. A store made from
-    other files or settings is refused (`mmm.data.preprocess` compares its manifest)."""
+    other files or settings is refused (`mmm.data.store_writer` compares its manifest)."""
     preprocess(data_cfg, tokenizer_cfg)
     return Path(data_cfg["store"])
 

@@ -27,7 +27,7 @@ import numpy as np
 from miditok.constants import MIDI_INSTRUMENTS
 
 from mmm.config import at_least, check_section, interval, within
-from mmm.data.controls import pitch_class_rotation
+from mmm.controls.measure import pitch_class_rotation
 from mmm.data.layout import TRACK_FRAME, insert_bar_acs
 from mmm.tokenizer import Vocab
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from mmm.data.controls import pitch_class_rotation
+from mmm.controls.measure import pitch_class_rotation
 from mmm.data.sequences import empty_bar_marker
 from mmm.data.store import Store
 from mmm.tokenizer import Vocab

@@ -11,7 +11,7 @@ Readers skip the rows of the exact duplicates that report.json lists.
 Every file is written to a temporary name then renamed: a killed run leaves either a whole
 shard or no shard, never a truncated one, and re-running processes only missing shards.
 While a run works on a store it holds `preprocess.lock` (a whole run) and
-`shards/<shard>.lock` (each shard in flight; see `mmm.locking`).
+`shards/<shard>.lock` (each shard in flight; see `mmm.files.locks`).
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from mmm.data.pieces import Chunk
-from mmm.io import atomic_write_bytes, atomic_write_json  # noqa: F401 (mmm.data.preprocess imports them from here)
+from mmm.data.chunks import Chunk
+from mmm.files.atomic import atomic_write_bytes, atomic_write_json  # noqa: F401 (mmm.data.store_writer imports them from here)
 
 SPLITS = ("train", "valid", "test")
 # Version of the layout and of what decides a row's place (split, duplicates); a store of

@@ -4,7 +4,7 @@ test split of a token store; writes `metrics.json`, `report.md` and PNG plots to
 1. Likelihood of test sequences built like training samples (same SequenceBuilder, seeded):
    nats and bits per token, bits per note (total NLL / notes of the predicted targets:
    comparable across tokenizers) and per bar, beside unigram and bigram baselines fitted on
-   train-split sequences of the same builder (`mmm.metrics`). Test pieces are taken as they
+   train-split sequences of the same builder (`mmm.evaluate.metrics`). Test pieces are taken as they
    are; the same draws with the training augmentation are measured too. For the bar-infill
    samples, the NLL of the fill section (the bars after FillBar_Start) with the other tracks
    in the prompt and with the target track alone: the same bars, ACs and random choices.
@@ -13,7 +13,7 @@ test split of a token store; writes `metrics.json`, `report.md` and PNG plots to
    once without controls and once per attribute-control family with a value drawn from
    the test split's own AC values. Every output is checked for structure (decodes, exact
    bar count, every note outside the span untouched); each control family is scored by
-   recomputing it on the output with miditok's classes (`mmm.data.controls`), beside the
+   recomputing it on the output with miditok's classes (`mmm.controls.measure`), beside the
    output of the same request without the control; the generated spans of the uncontrolled
    infills are compared with the real bars they replace (musical statistics).
 
@@ -36,7 +36,7 @@ import torch
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from mmm.api import MMM
+from mmm.generation.api import MMM
 from mmm.config import at_least, check_section, plain, within
 from mmm.data.datamodule import DataConfig
 from mmm.data.prepare import ensure_store
@@ -45,7 +45,7 @@ from mmm.data.store import Store, setting_changes, tokenizer_settings
 from mmm.evaluate.likelihood import EvalSequence, Pairs, build_sequences, likelihood
 from mmm.evaluate.report import json_safe, plot, report_markdown
 from mmm.evaluate.requests import Requests
-from mmm.generation import SamplingConfig
+from mmm.generation.request import SamplingConfig
 from mmm.tokenizer import check_tokenizer_cfg, vocab_fingerprint
 
 log = logging.getLogger(__name__)

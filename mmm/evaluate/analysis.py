@@ -1,5 +1,5 @@
 """Scores as the tokenizer sees them, and the musical statistics of a span of bars: a stored
-test window decoded to a Score, bar start ticks, a track's notes in a span (`mmm.metrics`)."""
+test window decoded to a Score, bar start ticks, a track's notes in a span (`mmm.evaluate.metrics`)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 from symusic import Score, Track
 
 from mmm.data.layout import carry_tempo, track_ids
-from mmm.metrics import musical_stats
+from mmm.evaluate.metrics import musical_stats
 from mmm.tokenizer import Vocab
 
 

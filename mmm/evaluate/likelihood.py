@@ -1,5 +1,5 @@
 """Likelihood of test sequences: the model's NLL per target, rates per token, note and bar, the
-unigram and bigram baselines beside it (`mmm.metrics`), and the fill-section NLL of bar-infill
+unigram and bigram baselines beside it (`mmm.evaluate.metrics`), and the fill-section NLL of bar-infill
 samples with and without the other tracks."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from tqdm import tqdm
 from mmm.data.datamodule import collate
 from mmm.data.sequences import IGNORE_INDEX, SequenceBuilder
 from mmm.data.store import Store
-from mmm.metrics import LOG2, BigramKN, UnigramLM, targets
+from mmm.evaluate.metrics import LOG2, BigramKN, UnigramLM, targets
 from mmm.model import next_token_nll
 from mmm.tokenizer import Vocab
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from mmm.metrics import MUSICAL_STATS
+from mmm.evaluate.metrics import MUSICAL_STATS
 
 
 def json_safe(obj: Any) -> Any:

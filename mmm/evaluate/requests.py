@@ -3,8 +3,8 @@
 Infill requests (a span of bars of one track) and add-track requests (one track regenerated
 over a window of bars), each once without controls and once per attribute-control family with
 a value drawn from the evaluated split's own AC values. Every output is checked for structure
-(`structure`); each control is recomputed on the output (`mmm.data.controls`, named by
-`mmm.controls.Controls`) beside the output of the same request without it; the uncontrolled
+(`structure`); each control is recomputed on the output (`mmm.controls.measure`, named by
+`mmm.controls.table.Controls`) beside the output of the same request without it; the uncontrolled
 infills are compared with the real bars they replace (musical statistics).
 """
 
@@ -20,13 +20,14 @@ import numpy as np
 from omegaconf import DictConfig
 from symusic import Score
 
-from mmm.api import count_bars
+from mmm.generation.request import Request, SamplingConfig
+from mmm.generation.scores import count_bars
 from mmm.config import plain
-from mmm.data.controls import bar_controls, track_controls
+from mmm.controls.measure import bar_controls, track_controls
 from mmm.data.store import Store
 from mmm.data.layout import InputTracks, bar_ticks_of, input_tracks
 from mmm.evaluate.analysis import note_arrays, pitch_in_range, span_stats, window_score
-from mmm.metrics import MUSICAL_STATS, adherence, histogram_overlap, summarize
+from mmm.evaluate.metrics import MUSICAL_STATS, adherence, histogram_overlap, summarize
 from mmm.tokenizer import Vocab
 
 
@@ -71,9 +72,8 @@ class Requests:
         self.mmm, self.store, self.cfg = mmm, store, cfg
         self.tokenizer, self.vocab = mmm.tokenizer, mmm.vocab
         self.controls = mmm.controls
-        self.sampling = dict(plain(cfg.sampling))
-        if cfg.max_bar_tokens is not None:
-            self.sampling["max_bar_tokens"] = int(cfg.max_bar_tokens)
+        self.sampling = SamplingConfig(**plain(cfg.sampling))
+        self.max_bar_tokens = None if cfg.max_bar_tokens is None else int(cfg.max_bar_tokens)
         self.chunks = list(chunks)
         self.pools = self._pools()
         self.structure: dict[str, list[dict]] = defaultdict(list)
@@ -96,13 +96,15 @@ class Requests:
                         pools["bar", name].append(value)
         return dict(pools)
 
-    def _call(self, fn: Callable, *args, **kwargs) -> tuple[Any, Any]:
+    def _call(self, task: str, score: Score, **kwargs) -> tuple[Any, Any]:
+        """Run one request; (output score, report), or (None, None) when it failed (recorded)."""
         try:
-            out = fn(*args, **kwargs, **self.sampling)
+            generation = self.mmm.run(Request(task, sampling=self.sampling, max_bar_tokens=self.max_bar_tokens, **kwargs),
+                                      score)
         except Exception as err:  # noqa: BLE001 - a failed generation is a structure failure, reported
-            self.failures.append(f"{fn.__name__}: {type(err).__name__}: {err}")
+            self.failures.append(f"{task}: {type(err).__name__}: {err}")
             return None, None
-        report = self.mmm.last_report
+        out, report = generation.scores[0], generation.report
         summary = report.summary()
         self.generation["calls"] += 1
         self.generation["new_tokens"] += summary["new_tokens"]
@@ -158,7 +160,7 @@ class Requests:
             return (notes["time"] < start) | ((notes["time"] >= end) if end is not None else False)
 
         def run(controls: Mapping | None) -> InputTracks | None:
-            out, report = self._call(self.mmm.infill, score, track=target, bars=(a, b), controls=controls, seed=seed)
+            out, report = self._call("infill", score, track=target, bars=(a, b), controls=controls, seed=seed)
             self._check("infill", score, out, report, b - a, keep, len(score.tracks))
             if out is None:
                 return None
@@ -227,7 +229,7 @@ class Requests:
             return np.ones(len(notes["time"]), dtype=bool)
 
         def run(controls: Mapping | None) -> dict | None:
-            out, report = self._call(self.mmm.add_track, score, program=program, track_controls=controls, seed=seed)
+            out, report = self._call("add_track", score, program=program, track_controls=controls, seed=seed)
             self._check("add_track", score, out, report, n, keep, len(score.tracks) + 1)
             if out is None:
                 return None

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from mmm.checkpoint import checkpoint_location
+from mmm.model.pretrained import checkpoint_location
 from mmm.config import at_least, check_section
 from mmm.serve.settings import Settings
 
@@ -56,7 +56,7 @@ def serve(cfg: Mapping[str, Any]) -> None:
         raise ValueError(f"the server needs the serve extra ({err.name} is missing): pip install -e \".[serve]\"") from None
     settings = Settings(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(Settings)})
     ckpt = cfg.ckpt
-    from mmm.api import MMM
+    from mmm.generation.api import MMM
 
     options = {k: getattr(cfg, k) for k in ("num_threads", "max_bar_tokens") if getattr(cfg, k) is not None}
     mmm = MMM.from_pretrained(ckpt, device=cfg.device, compile=cfg.compile, **options)

@@ -33,10 +33,10 @@ from miditok.constants import MIDI_INSTRUMENTS
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartParser
 
-from mmm.api import MMM
-from mmm.request import Request as MusicRequest  # FastAPI's Request is the HTTP one
+from mmm.generation.api import MMM
+from mmm.generation.request import Request as MusicRequest  # FastAPI's Request is the HTTP one
 from mmm.serve.settings import Settings
-from mmm.generation import SamplingConfig
+from mmm.generation.request import SamplingConfig
 from mmm.serve.jobs import TERMINAL, Job, Jobs, QueueFull
 from mmm.serve.music import EXAMPLES, BadUpload, Measure, analyze, example_midi, json_keys_to_bars, \
     measured_output, read_midi
@@ -66,9 +66,9 @@ def _error_response(status: int, code: str, message: str, field: str | None = No
 SAMPLING_FIELDS = {
     "num_variations": "number of candidates (each generated alone with its own seed: seed, seed+1, ...)",
     "seed": "integer, or null for a random one (the answer says which seed made each candidate)",
-    "temperature": "sampling temperature, 0 = greedy (default 1.0)",
-    "top_k": "keep the k most likely tokens, or null (default null)",
-    "top_p": "nucleus sampling mass in (0, 1], or null (default 0.95)",
+    "temperature": f"sampling temperature, 0 = greedy (default {SamplingConfig.temperature})",
+    "top_k": f"keep the k most likely tokens, or null (default {SamplingConfig.top_k})",
+    "top_p": f"nucleus sampling mass in (0, 1], or null (default {SamplingConfig.top_p})",
 }
 TASK_FIELDS = {
     "infill": {
@@ -171,7 +171,8 @@ class Server:
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63 - 64):
             raise ApiError(422, "invalid_field", f"seed={seed!r}: expected a non-negative integer or null", "seed")
         request = MusicRequest(task, **{k: values[k] for k in REQUEST_FIELDS if k in values},
-                          sampling=SamplingConfig(values.get("temperature", 1.0), values.get("top_k"), values.get("top_p", 0.95)))
+                          sampling=SamplingConfig(values.get("temperature", SamplingConfig.temperature), values.get("top_k", SamplingConfig.top_k),
+                                                  values.get("top_p", SamplingConfig.top_p)))
         score = None
         if task == "generate":
             if upload is not None:
@@ -213,25 +214,22 @@ class Server:
         if base_seed is None:
             base_seed = secrets.randbelow(2**31)
         variations, grid_warning = [], None
-        self.mmm.on_step = job.progress_hook()
-        try:
-            for k in range(n):
-                seed = base_seed + k
-                out = self.mmm.run(dataclasses.replace(prep.request, seed=seed), prep.score)
-                report = self.mmm.last_report
-                grid_warning = report.bar_grid_warning  # MMM.run also logged it
-                variations.append({
-                    "seed": seed,
-                    "midi": base64.b64encode(out.dumps_midi()).decode("ascii"),
-                    "regions": [list(r) for r in report.regions[0]],  # (track, start tick, end tick) rewritten
-                    "controls": {
-                        "requested": {"controls": v.get("controls"), "track_controls": v.get("track_controls")},
-                        "measured": measured_output(self.measure, out, prep.num_bars, prep.tracks, prep.bars),
-                    },
-                    "timings": report.summary(),
-                })
-        finally:
-            self.mmm.on_step = None
+        on_step = job.progress_hook()
+        for k in range(n):
+            seed = base_seed + k
+            generation = self.mmm.run(dataclasses.replace(prep.request, seed=seed), prep.score, on_step)
+            out, report = generation.scores[0], generation.report
+            grid_warning = report.bar_grid_warning  # MMM.run also logged it
+            variations.append({
+                "seed": seed,
+                "midi": base64.b64encode(out.dumps_midi()).decode("ascii"),
+                "regions": [list(r) for r in report.regions[0]],  # (track, start tick, end tick) rewritten
+                "controls": {
+                    "requested": {"controls": v.get("controls"), "track_controls": v.get("track_controls")},
+                    "measured": measured_output(self.measure, out, prep.num_bars, prep.tracks, prep.bars),
+                },
+                "timings": report.summary(),
+            })
         return {"task": prep.task, "num_bars": prep.num_bars, "bar_grid_warning": grid_warning,
                 "request": prep.values, "variations": variations}
 

@@ -14,9 +14,10 @@ from typing import Any
 import numpy as np
 from symusic import Note, Score, Tempo, TimeSignature, Track
 
-from mmm.api import MMM, BarGrid, bar_grid
+from mmm.generation.api import MMM
+from mmm.generation.scores import BarGrid, bar_grid
 from mmm.data.checks import check_midi_header, check_score
-from mmm.data.controls import bar_controls, track_controls
+from mmm.controls.measure import bar_controls, track_controls
 from mmm.data.checks import Rejected
 from mmm.data.layout import bar_ticks_of, input_tracks
 
@@ -26,7 +27,7 @@ class BadUpload(ValueError):
 
 
 def read_midi(data: bytes, name: str = "upload") -> Score:
-    """A Score from MIDI bytes, with the checks `mmm.api.read_score` applies to files."""
+    """A Score from MIDI bytes, with the checks `mmm.generation.scores.read_score` applies to files."""
     if not data:
         raise BadUpload(f"{name}: the file is empty; upload a .mid file")
     try:
@@ -68,7 +69,7 @@ def _plain(value: Any) -> Any:
 
 
 class Measure:
-    """Attribute-control values measured on a score, as `mmm.api.Controls` names them."""
+    """Attribute-control values measured on a score, as `mmm.controls.table.Controls` names them."""
 
     def __init__(self, mmm: MMM) -> None:
         self.mmm = mmm

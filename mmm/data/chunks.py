@@ -14,7 +14,7 @@ from miditok import MMM as MMMTokenizer
 from symusic import Score, Track
 
 from mmm.data.checks import Rejected
-from mmm.data.controls import bar_controls, track_controls
+from mmm.controls.measure import bar_controls, track_controls
 from mmm.data.layout import carry_tempo, tokenize_bars
 from mmm.tokenizer import Vocab
 

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from mmm.config import at_least, check_section, interval, plain, within
 from mmm.data.checks import check_midi_header, check_score
 from mmm.data.checks import Rejected
-from mmm.data.pieces import tokenize_score
+from mmm.data.chunks import tokenize_score
 from mmm.data.sources import build_source
 from mmm.data.store import (
     SPLITS,
@@ -43,7 +43,7 @@ from mmm.data.store import (
     tokenizer_settings,
     write_shard,
 )
-from mmm.locking import acquire_lock
+from mmm.files.locks import acquire_lock
 from mmm.tokenizer import Vocab, build_tokenizer, vocab_fingerprint
 
 log = logging.getLogger(__name__)

@@ -24,8 +24,8 @@ from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 
-from mmm.checkpoint import check_deepspeed_states
-from mmm.io import atomic_write_folder, space_errno, space_error
+from mmm.model.pretrained import check_deepspeed_states
+from mmm.files.atomic import atomic_write_folder, space_errno, space_error
 
 # DeepSpeed picks its accelerator once, at its first use; without CUDA it must be told "cpu"
 # (its auto-detection may pick another backend). Set before deepspeed is imported.
@@ -102,7 +102,7 @@ class MMMDeepSpeedStrategy(DeepSpeedStrategy):
         """DeepSpeed writes its checkpoint folder (`latest`, a tag folder with a state file per
         rank) in place: a save failing half-way would leave neither the previous checkpoint nor
         the new one. Every rank writes into one temporary folder beside the target instead, and
-        once all have written, rank 0 swaps it in (`mmm.io.atomic_write_folder`); a full disk
+        once all have written, rank 0 swaps it in (`mmm.files.atomic.atomic_write_folder`); a full disk
         raises `DiskFull` on every rank and leaves the previous folder as it was."""
         target = Path(self.broadcast(str(filepath)))
         if self.is_global_zero:
@@ -127,7 +127,7 @@ class MMMDeepSpeedStrategy(DeepSpeedStrategy):
         """DeepSpeed resumes with `torch.load(weights_only=False)`, which runs whatever code a
         state file names: unless trusted (`trust_checkpoint=true` passes weights_only=False), the
         state files of the tag that DeepSpeed will load are scanned first, without unpickling
-        them, and one holding more than data is refused (`mmm.checkpoint.UnsafeCheckpoint`). A
+        them, and one holding more than data is refused (`mmm.model.pretrained.UnsafeCheckpoint`). A
         single file (ZeRO-3 `load_full_weights`) goes through `MMMCheckpointIO`, safe already."""
         latest = Path(checkpoint_path) / "latest"
         if weights_only is not False and latest.is_file():

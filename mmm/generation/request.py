@@ -15,10 +15,27 @@ from typing import Any
 import numpy as np
 from symusic import Score
 
-from mmm.controls import Controls
-from mmm.generation import SamplingConfig
+from mmm.controls.table import Controls
 
 TASKS = ("infill", "add_track", "generate")
+
+
+@dataclass
+class SamplingConfig:
+    """How each next id is drawn: the one place of the sampling defaults (the API's keyword
+    arguments, `python -m mmm.sample`, `mmm.evaluate` and the server take theirs from here)."""
+
+    temperature: float = 1.0  # 0 = greedy
+    top_k: int | None = None
+    top_p: float | None = 0.95
+
+    def check(self) -> None:
+        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) or self.temperature < 0:
+            raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got {self.temperature!r}")
+        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1):
+            raise ValueError(f"top_k must be a positive integer or None, got {self.top_k!r}")
+        if self.top_p is not None and (isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1):
+            raise ValueError(f"top_p must be in (0, 1] or None, got {self.top_p!r}")
 
 
 class RequestError(ValueError):

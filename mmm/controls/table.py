@@ -5,7 +5,7 @@
 training sequences hold (`bar_ids`, `track_ids`), and decodes AC ids back into values
 (`values`): evaluation and the server name what they measure with it.
 
-Measuring ACs on notes (miditok's classes, giving ids) is `mmm.data.controls`; this module only
+Measuring ACs on notes (miditok's classes, giving ids) is `mmm.controls.measure`; this module only
 translates between ids and values.
 """
 

@@ -17,25 +17,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from mmm.decoding import StaticDecoder, is_compile_enabled
-from mmm.grammar import BarGrammar
-from mmm.model import KVCache, MMMTransformer
+from mmm.generation.compiled_step import StaticDecoder, is_compile_enabled
+from mmm.generation.request import SamplingConfig
+from mmm.generation.grammar import BarGrammar
+from mmm.model.kv_cache import KVCache
+from mmm.model.transformer import MMMTransformer
 from mmm.tokenizer import Vocab
-
-
-@dataclass
-class SamplingConfig:
-    temperature: float = 1.0  # 0 = greedy
-    top_k: int | None = None
-    top_p: float | None = 0.95
-
-    def check(self) -> None:
-        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) or self.temperature < 0:
-            raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got {self.temperature!r}")
-        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1):
-            raise ValueError(f"top_k must be a positive integer or None, got {self.top_k!r}")
-        if self.top_p is not None and (isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1):
-            raise ValueError(f"top_p must be in (0, 1] or None, got {self.top_p!r}")
 
 
 @dataclass
@@ -119,10 +106,10 @@ def generate_ids(
     busy machine: multi-threaded tiny matmuls spin-wait) and restores them afterwards.
     `on_step(grammars)` is called after every sampled token (progress: `grammar.bars_done`); an
     exception it raises stops the loop and propagates (how a server cancels a request).
-    `compile`: True decodes with the `torch.compile`d static-shape step of `mmm.decoding`
+    `compile`: True decodes with the `torch.compile`d static-shape step of `mmm.generation.compiled_step`
     (compiled on the model's first such call, tens of seconds on a CPU, then reused); False
     with the eager loop; None (default) with the compiled step when this model already has one
-    (`mmm.decoding.enable_compile(model)`), so no call pays a compile it did not ask for.
+    (`mmm.generation.compiled_step.enable_compile(model)`), so no call pays a compile it did not ask for.
     """
     if compile is None:
         compile = is_compile_enabled(model)

@@ -8,7 +8,7 @@
 
 Prompts are built exactly like training samples (`mmm.data.sequences.assemble`): the target
 bars become `Infill_Bar` and the model writes them after `FillBar_Start`; a new track is
-written after `Track_Start Program [track ACs]`. The grammar (`mmm.grammar`) makes every
+written after `Track_Start Program [track ACs]`. The grammar (`mmm.generation.grammar`) makes every
 output well formed. The result is the *input* score with the generated notes spliced in: the
 target track's notes whose onset lies in the span are replaced, everything else is left
 untouched (no re-rendering from tokens).
@@ -34,123 +34,25 @@ import numpy as np
 import torch
 from miditok import MMM as MMMTokenizer
 from miditok.constants import MIDI_INSTRUMENTS
-from miditok.utils import get_bars_ticks
 from symusic import Note, Score, Tempo, TimeSignature, Track
 
-from mmm.checkpoint import checkpoint_location, generation_settings, load_pretrained, save_pretrained
-from mmm.controls import Controls
-from mmm.data.checks import Rejected, check_midi_header, check_score
+from mmm.model.pretrained import checkpoint_location, generation_settings, load_pretrained, save_pretrained
+from mmm.controls.table import Controls
 from mmm.data.layout import (TRACK_FRAME, Piece, carry_tempo, generated_bars, piece_from_score, ticks_per_bar, time_signature_of,
                               track_ids)
 from mmm.data.sequences import SampleSpec, TrackPart, assemble
-from mmm.decoding import enable_compile
-from mmm.generation import SamplingConfig, generate_ids, make_generator
-from mmm.grammar import BarGrammar, BarPlan, GrammarTables
+from mmm.generation.compiled_step import enable_compile
+from mmm.generation.sampling import generate_ids, make_generator
+from mmm.generation.grammar import BarGrammar, BarPlan, GrammarTables
 from mmm.model import MMMTransformer
-from mmm.request import Plan, Request, RequestError, check_request, check_tracks
+from mmm.generation.request import Plan, Request, RequestError, SamplingConfig, check_request, check_tracks
+from mmm.generation.scores import BarGrid, bar_grid, read_score, to_ticks
 from mmm.tokenizer import Vocab
 
 # Per-bar generation budget (model ids) when the checkpoint does not carry one measured on its
 # training data (`generation.max_bar_tokens` in config.json, written by `mmm.train`).
 DEFAULT_MAX_BAR_TOKENS = 64
 log = logging.getLogger(__name__)
-
-
-# --- request checks (usable without a model) -------------------------------------------------
-def read_score(score: Score | str | Path) -> Score:
-    """A `symusic.Score` from a Score or a MIDI/ABC path, with clear errors."""
-    if isinstance(score, Score):
-        return score
-    if not isinstance(score, (str, Path)):
-        raise TypeError(f"score must be a symusic.Score or a file path, got {type(score).__name__}")
-    path = Path(score)
-    if not path.is_file():
-        raise FileNotFoundError(f"input file not found: {path}")
-    try:
-        if path.suffix.lower() in (".mid", ".midi"):
-            check_midi_header(path.read_bytes())
-        loaded = Score(str(path))
-    except Exception as err:  # Rejected, or symusic's RuntimeError/ValueError on corrupt files
-        raise ValueError(f"cannot read {path} as MIDI/ABC: {err}") from None
-    try:  # the checks preprocessing applies, except that a drums-only piece is a fine input
-        check_score(loaded, {"allow_drums_only": True})
-    except Rejected as err:
-        raise ValueError(f"{path}: {err.reason.replace('_', ' ')}" + (f" ({err.detail})" if err.detail else "")) from None
-    return loaded
-
-
-def count_bars(score: Score, tokenizer: MMMTokenizer | None = None) -> int:
-    """Bars of the piece as the API counts them (with the tokenizer: exactly; without: the score's
-    bars up to its last onset, which can differ by a few bars)."""
-    if sum(len(t.notes) for t in score.tracks) == 0:
-        return 0
-    if tokenizer is None:
-        return len(get_bars_ticks(score, only_notes_onsets=True))
-    try:
-        return piece_from_score(score, tokenizer, Vocab(tokenizer)).num_bars
-    except ValueError:
-        return 0
-
-
-# --- the piece being worked on -----------------------------------------------------------
-# --- bars as the model counts them -----------------------------------------------------------
-@dataclass
-class BarGrid:
-    """The bars of a piece as the model counts them, beside the bars of the file itself.
-
-    They differ when the file has a time signature the tokenizer cannot represent: the model
-    then keeps the previous one, so its bar n can start elsewhere than the file's bar n (what a
-    musician reads in a DAW). Ticks are in the score's own ticks."""
-
-    starts: list[int]  # model bars: start tick of each bar, then the end of the last one
-    time_signatures: list[tuple[int, int]]  # model bars: (numerator, denominator)
-    file_starts: list[int]  # the file's bars (its own time signatures), start ticks
-    file_time_signatures: list[tuple[int, int]]
-
-    @property
-    def num_bars(self) -> int:
-        return len(self.time_signatures)
-
-    @property
-    def first_difference(self) -> int | None:
-        """The first bar whose start or time signature differs between the two grids."""
-        pairs = zip(self.starts, self.time_signatures, self.file_starts, self.file_time_signatures)
-        return next((i for i, (a, ta, b, tb) in enumerate(pairs) if a != b or ta != tb), None)
-
-    def difference(self) -> str | None:
-        """A sentence for a person when the grids differ, else None."""
-        i = self.first_difference
-        if i is None:
-            return None
-        missing = sorted(set(self.file_time_signatures) - set(self.time_signatures))
-        return (f"the model counts bars differently from the file from bar {i} on (file: bar {i} starts at tick "
-                f"{self.file_starts[i]} in {'/'.join(map(str, self.file_time_signatures[i]))}; model: tick "
-                f"{self.starts[i]} in {'/'.join(map(str, self.time_signatures[i]))})"
-                + (f": time signature(s) {', '.join(f'{n}/{d}' for n, d in missing)} are not in the tokenizer's "
-                   "vocabulary" if missing else "")
-                + "; bar numbers in requests follow the model's grid")
-
-
-def bar_grid(score: Score, tokenizer: MMMTokenizer, vocab: Vocab | None = None, piece: Piece | None = None) -> BarGrid:
-    """The model's bar grid of `score` (see `BarGrid`), with the file's own grid beside it
-    (`piece`: the score already tokenized, e.g. by `MMM.check`)."""
-    vocab = vocab or Vocab(tokenizer)
-    piece = piece or piece_from_score(score, tokenizer, vocab)
-    sigs = [time_signature_of(vocab.token_of[ts]) for ts in piece.time_sigs]
-    ticks = list(piece.bar_ticks) + [piece.end_tick(vocab)]
-    file_starts = [int(t) for t in get_bars_ticks(score, only_notes_onsets=True)]
-    # by time only: of two events at the same tick the later one in the file rules (as in miditok)
-    changes = sorted(((int(ts.time), int(ts.numerator), int(ts.denominator)) for ts in score.time_signatures),
-                     key=lambda change: change[0])
-    file_sigs = []
-    for start in file_starts:
-        current = (4, 4)  # MIDI's default before any time signature event
-        for time, num, den in changes:
-            if time > start:
-                break
-            current = (num, den)
-        file_sigs.append(current)
-    return BarGrid([_to_ticks(t, piece.tpq, score.tpq) for t in ticks], sigs, file_starts, file_sigs)
 
 
 # --- report ------------------------------------------------------------------------------
@@ -191,6 +93,25 @@ class GenerationReport:
                 "starved_bars": [list(x) for x in starved]}
 
 
+@dataclass
+class Generation:
+    """What `MMM.run` returns: one output score per variation and the report of how they were
+    made. Each call has its own, so two callers of one `MMM` never read each other's."""
+
+    scores: list[Score]
+    report: GenerationReport
+
+    @property
+    def output(self) -> Score | list[Score]:
+        """The single score of a one-variation request, else the list (what `infill` returns)."""
+        return self.scores[0] if len(self.scores) == 1 else self.scores
+
+
+# Called after every sampled token with the grammars of the rows: progress in bars (`bars_done`);
+# an exception raised there stops the generation (how the server cancels a request).
+OnStep = Callable[[Sequence[BarGrammar]], None]
+
+
 # --- the model -----------------------------------------------------------------------------
 class MMM:
     """A trained MMM model with its tokenizer, ready to generate."""
@@ -202,7 +123,7 @@ class MMM:
         generation may use all the context left after its prompt. `num_threads`: torch CPU
         threads while sampling (None: torch's setting). `controls_seen`: AC base ids seen in
         training (other control values are refused); `from_pretrained` reads both from the
-        checkpoint. `compile`: decode with the `torch.compile`d step (`mmm.decoding`): the first
+        checkpoint. `compile`: decode with the `torch.compile`d step (`mmm.generation.compiled_step`): the first
         generation pays 30-45 s of compilation on a CPU, later ones decode 1.6-3x faster than
         transformers' `generate` (experiments/generation_speed; worth it for a server or a batch
         of requests, not for one infill)."""
@@ -223,10 +144,6 @@ class MMM:
         self.max_bar_tokens = int(max_bar_tokens)
         self.num_threads = num_threads
         self.tables = GrammarTables.of(self.vocab)
-        self.last_report: GenerationReport | None = None
-        # Called after every sampled token with the grammars of the rows (`generate_ids`'s
-        # `on_step`): progress in bars; an exception raised there stops the call (cancel).
-        self.on_step: Callable[[Sequence[BarGrammar]], None] | None = None
 
     # -- loading / saving ------------------------------------------------------------------
     @classmethod
@@ -267,8 +184,8 @@ class MMM:
     def infill(self, score: Score | str | Path, track: int | Sequence[int], bars: Sequence,
                controls: Mapping | Sequence[Mapping] | None = None,
                track_controls: Mapping | Sequence[Mapping] | None = None, *,
-               temperature: float = 1.0, top_k: int | None = None, top_p: float | None = 0.95,
-               seed: int | None = None, num_variations: int = 1, bars_before: int | None = None,
+               temperature: float = SamplingConfig.temperature, top_k: int | None = SamplingConfig.top_k,
+               top_p: float | None = SamplingConfig.top_p, seed: int | None = None, num_variations: int = 1, bars_before: int | None = None,
                bars_after: int | None = None, max_bar_tokens: int | None = None,
                clip_notes: bool = True) -> Score | list[Score]:
         """Rewrite bars `bars` (`(start, end)`, end excluded, or a list of spans) of track(s)
@@ -279,24 +196,26 @@ class MMM:
         return self.run(Request("infill", track=track, bars=bars, controls=controls, track_controls=track_controls,
                                 bars_before=bars_before, bars_after=bars_after, num_variations=num_variations,
                                 seed=seed, sampling=SamplingConfig(temperature, top_k, top_p),
-                                max_bar_tokens=max_bar_tokens, clip_notes=clip_notes), score)
+                                max_bar_tokens=max_bar_tokens, clip_notes=clip_notes), score).output
 
     def add_track(self, score: Score | str | Path, program: int,
                   controls: Mapping | None = None, track_controls: Mapping | None = None, *,
-                  temperature: float = 1.0, top_k: int | None = None, top_p: float | None = 0.95,
+                  temperature: float = SamplingConfig.temperature, top_k: int | None = SamplingConfig.top_k,
+                  top_p: float | None = SamplingConfig.top_p,
                   seed: int | None = None, num_variations: int = 1,
                   max_bar_tokens: int | None = None) -> Score | list[Score]:
         """Write a new track (`program`, -1 = drums) over every bar of `score`; it is appended
         as the last track of the output."""
         return self.run(Request("add_track", program=program, controls=controls, track_controls=track_controls,
                                 num_variations=num_variations, seed=seed, sampling=SamplingConfig(temperature, top_k, top_p),
-                                max_bar_tokens=max_bar_tokens), score)
+                                max_bar_tokens=max_bar_tokens), score).output
 
     def generate(self, programs: Sequence[int], num_bars: int,
                  controls: Mapping | Sequence[Mapping] | None = None,
                  track_controls: Mapping | Sequence[Mapping] | None = None, *,
                  time_signature: str | tuple[int, int] = (4, 4), tempo: float = 120.0, tpq: int = 480,
-                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = 0.95,
+                 temperature: float = SamplingConfig.temperature, top_k: int | None = SamplingConfig.top_k,
+                  top_p: float | None = SamplingConfig.top_p,
                  seed: int | None = None, num_variations: int = 1,
                  max_bar_tokens: int | None = None) -> Score | list[Score]:
         """Write a piece from scratch: one track per program (-1 = drums), in order, each seeing
@@ -304,7 +223,7 @@ class MMM:
         return self.run(Request("generate", programs=programs, num_bars=num_bars, controls=controls,
                                 track_controls=track_controls, time_signature=time_signature, tempo=tempo, tpq=tpq,
                                 num_variations=num_variations, seed=seed, sampling=SamplingConfig(temperature, top_k, top_p),
-                                max_bar_tokens=max_bar_tokens))
+                                max_bar_tokens=max_bar_tokens)).output
 
     def check(self, request: Request, score: Score | str | Path | None = None) -> tuple[Plan, Score | None, Piece | None]:
         """`request` checked against this model (and the input score): its plan, or a `RequestError`."""
@@ -318,9 +237,10 @@ class MMM:
         piece = piece_from_score(score, self.tokenizer, self.vocab)
         return check_request(request, self.tokenizer, self.controls, score, piece.num_bars), score, piece
 
-    def run(self, request: Request, score: Score | str | Path | None = None) -> Score | list[Score]:
-        """Run a `Request` (what `infill`, `add_track` and `generate` build); one output per
-        variation (a single Score when `num_variations` is 1)."""
+    def run(self, request: Request, score: Score | str | Path | None = None, on_step: OnStep | None = None) -> Generation:
+        """Run a `Request` (what `infill`, `add_track` and `generate` build): the output scores
+        (one per variation) with the report of this call (prompts, tokens, timings, starved bars,
+        bar-grid warning). `on_step(grammars)` is called after every sampled token."""
         plan, score, piece = self.check(request, score)
         grid_warning = None
         if piece is not None:  # before the run: generation edits the piece
@@ -335,7 +255,7 @@ class MMM:
             score.tempos.append(Tempo(0, float(request.tempo)))
             per_bar = ticks_per_bar(ts, self.vocab, tpq)
             piece = Piece([], [], [ts] * plan.num_bars, [b * per_bar for b in range(plan.num_bars)], tpq)
-        run = self._run(score, piece, request)
+        run = self._run(score, piece, request, on_step)
         run.report.bar_grid_warning = grid_warning
         if request.task == "infill":
             for k, t in enumerate(plan.tracks):
@@ -345,7 +265,7 @@ class MMM:
         else:
             for program, acs, tacs in zip(plan.programs, plan.bar_acs, plan.track_acs):
                 run.new_track(program, acs, tacs)
-        return run.finish()
+        return Generation(run.scores, run.report)
 
     def bar_grid(self, score: Score | str | Path) -> BarGrid:
         """The bars of `score` as this model counts them (start ticks, time signatures) beside
@@ -353,19 +273,20 @@ class MMM:
         return bar_grid(read_score(score), self.tokenizer, self.vocab)
 
     # -- helpers ---------------------------------------------------------------------------
-    def _run(self, score: Score, piece: Piece, request: Request) -> _Run:
+    def _run(self, score: Score, piece: Piece, request: Request, on_step: OnStep | None) -> _Run:
         bar_tokens = self.max_bar_tokens if request.max_bar_tokens is None else int(request.max_bar_tokens)
         device = self.model.embed_tokens.weight.device
         return _Run(self, score, piece, request.sampling, make_generator(request.seed, device),
-                    int(request.num_variations), bar_tokens)
+                    int(request.num_variations), bar_tokens, on_step)
 
 
 class _Run:
     """One API call: per-variation pieces and output scores, updated after each generation."""
 
     def __init__(self, mmm: MMM, score: Score, piece: Piece, sampling: SamplingConfig,
-                 generator: torch.Generator, num_variations: int, max_bar_tokens: int) -> None:
+                 generator: torch.Generator, num_variations: int, max_bar_tokens: int, on_step: OnStep | None) -> None:
         self.mmm, self.vocab, self.tables = mmm, mmm.vocab, mmm.tables
+        self.on_step = on_step
         self.max_len = mmm.model.config.max_seq_len
         self.sampling, self.generator, self.n = sampling, generator, num_variations
         if isinstance(max_bar_tokens, bool) or not isinstance(max_bar_tokens, (int, np.integer)) or max_bar_tokens < 4:
@@ -429,7 +350,7 @@ class _Run:
             plan = BarPlan(piece.time_sigs[a:b], bar_acs, end_id, piece.programs[t] < 0)
             grammars = [BarGrammar(GrammarTables.of(self.vocab), plan, budget) for _ in group]
             out = generate_ids(self.mmm.model, prompt, budget, grammars, len(group), self.sampling, self.generator,
-                               num_threads=self.mmm.num_threads, on_step=self.mmm.on_step)
+                               num_threads=self.mmm.num_threads, on_step=self.on_step)
             tokens = out.base_ids(self.vocab)
             for v, base in zip(group, tokens):
                 self._apply(v, t, a, b, base, clip_at)
@@ -517,25 +438,17 @@ class _Run:
         piece.set_bars(t, a, bars)
         piece.empty[t] = piece.empty[t] and not any(vocab.is_note_start[i] for bar in bars for i in bar)
         decoded = self.mmm.tokenizer.decode(track_ids(piece.programs[t], bars, vocab))
-        start = _to_ticks(piece.bar_ticks[a], piece.tpq, score.tpq)
-        end = _to_ticks(piece.bar_ticks[b], piece.tpq, score.tpq) if b < piece.num_bars else None
+        start = to_ticks(piece.bar_ticks[a], piece.tpq, score.tpq)
+        end = to_ticks(piece.bar_ticks[b], piece.tpq, score.tpq) if b < piece.num_bars else None
         notes = decoded.tracks[0].notes.numpy() if decoded.tracks else None
-        piece_end = _to_ticks(piece.end_tick(vocab), piece.tpq, score.tpq)
+        piece_end = to_ticks(piece.end_tick(vocab), piece.tpq, score.tpq)
         clip = None
         if clip_at is not None:
-            clip = _to_ticks(piece.bar_ticks[clip_at], piece.tpq, score.tpq) if clip_at < piece.num_bars else piece_end
+            clip = to_ticks(piece.bar_ticks[clip_at], piece.tpq, score.tpq) if clip_at < piece.num_bars else piece_end
         _splice(score.tracks[piece.source[t]], start, end, notes, decoded.tpq, score.tpq, clip)
         if end is None:
             end = piece_end
         self.report.regions[v].append((piece.source[t], start, end))
-
-    def finish(self) -> Score | list[Score]:
-        self.mmm.last_report = self.report
-        return self.scores[0] if self.n == 1 else self.scores
-
-
-def _to_ticks(ticks: int, from_tpq: int, to_tpq: int) -> int:
-    return int(round(ticks * to_tpq / from_tpq))
 
 
 def _splice(track: Track, start: int, end: int | None, notes: dict | None, notes_tpq: int, tpq: int,

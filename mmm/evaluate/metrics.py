@@ -214,7 +214,7 @@ def adherence(requested: Sequence[Any], achieved: Sequence[Any], kind: str,
               bins: Sequence[float] | None = None) -> dict[str, Any]:
     """Scores of achieved vs requested control values.
 
-    `kind` as in `mmm.api.Controls`: "int" (ordinal bins), "float" (snapped to `bins`),
+    `kind` as in `mmm.controls.table.Controls`: "int" (ordinal bins), "float" (snapped to `bins`),
     "set" / "durations" (sets). An achieved value of None (e.g. no note in the bar) is a miss.
     Ordinal kinds get exact, within_1 (one bin away) and spearman (over defined pairs); set
     kinds get exact and the mean Jaccard similarity.

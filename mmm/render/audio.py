@@ -1,6 +1,6 @@
 """Render MIDI to audio with the FluidSynth command-line synthesizer and a General MIDI soundfont.
 
-    from mmm.audio import render_wav
+    from mmm.render.audio import render_wav
     render_wav("song.mid", "song.wav")                 # or a symusic.Score
 
 FluidSynth is a system program, not a Python package: on Debian/Ubuntu
@@ -19,7 +19,7 @@ from pathlib import Path
 
 from symusic import Score
 
-from mmm.io import atomic_write
+from mmm.files.atomic import atomic_write
 
 FLUIDSYNTH = "fluidsynth"
 # Searched in this order when no soundfont is given (after $MMM_SOUNDFONT).

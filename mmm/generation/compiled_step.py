@@ -28,7 +28,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from mmm.model import MMMTransformer, apply_rope
+from mmm.model.rope import apply_rope
+from mmm.model.transformer import MMMTransformer
 
 # model -> its compiled step; weak so that a dropped model frees its graphs.
 _COMPILED: weakref.WeakKeyDictionary[MMMTransformer, Callable] = weakref.WeakKeyDictionary()

@@ -3,8 +3,8 @@
 Lightning's own `TorchCheckpointIO` pickles the checkpoint into memory, writes it to a file in
 the system temp folder and moves it into place: across filesystems that move is a copy over the
 target, so a disk filling up mid-copy truncates the previous good `last.ckpt`, and the whole
-checkpoint must also fit in `/tmp`. Here it is written beside its target by `mmm.io.atomic_write`
-and read by `mmm.checkpoint.load_checkpoint_file`, which never runs code from the file; a remote
+checkpoint must also fit in `/tmp`. Here it is written beside its target by `mmm.files.atomic.atomic_write`
+and read by `mmm.model.pretrained.load_checkpoint_file`, which never runs code from the file; a remote
 one (`ckpt_path=https://...`, `s3://...`) is read by Lightning with `weights_only=True` too.
 """
 
@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from mmm.checkpoint import SAFE_GLOBALS, globals_named_in, load_checkpoint_file, unsafe_checkpoint
-from mmm.io import atomic_write
+from mmm.model.pretrained import SAFE_GLOBALS, globals_named_in, load_checkpoint_file, unsafe_checkpoint
+from mmm.files.atomic import atomic_write
 
 
 def _save(checkpoint: dict[str, Any], path: Path) -> None:
