@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
-.PHONY: install demo test clean-demo docs audio-deps gallery
+.PHONY: install demo test test-fast lint format clean-demo docs audio-deps gallery
 
 # torch goes in first, pinned: anything resolving a bare `torch` requirement before it would
 # pull multi-GB CUDA wheels. DeepSpeed compiles its ops lazily (DS_BUILD_OPS=0) and needs the
@@ -29,8 +29,22 @@ demo: $(VENV)/.installed
 	$(PY) -m mmm.sample ckpt=runs/demo/model input=$(DEMO_PIECE) task=infill track=1 bars=[4,8] out_dir=runs/demo/samples/infill
 	$(PY) -m mmm.sample ckpt=runs/demo/model input=$(DEMO_PIECE) task=add_track program=33 out_dir=runs/demo/samples/add_track
 
-test: $(VENV)/.installed
+# The full suite, as CI runs it: lint and format check first (seconds), then every test.
+test: lint
 	$(PY) -m pytest -q
+
+# The inner loop: every test but the subprocess, multi-process, full-disk, browser, Slurm and
+# long ones (markers in pyproject.toml); about a minute on 2 cores.
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -q -m "not (slow or subprocess or multiprocess or full_disk or browser or slurm)"
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(VENV)/.installed
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
 
 clean-demo:
 	rm -rf runs/demo data/embedded

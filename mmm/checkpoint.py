@@ -16,8 +16,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m mmm.checkpoint", description=main.__doc__)
     parser.add_argument("checkpoint", type=Path, help="Lightning .ckpt file or DeepSpeed checkpoint directory")
     parser.add_argument("out", type=Path, help="folder to write (config.json, model.safetensors, tokenizer.json)")
-    parser.add_argument("--trusted", action="store_true",
-                        help="load a .ckpt holding more than plain data (this can run code from it: only for files you trust)")
+    parser.add_argument(
+        "--trusted",
+        action="store_true",
+        help="load a .ckpt holding more than plain data (this can run code from it: only for files you trust)",
+    )
     args = parser.parse_args(argv)
     model, tokenizer = load_pretrained(args.checkpoint, trusted=args.trusted)
     print(save_pretrained(model, tokenizer, args.out, extra={"exported_from": str(args.checkpoint)}))

@@ -93,7 +93,9 @@ def check_section(where: str, cfg: Any, schema: type[T]) -> T:
     if not isinstance(values, Mapping):
         raise ValueError(f"{where}: expected a mapping of keys, got {values!r}")
     fields = {f.name: f for f in dataclasses.fields(schema)}
-    required = [n for n, f in fields.items() if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    required = [
+        n for n, f in fields.items() if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
     require_keys(where, values, fields, required)
     hints = typing.get_type_hints(schema)
     values = {k: plain(v) for k, v in values.items()}  # a dict may still hold OmegaConf nodes
@@ -135,7 +137,9 @@ def _type_name(kind: Any) -> str:
         return f"a list of {_type_name(args[0])}" if args else "a list"
     if origin is not None:
         return getattr(origin, "__name__", str(origin))
-    return {float: "a number", int: "an integer", bool: "true or false", str: "a string"}.get(kind, getattr(kind, "__name__", str(kind)))
+    return {float: "a number", int: "an integer", bool: "true or false", str: "a string"}.get(
+        kind, getattr(kind, "__name__", str(kind))
+    )
 
 
 def _matches(value: Any, kind: Any) -> bool:

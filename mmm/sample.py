@@ -18,13 +18,12 @@ from typing import Any
 
 from symusic import Score
 
-from mmm.generation.api import MMM
-from mmm.generation.scores import count_bars, read_score
-from mmm.model.pretrained import checkpoint_location
 from mmm.config import at_least, check_section
 from mmm.controls.table import Controls
-from mmm.generation.request import SamplingConfig
-from mmm.generation.request import Request, check_request
+from mmm.generation.api import MMM
+from mmm.generation.request import Request, SamplingConfig, check_request
+from mmm.generation.scores import count_bars, read_score
+from mmm.model.pretrained import checkpoint_location
 from mmm.tokenizer import Vocab
 
 log = logging.getLogger(__name__)
@@ -66,12 +65,24 @@ class SampleConfig:
         bars = self.bars
         if isinstance(bars, list) and bars and isinstance(bars[0], list):
             bars = [tuple(span) for span in bars]
-        return Request(self.task, track=self.track, bars=bars, program=self.program, programs=self.programs,
-                       num_bars=self.num_bars, time_signature=self.time_signature, tempo=self.tempo,
-                       controls=self.controls or None, track_controls=self.track_controls or None,
-                       bars_before=self.bars_before, bars_after=self.bars_after, num_variations=self.num_variations,
-                       seed=self.seed, sampling=SamplingConfig(self.temperature, self.top_k, self.top_p),
-                       max_bar_tokens=self.max_bar_tokens)
+        return Request(
+            self.task,
+            track=self.track,
+            bars=bars,
+            program=self.program,
+            programs=self.programs,
+            num_bars=self.num_bars,
+            time_signature=self.time_signature,
+            tempo=self.tempo,
+            controls=self.controls or None,
+            track_controls=self.track_controls or None,
+            bars_before=self.bars_before,
+            bars_after=self.bars_after,
+            num_variations=self.num_variations,
+            seed=self.seed,
+            sampling=SamplingConfig(self.temperature, self.top_k, self.top_p),
+            max_bar_tokens=self.max_bar_tokens,
+        )
 
 
 def _tokenizer_if_cheap(ckpt: str):
@@ -145,9 +156,17 @@ def sample(cfg: Any) -> dict[str, Any]:
         "tokens_per_s": report.summary()["tokens_per_s"],
         "bar_grid_warning": report.bar_grid_warning,  # the bars rewritten are not the file's bars (logged too)
         "generations": [
-            {"task": s.task, "track": s.track, "bars": list(s.bars), "variations": s.variations,
-             "prompt_tokens": s.prompt_tokens, "budget": s.budget, "window": list(s.window),
-             "context_tracks": s.context_tracks, **s.timings}
+            {
+                "task": s.task,
+                "track": s.track,
+                "bars": list(s.bars),
+                "variations": s.variations,
+                "prompt_tokens": s.prompt_tokens,
+                "budget": s.budget,
+                "window": list(s.window),
+                "context_tracks": s.context_tracks,
+                **s.timings,
+            }
             for s in report.steps
         ],
         "outputs": files,

@@ -58,9 +58,7 @@ def _parse_beat_res(value: Any) -> dict[tuple[int, int], int]:
         try:
             start, end = (int(x) for x in str(key).split("_"))
         except ValueError:
-            raise ValueError(
-                f"tokenizer.beat_res: key {key!r} must be 'start_end' in beats, e.g. '0_1'"
-            ) from None
+            raise ValueError(f"tokenizer.beat_res: key {key!r} must be 'start_end' in beats, e.g. '0_1'") from None
         if isinstance(res, bool) or not isinstance(res, int) or res <= 0:
             raise ValueError(f"tokenizer.beat_res[{key!r}]: positions per beat must be a positive int, got {res!r}")
         beat_res[(start, end)] = res
@@ -168,9 +166,7 @@ def train_bpe(tokenizer: MMMTokenizer, bars: Iterable[Sequence[int]], vocab_size
     from tokenizers import models
 
     if vocab_size <= len(tokenizer.vocab):
-        raise ValueError(
-            f"tokenizer.vocab_size ({vocab_size}) must exceed the {len(tokenizer.vocab)} base tokens"
-        )
+        raise ValueError(f"tokenizer.vocab_size ({vocab_size}) must exceed the {len(tokenizer.vocab)} base tokens")
     table = _id_chars(tokenizer)
     bar_id = tokenizer.vocab["Bar_None"]
     words = _Words(["".join(table[i] for i in word) for bar in bars if len(bar) > 0 for word in bpe_words(bar, bar_id)])
@@ -220,7 +216,9 @@ class Vocab:
         self.velocity_index_of[self.velocity_ids] = np.arange(len(self.velocity_ids))
         self.is_tempo = np.array([self.token_of[i].startswith("Tempo_") for i in range(self.base_size)])
         self.is_time_sig = np.array([self.token_of[i].startswith("TimeSig_") for i in range(self.base_size)])
-        self.is_note_start = np.array([self.token_of[i].startswith(("Pitch_", "PitchDrum_")) for i in range(self.base_size)])
+        self.is_note_start = np.array(
+            [self.token_of[i].startswith(("Pitch_", "PitchDrum_")) for i in range(self.base_size)]
+        )
         self.position_zero = vocab["Position_0"]
         self.is_ac = np.array([self.token_of[i].startswith("AC") for i in range(self.base_size)])
         self.bar_acs = [i for i, ac in enumerate(tokenizer.attribute_controls) if isinstance(ac, BarAttributeControl)]
@@ -231,21 +229,29 @@ class Vocab:
             model = tokenizer._model
             self.size = model.get_vocab_size()
             learned = tokenizer._vocab_learned_bytes_to_tokens
-            self.model_to_base = [
-                tuple(vocab[t] for t in learned[model.id_to_token(i)]) for i in range(self.size)
-            ]
+            self.model_to_base = [tuple(vocab[t] for t in learned[model.id_to_token(i)]) for i in range(self.size)]
         else:
             self.size = self.base_size
             self.model_to_base = [(i,) for i in range(self.size)]
         # The special/AC/structure tokens keep their base id in model space (they never merge);
         # checked here because the loss mask and the grammar rely on it.
-        for i in (self.pad, self.bos, self.eos, self.infill_bar, self.fill_start, self.fill_end,
-                  self.track_start, self.track_end):
+        for i in (
+            self.pad,
+            self.bos,
+            self.eos,
+            self.infill_bar,
+            self.fill_start,
+            self.fill_end,
+            self.track_start,
+            self.track_end,
+        ):
             if self.model_to_base[i] != (i,):
                 raise ValueError(f"tokenizer: special token {self.token_of[i]} lost its id after BPE")
         self.is_ac_model = np.array([len(b) == 1 and self.is_ac[b[0]] for b in self.model_to_base])
         # Notes carried by each model id (a BPE token may hold several): for loss per note.
-        self.notes_per_model_id = np.array([sum(int(self.is_note_start[b]) for b in bases) for bases in self.model_to_base])
+        self.notes_per_model_id = np.array(
+            [sum(int(self.is_note_start[b]) for b in bases) for bases in self.model_to_base]
+        )
         # Tokens that only ever appear in prompts: never a training target.
         self.prompt_only_model = self.is_ac_model.copy()
         self.prompt_only_model[[self.pad, self.infill_bar, self.fill_start]] = True
@@ -270,8 +276,13 @@ class Vocab:
         # The BPE model itself, word by word: same ids as `Tokenizer.encode(words,
         # is_pretokenized=True)` (tested) without its pipeline, ~7x faster.
         chars, bpe, bar = self._chars, self.tokenizer._model.model, self.bar
-        return [t.id for w in words if len(w) for piece in bpe_words(w, bar)
-                for t in bpe.tokenize("".join(map(chars.__getitem__, piece)))]
+        return [
+            t.id
+            for w in words
+            if len(w)
+            for piece in bpe_words(w, bar)
+            for t in bpe.tokenize("".join(map(chars.__getitem__, piece)))
+        ]
 
     def to_base(self, ids: Iterable[int]) -> list[int]:
         """Model ids -> base ids (decoding BPE ids directly: never through `.tokens`)."""

@@ -13,25 +13,25 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
+from hydra.utils import instantiate
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.utilities import rank_zero_only
-import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from mmm.model.pretrained import load_pretrained, save_pretrained
-from mmm.training.checkpoint_io import MMMCheckpointIO
 from mmm.config import at_least, check_section, check_value, plain
 from mmm.data.datamodule import DataConfig, MIDIDataModule
 from mmm.data.prepare import prepare_data
 from mmm.data.stats import generation_stats
 from mmm.data.store import Store
-from mmm.training.module import MMMLitModule, OptimConfig
 from mmm.files.locks import acquire_lock
 from mmm.model import PRESETS, model_config_from_preset
+from mmm.model.pretrained import load_pretrained, save_pretrained
 from mmm.tokenizer import Vocab, check_tokenizer_cfg, check_tokenizer_file, load_tokenizer
+from mmm.training.checkpoint_io import MMMCheckpointIO
+from mmm.training.module import MMMLitModule, OptimConfig
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,11 @@ def resume_path(cfg: DictConfig) -> str | None:
     if cfg.ckpt_path != "last":
         return cfg.ckpt_path
     run_dir = Path(cfg.run_dir)
-    candidates = [p for p in [run_dir / "checkpoints" / "last.ckpt", *run_dir.glob("hpc_ckpt_*.ckpt")] if p.is_file() or (p / "latest").is_file()]
+    candidates = [
+        p
+        for p in [run_dir / "checkpoints" / "last.ckpt", *run_dir.glob("hpc_ckpt_*.ckpt")]
+        if p.is_file() or (p / "latest").is_file()
+    ]
     return str(max(candidates, key=_saved_at)) if candidates else None
 
 
@@ -116,8 +120,9 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
         cfg.model.preset, vocab_size=vocab.size, max_seq_len=cfg.model.max_seq_len, **plain(cfg.model.overrides)
     )
     datamodule = MIDIDataModule.from_config(check_section("data", cfg.data, DataConfig), str(tokenizer_path), cfg.seed)
-    module = MMMLitModule(model_config.to_dict(), optim=plain(cfg.optim), tokenizer_json=tokenizer_path.read_text(),
-                          compile=cfg.compile)
+    module = MMMLitModule(
+        model_config.to_dict(), optim=plain(cfg.optim), tokenizer_json=tokenizer_path.read_text(), compile=cfg.compile
+    )
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
     loggers = [instantiate(c) for c in cfg.get("logger", {}).values() if c is not None]
     if not loggers:  # logger=none: the LR monitor has nowhere to write
@@ -125,7 +130,12 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # not a user-configured plugin
         trainer.strategy.checkpoint_io = MMMCheckpointIO()  # atomic writes, safe loads
-    log.info("model: %s parameters, vocab %d, context %d", f"{module.model.num_parameters():,}", vocab.size, model_config.max_seq_len)
+    log.info(
+        "model: %s parameters, vocab %d, context %d",
+        f"{module.model.num_parameters():,}",
+        vocab.size,
+        model_config.max_seq_len,
+    )
 
     metrics: dict[str, Any] = {}
     resume = resume_path(cfg)
@@ -148,8 +158,12 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
         export_model, _ = load_pretrained(final)
     if trainer.is_global_zero:
         generation = generation_stats(Store(cfg.data.store, "train"), vocab, cfg.data.sequences.pitch_shift)
-        save_pretrained(export_model, tokenizer, cfg.export_dir,
-                        extra={"training": {"experiment": cfg.experiment_name, **metrics}, "generation": generation})
+        save_pretrained(
+            export_model,
+            tokenizer,
+            cfg.export_dir,
+            extra={"training": {"experiment": cfg.experiment_name, **metrics}, "generation": generation},
+        )
         metrics["export_dir"] = str(cfg.export_dir)
         log.info("checkpoint folder: %s", cfg.export_dir)
     return metrics

@@ -173,7 +173,7 @@ def synthetic_score(seed: int = 0, num_bars: int = 12, tpq: int = TPQ) -> Score:
             t0 = b * bar + beat * tpq
             for p in (root, root + 4, root + 7):  # a chord at the bar start / half bar
                 piano.notes.append(Note(t0, 2 * tpq - rng.randint(0, 30), p, vel()))
-        for k in range(rng.randint(2, 6)):  # a melody
+        for _ in range(rng.randint(2, 6)):  # a melody
             t0 = b * bar + rng.randint(0, 15) * tpq // 4 + rng.randint(0, jitter)
             piano.notes.append(Note(t0, rng.choice([tpq // 4, tpq // 2, tpq, tpq // 3]), rng.randint(60, 84), vel()))
     bass = track("bass", 33)
@@ -242,7 +242,10 @@ def store_rows(store: Path) -> list[tuple]:
     rows = []
     for split in ("train", "valid", "test"):
         s = Store(store, split)
-        rows += [(r["name"], r["chunk"], r["split"], json.dumps(r["bars"]), json.dumps(r["bar_acs"])) for r in map(s.__getitem__, range(len(s)))]
+        rows += [
+            (r["name"], r["chunk"], r["split"], json.dumps(r["bars"]), json.dumps(r["bar_acs"]))
+            for r in map(s.__getitem__, range(len(s)))
+        ]
     return sorted(rows)
 
 
@@ -260,8 +263,15 @@ def midi_bytes(seed: int, tracks: int = 2) -> bytes:
 # -- a fake GigaMIDI download --------------------------------------------------------------
 SUBSETS = ("all-instruments-with-drums", "drums-only", "no-drums")
 ROWS = 2  # per subset and split
-SCHEMA = pa.schema([("md5", pa.string()), ("music", pa.binary()), ("instrument_category", pa.string()),
-                    ("music_styles_curated", pa.list_(pa.string())), ("split", pa.string())])
+SCHEMA = pa.schema(
+    [
+        ("md5", pa.string()),
+        ("music", pa.binary()),
+        ("instrument_category", pa.string()),
+        ("music_styles_curated", pa.list_(pa.string())),
+        ("split", pa.string()),
+    ]
+)
 LAYOUTS = ("per-subset", "per-subset-sharded", "column-str", "column-int")  # the layouts `make_gigamidi` writes
 
 
@@ -271,8 +281,15 @@ def gigamidi_rows(subset: str, split: str) -> list[dict]:
     rows = []
     for k in range(ROWS):
         music = midi_bytes(base + k)
-        rows.append({"md5": hashlib.md5(music).hexdigest(), "music": music, "instrument_category": subset,
-                     "music_styles_curated": ["rock"] if k else ["jazz", "pop"], "split": split})
+        rows.append(
+            {
+                "md5": hashlib.md5(music).hexdigest(),
+                "music": music,
+                "instrument_category": subset,
+                "music_styles_curated": ["rock"] if k else ["jazz", "pop"],
+                "split": split,
+            }
+        )
     return rows
 
 
@@ -284,7 +301,8 @@ def write_parquet(path: Path, rows: list[dict], int_category: bool = False) -> N
     if int_category:
         codes = pa.array([sources._CATEGORY_CODES[c] for c in table["instrument_category"].to_pylist()], pa.int64())
         table = table.drop_columns(["instrument_category"]).append_column(
-            "instrument_category__drums-only__0__all-instruments-with-drums__1_no-drums__2", codes)
+            "instrument_category__drums-only__0__all-instruments-with-drums__1_no-drums__2", codes
+        )
     pq.write_table(table, path)
 
 
@@ -301,15 +319,18 @@ def make_gigamidi(root: Path, layout: str) -> str:
             for split in splits:
                 rows = gigamidi_rows(subset, split)
                 for shard in range(ROWS):
-                    write_parquet(root / "v1.1.0" / subset / split / f"{shard:05d}.parquet", rows[shard:shard + 1])
+                    write_parquet(root / "v1.1.0" / subset / split / f"{shard:05d}.parquet", rows[shard : shard + 1])
         return "v1.1.0"
     # Hub layout v1.1.0/{split}/*.parquet: subsets only in a column, rows mixed in shards.
     for split in splits:
         rows = [r for subset in SUBSETS for r in gigamidi_rows(subset, split)]
         half = len(rows) // 2
         for shard, part in enumerate((rows[:half], rows[half:])):
-            write_parquet(root / "v1.1.0" / split / f"{split}-{shard:05d}-of-00002.parquet", part,
-                          int_category=layout == "column-int")
+            write_parquet(
+                root / "v1.1.0" / split / f"{split}-{shard:05d}-of-00002.parquet",
+                part,
+                int_category=layout == "column-int",
+            )
     # Hidden folders (download caches, like the ".cache" of `huggingface-cli download`) are ignored.
     write_parquet(root / "v1.1.0" / ".cache" / "stale-train.parquet", gigamidi_rows("drums-only", "train"))
     return "v1.1.0"
@@ -347,8 +368,16 @@ def tiny_model(vocab_size: int, max_seq_len: int = 512, seed: int = 0):
     from mmm.model import MMMTransformer, ModelConfig
 
     torch.manual_seed(seed)
-    config = ModelConfig(vocab_size=vocab_size, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
-                         intermediate_size=64, max_seq_len=max_seq_len, attention="sdpa")
+    config = ModelConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=2,
+        num_kv_heads=1,
+        intermediate_size=64,
+        max_seq_len=max_seq_len,
+        attention="sdpa",
+    )
     return MMMTransformer(config).eval()
 
 

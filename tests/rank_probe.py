@@ -23,7 +23,12 @@ class RecordSteps(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         # A checksum of this rank's copy of the weights: every rank must hold the same ones.
         weights = sum(float(p.detach().double().sum()) for p in pl_module.model.parameters())
-        record = {"step": trainer.global_step, "index": batch["index"].tolist(), "loss": float(outputs["loss"]), "weights": weights}
+        record = {
+            "step": trainer.global_step,
+            "index": batch["index"].tolist(),
+            "loss": float(outputs["loss"]),
+            "weights": weights,
+        }
         with open(f"{self.path}.rank{trainer.global_rank}", "a") as f:
             f.write(json.dumps(record) + "\n")
 

@@ -118,10 +118,14 @@ def controls(score: Score, tokenizer: MMM, vocab: Vocab, bar_ticks: list[int]) -
             track_acs.append([[] for _ in vocab.track_acs])
             bar_acs.append([[[] for _ in vocab.bar_acs] for _ in bar_ticks])
             continue
-        track_acs.append([
-            _events_to_ids(tokenizer, tokenizer.attribute_controls[i].compute(track, score.tpq, list(bar_ticks), [], []))
-            for i in vocab.track_acs
-        ])
+        track_acs.append(
+            [
+                _events_to_ids(
+                    tokenizer, tokenizer.attribute_controls[i].compute(track, score.tpq, list(bar_ticks), [], [])
+                )
+                for i in vocab.track_acs
+            ]
+        )
         notes = track.notes.numpy()
         per_bar = []
         for start, end in zip(bar_ticks, ends):
@@ -130,10 +134,14 @@ def controls(score: Score, tokenizer: MMM, vocab: Vocab, bar_ticks: list[int]) -
                 per_bar.append([[] for _ in vocab.bar_acs])
                 continue
             bar_notes = {k: v[inside] for k, v in notes.items()}
-            per_bar.append([
-                _events_to_ids(tokenizer, tokenizer.attribute_controls[i]._compute_on_bar(bar_notes, {}, {}, score.tpq))
-                for i in vocab.bar_acs
-            ])
+            per_bar.append(
+                [
+                    _events_to_ids(
+                        tokenizer, tokenizer.attribute_controls[i]._compute_on_bar(bar_notes, {}, {}, score.tpq)
+                    )
+                    for i in vocab.bar_acs
+                ]
+            )
         bar_acs.append(per_bar)
     return track_acs, bar_acs
 
@@ -156,7 +164,9 @@ def reference_sample(chunk: Mapping, spec: SampleSpec, tokenizer: MMM, vocab: Vo
             part.track_acs = [i for f in spec.track_acs for i in track_acs[t][f]]
             for b in spec.ac_bars if spec.bar_acs else ():
                 acs = [i for f in spec.bar_acs for i in bar_acs[t][b][f]]
-                if not acs and not any(tok.startswith(("Pitch", "PitchDrum")) for tok in map(vocab.token_of.get, bars[t][b])):
+                if not acs and not any(
+                    tok.startswith(("Pitch", "PitchDrum")) for tok in map(vocab.token_of.get, bars[t][b])
+                ):
                     acs = [tokenizer.vocab["ACBarNoteDensity_0"]]  # an empty bar given ACs: "no note"
                 if acs:
                     part.bar_acs[b] = acs

@@ -27,7 +27,9 @@ def imports() -> dict[str, set[str]]:
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("mmm"):
                 for alias in node.names:  # `from mmm.data import layout` names a module
-                    found.add(f"{node.module}.{alias.name}" if f"{node.module}.{alias.name}" in modules else node.module)
+                    found.add(
+                        f"{node.module}.{alias.name}" if f"{node.module}.{alias.name}" in modules else node.module
+                    )
             elif isinstance(node, ast.Import):
                 found.update(a.name for a in node.names if a.name.startswith("mmm"))
         graph[name] = {m for m in found if m in modules and m != name}
@@ -115,7 +117,7 @@ def test_no_import_cycle():
         state[m] = "open"
         for dep in sorted(graph[m]):
             if state.get(dep) == "open":
-                cycles.append(path[path.index(dep):] + [dep] if dep in path else [m, dep])
+                cycles.append(path[path.index(dep) :] + [dep] if dep in path else [m, dep])
             elif dep not in state:
                 visit(dep, path + [dep])
         state[m] = "done"

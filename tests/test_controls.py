@@ -6,11 +6,11 @@ from __future__ import annotations
 from itertools import combinations
 
 import pytest
+from conftest import synthetic_score
 from miditok.utils import get_bars_ticks
 
-from conftest import synthetic_score
-from mmm.controls.table import Controls
 from mmm.controls.measure import bar_controls, track_controls
+from mmm.controls.table import Controls
 
 
 def encode(controls: Controls, level: str, name: str, value) -> list[int]:

@@ -17,8 +17,10 @@ flash = pytest.mark.skipif(_load_flash_attn() is None, reason="needs flash-attn 
 def base_pair(window: int | None = None) -> tuple[MMMTransformer, MMMTransformer]:
     """The `base` preset twice, same weights: attention by flash-attn, and by SDPA."""
     torch.manual_seed(0)
-    configs = [model_config_from_preset("base", vocab_size=2000, max_seq_len=2048, attention=a, sliding_window=window)
-               for a in ("flash", "sdpa")]
+    configs = [
+        model_config_from_preset("base", vocab_size=2000, max_seq_len=2048, attention=a, sliding_window=window)
+        for a in ("flash", "sdpa")
+    ]
     a = MMMTransformer(configs[0]).cuda()
     b = MMMTransformer(configs[1]).cuda()
     b.load_state_dict(a.state_dict())
@@ -76,8 +78,15 @@ def packed_vs_alone(model: MMMTransformer, device: str, lengths: list[int]) -> N
 
     torch.manual_seed(1)
     vocab = model.config.vocab_size
-    batch = [{"input_ids": torch.randint(1, vocab, (n,)).numpy(), "labels": torch.zeros(n, dtype=torch.long).numpy(),
-              "num_notes": 0, "index": i} for i, n in enumerate(lengths)]
+    batch = [
+        {
+            "input_ids": torch.randint(1, vocab, (n,)).numpy(),
+            "labels": torch.zeros(n, dtype=torch.long).numpy(),
+            "num_notes": 0,
+            "index": i,
+        }
+        for i, n in enumerate(lengths)
+    ]
     padded, packed = collate(batch, 0), pack(batch, 0)
     with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
         alone = model(padded["input_ids"].to(device)).float()

@@ -13,16 +13,25 @@ import pytest
 import torch
 
 from mmm.generation.compiled_step import StaticDecoder, enable_compile, is_compile_enabled, num_slots
+from mmm.generation.grammar import BarGrammar, BarPlan, GrammarTables
 from mmm.generation.request import SamplingConfig
 from mmm.generation.sampling import generate_ids
-from mmm.generation.grammar import BarGrammar, BarPlan, GrammarTables
 from mmm.model import MMMTransformer, ModelConfig
 
 
 def small_model(vocab_size: int, window: int | None, seed: int = 0) -> MMMTransformer:
     torch.manual_seed(seed)
-    config = ModelConfig(vocab_size=vocab_size, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                         intermediate_size=64, max_seq_len=96, sliding_window=window, attention="sdpa")
+    config = ModelConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        intermediate_size=64,
+        max_seq_len=96,
+        sliding_window=window,
+        attention="sdpa",
+    )
     return MMMTransformer(config).eval()
 
 
@@ -42,7 +51,9 @@ def max_logit_gap(model: MMMTransformer, decoder: StaticDecoder, prompt: list[in
     return gap
 
 
-@pytest.mark.parametrize("window, prompt_len, batch", [(None, 10, 1), (None, 10, 3), (8, 5, 2), (8, 20, 2), (200, 10, 1)])
+@pytest.mark.parametrize(
+    "window, prompt_len, batch", [(None, 10, 1), (None, 10, 3), (8, 5, 2), (8, 20, 2), (200, 10, 1)]
+)
 def test_eager_static_step_matches_forward(window, prompt_len, batch):
     model = small_model(120, window)
     total = prompt_len + 40
@@ -120,8 +131,9 @@ def test_greedy_generation_same_ids_compiled_or_not(compiled, bpe_vocab):
 
     def run(compile: bool | None):
         grammars = [BarGrammar(tables, plan, budget) for plan in plans]
-        return generate_ids(compiled, prompt, budget, grammars, 2, SamplingConfig(temperature=0.0),
-                            num_threads=1, compile=compile)
+        return generate_ids(
+            compiled, prompt, budget, grammars, 2, SamplingConfig(temperature=0.0), num_threads=1, compile=compile
+        )
 
     eager, fast, default = run(False), run(True), run(None)
     assert fast.ids == eager.ids and default.ids == eager.ids  # None: this model is compile-enabled
@@ -144,6 +156,7 @@ def test_mmm_compile_switch(tokenizer, vocab):
     """`MMM(..., compile=True)` (and `python -m mmm.serve compile=true`) gives the model its
     compiled step; compiling itself waits for the first generation."""
     from conftest import tiny_model
+
     from mmm.generation.api import MMM
 
     eager = MMM(tiny_model(vocab.size), tokenizer)

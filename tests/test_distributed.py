@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO, compose_config, small_overrides, write_synthetic_midi
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from conftest import REPO, compose_config, small_overrides, write_synthetic_midi
 from mmm.data.datamodule import ResumableSampler
 from mmm.data.prepare import ensure_tokenizer
 from mmm.train import resume_path
@@ -30,7 +30,11 @@ STEPS_PER_EPOCH = 6  # data.samples_per_epoch=24 / (2 ranks x batch 2)
 
 def run_overrides(corpus: Path, data_root: Path) -> list[str]:
     """small_overrides for a command line: the run folder is Hydra's (hydra.run.dir), as for users."""
-    keep = [o for o in small_overrides(corpus, data_root) if not o.startswith(("run_dir=", "trainer=", "trainer.precision=", "trainer.max_steps="))]
+    keep = [
+        o
+        for o in small_overrides(corpus, data_root)
+        if not o.startswith(("run_dir=", "trainer=", "trainer.precision=", "trainer.max_steps="))
+    ]
     return keep + ["data.samples_per_epoch=24", "validate_before_training=false", "trainer.max_steps=8"]
 
 
@@ -43,19 +47,36 @@ def data_root(corpus, tmp_path_factory) -> Path:
     return root
 
 
-def command(run: Path, overrides: list[str], *extra: str, file_size_limit: int | None = None) -> subprocess.CompletedProcess:
+def command(
+    run: Path, overrides: list[str], *extra: str, file_size_limit: int | None = None
+) -> subprocess.CompletedProcess:
     """Run `python -m mmm.train` (2 processes) in its own process group, optionally with its
     file-size limit (RLIMIT_FSIZE, inherited by every rank) lowered: a write past it fails with
     EFBIG as on a full disk (Python ignores SIGXFSZ, which would kill the process instead)."""
-    cmd = [sys.executable, "-m", "mmm.train", *overrides, f"hydra.run.dir={run}",
-           f"+callbacks.probe={{_target_: rank_probe.RecordSteps, path: {run}_steps}}", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mmm.train",
+        *overrides,
+        f"hydra.run.dir={run}",
+        f"+callbacks.probe={{_target_: rank_probe.RecordSteps, path: {run}_steps}}",
+        *extra,
+    ]
     env = {**os.environ, "PYTHONPATH": str(REPO / "tests"), "MMM_SPY_DIR": str(run.parent / f"{run.name}_spy")}
 
     def limit() -> None:
         resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
 
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600, start_new_session=True,
-                          preexec_fn=limit if file_size_limit else None)
+    return subprocess.run(
+        cmd,
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        start_new_session=True,
+        preexec_fn=limit if file_size_limit else None,
+    )
 
 
 def launch(run: Path, overrides: list[str], *extra: str, expect_killed: bool = False) -> dict[int, list[dict]]:
@@ -88,13 +109,15 @@ def assert_bit_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor])
 @pytest.mark.parametrize("world_size", [1, 2, 3])
 def test_sampler_gives_each_sample_of_an_epoch_to_exactly_one_rank(num_samples, world_size):
     per_rank = -(-num_samples // world_size)
-    ranks = [ResumableSampler(num_samples, seed=3, epoch=1, rank=r, world_size=world_size).indices for r in range(world_size)]
+    ranks = [
+        ResumableSampler(num_samples, seed=3, epoch=1, rank=r, world_size=world_size).indices for r in range(world_size)
+    ]
     assert all(len(r) == per_rank for r in ranks)  # ranks take as many steps
     seen = [i for r in ranks for i in r]
     assert sorted(seen) == list(range(per_rank * world_size))  # no repeat, none missing
     # Resuming mid-epoch: the rest of the epoch first, the same samples per rank.
     resumed = ResumableSampler(num_samples, seed=3, epoch=1, start=per_rank // 2, rank=0, world_size=world_size).indices
-    assert resumed[: per_rank - per_rank // 2] == ranks[0][per_rank // 2:] and sorted(resumed) == sorted(ranks[0])
+    assert resumed[: per_rank - per_rank // 2] == ranks[0][per_rank // 2 :] and sorted(resumed) == sorted(ranks[0])
     with pytest.raises(ValueError, match="rank 3 is not in"):
         ResumableSampler(num_samples, seed=3, epoch=1, rank=3, world_size=world_size)
 
@@ -127,11 +150,13 @@ def test_newest_hpc_checkpoint_wins_over_last_ckpt(tmp_path):
 def test_deepspeed_cpu_config_is_the_gpu_config_but_the_accelerator(tmp_path):
     from hydra.utils import instantiate
 
-    from mmm.training.strategies import MMMDeepSpeedStrategy
     from mmm.train import check_config
+    from mmm.training.strategies import MMMDeepSpeedStrategy
 
-    gpu, cpu = (OmegaConf.to_container(compose_config("train", [f"trainer={t}", f"run_dir={tmp_path}"]).trainer)
-                for t in ("deepspeed", "deepspeed_cpu"))
+    gpu, cpu = (
+        OmegaConf.to_container(compose_config("train", [f"trainer={t}", f"run_dir={tmp_path}"]).trainer)
+        for t in ("deepspeed", "deepspeed_cpu")
+    )
     assert {k for k in gpu if gpu[k] != cpu[k]} == {"accelerator", "devices"}
     assert (cpu["accelerator"], cpu["devices"]) == ("cpu", 2)
     strategy = instantiate(cpu["strategy"])
@@ -185,10 +210,18 @@ def test_ddp_only_rank_zero_writes_checkpoints_model_and_logs(ddp):
     events = [f for f in files if f.startswith("tensorboard/events.out.tfevents")]
     assert len(events) == 1  # one TensorBoard writer
     expected = {
-        ".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml", "train.log",
-        "checkpoints/last.ckpt", "checkpoints/step0000003.ckpt", "checkpoints/step0000006.ckpt",
-        "model/config.json", "model/model.safetensors", "model/tokenizer.json",
-        "tensorboard/hparams.yaml", *events,
+        ".hydra/config.yaml",
+        ".hydra/hydra.yaml",
+        ".hydra/overrides.yaml",
+        "train.log",
+        "checkpoints/last.ckpt",
+        "checkpoints/step0000003.ckpt",
+        "checkpoints/step0000006.ckpt",
+        "model/config.json",
+        "model/model.safetensors",
+        "model/tokenizer.json",
+        "tensorboard/hparams.yaml",
+        *events,
     }
     assert set(files) == expected
     # And rank 1 opened nothing for writing under the run folder (WriteSpy, from its start).
@@ -201,7 +234,10 @@ def test_ddp_only_rank_zero_writes_checkpoints_model_and_logs(ddp):
 @pytest.fixture(scope="module")
 def deepspeed(corpus, data_root):
     """trainer=deepspeed_cpu for 6 steps, SIGKILLed before step 6 and re-run with the same command."""
-    overrides = [o for o in run_overrides(corpus, data_root) if o != "trainer.max_steps=8"] + ["trainer=deepspeed_cpu", "trainer.max_steps=6"]
+    overrides = [o for o in run_overrides(corpus, data_root) if o != "trainer.max_steps=8"] + [
+        "trainer=deepspeed_cpu",
+        "trainer.max_steps=6",
+    ]
     run = data_root / "deepspeed"
     launch(run, overrides, "+callbacks.kill={_target_: rank_probe.KillJobAt, step: 5}", expect_killed=True)
     at_kill = sorted(p.name for p in (run / "checkpoints").iterdir())
@@ -228,8 +264,11 @@ def test_deepspeed_export_is_the_consolidated_fp32_master_weights(deepspeed, tmp
     ckpt = run / "checkpoints" / "last.ckpt"
     export([str(ckpt), str(tmp_path / "exported")])
     # DeepSpeed's own consolidation script, saved in every checkpoint directory.
-    subprocess.run([sys.executable, str(ckpt / "zero_to_fp32.py"), str(ckpt), str(tmp_path / "fp32"), "--safe_serialization"],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, str(ckpt / "zero_to_fp32.py"), str(ckpt), str(tmp_path / "fp32"), "--safe_serialization"],
+        check=True,
+        capture_output=True,
+    )
     master = {k.removeprefix("model."): v for k, v in load_file(str(tmp_path / "fp32" / "model.safetensors")).items()}
     exported = weights(tmp_path / "exported")
     assert all(v.dtype == torch.float32 for v in exported.values())
@@ -254,7 +293,9 @@ def test_deepspeed_and_ddp_follow_the_same_loss_curve(deepspeed, ddp):
         a = list({r["step"]: r for r in ds[rank]}.values())  # steps 1-6 (4-5 were redone identically)
         b = ddp_recs[rank][:6]
         assert [r["index"] for r in a] == [r["index"] for r in b]  # the same samples on the same rank
-        torch.testing.assert_close(torch.tensor([r["loss"] for r in a]), torch.tensor([r["loss"] for r in b]), rtol=2**-8, atol=0)  # bf16's relative precision
+        torch.testing.assert_close(
+            torch.tensor([r["loss"] for r in a]), torch.tensor([r["loss"] for r in b]), rtol=2**-8, atol=0
+        )  # bf16's relative precision
         assert abs(a[0]["loss"] - b[0]["loss"]) < 1e-3
 
 
@@ -274,7 +315,9 @@ def test_deepspeed_save_on_a_full_disk_keeps_the_previous_checkpoint(corpus, dat
 
     # Step 2, then its final save over last.ckpt (the periodic ones come every 3 steps) fails.
     proc = command(run, [*overrides, "trainer.max_steps=2"], file_size_limit=limit)
-    assert proc.returncode != 0 and f"DiskFull: [Errno 27] could not write {last}: File too large" in proc.stderr, proc.stderr[-4000:]
+    assert proc.returncode != 0 and f"DiskFull: [Errno 27] could not write {last}: File too large" in proc.stderr, (
+        proc.stderr[-4000:]
+    )
     assert {p: p.read_bytes() for p in sorted(last.rglob("*")) if p.is_file()} == before
     assert [p.name for p in last.parent.iterdir()] == ["last.ckpt"]  # no partial folder beside it
     load_pretrained(last)

@@ -18,6 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs"
 sys.path.insert(0, str(DOCS / "_ext"))
 
+
 def _installed(*modules: str) -> bool:
     try:
         return all(importlib.util.find_spec(m) is not None for m in modules)
@@ -34,9 +35,25 @@ needs_sphinx = pytest.mark.skipif(
 def sphinx_build(src: Path, out: Path, timeout: int = 300) -> subprocess.CompletedProcess:
     """`sphinx-build -W --keep-going` (as the Makefile/CI run it), in a fresh process."""
     return subprocess.run(
-        [sys.executable, "-m", "sphinx", "-b", "html", "-W", "--keep-going", "-q", "-E",
-         "-d", str(out / "doctrees"), str(src), str(out / "html")],
-        capture_output=True, text=True, timeout=timeout, cwd=REPO,
+        [
+            sys.executable,
+            "-m",
+            "sphinx",
+            "-b",
+            "html",
+            "-W",
+            "--keep-going",
+            "-q",
+            "-E",
+            "-d",
+            str(out / "doctrees"),
+            str(src),
+            str(out / "html"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
     )
 
 
@@ -45,9 +62,22 @@ def test_site_builds_without_warnings(tmp_path: Path) -> None:
     result = sphinx_build(DOCS, tmp_path)
     assert result.returncode == 0, f"docs build failed:\n{result.stdout[-5000:]}\n{result.stderr[-10000:]}"
     html = tmp_path / "html"
-    pages = ["index", "quickstart", "gallery", "gigamidi", "slurm", "token_format", "reliability", "api/generation",
-             "api/model", "api/tokenizer", "api/checkpoint", "api/data", "api/audio",
-             *(f"entry_points/{e}" for e in ("preprocess", "train_tokenizer", "train", "sample", "evaluate"))]
+    pages = [
+        "index",
+        "quickstart",
+        "gallery",
+        "gigamidi",
+        "slurm",
+        "token_format",
+        "reliability",
+        "api/generation",
+        "api/model",
+        "api/tokenizer",
+        "api/checkpoint",
+        "api/data",
+        "api/audio",
+        *(f"entry_points/{e}" for e in ("preprocess", "train_tokenizer", "train", "sample", "evaluate")),
+    ]
     for page in pages:
         assert (html / f"{page}.html").is_file(), page
     train = (html / "entry_points" / "train.html").read_text()
@@ -96,7 +126,7 @@ def code_blocks(language: str) -> list[tuple[str, str]]:
                 continue
             indent = len(line) - len(line.lstrip())
             body = []
-            for nxt in lines[i + 1:]:
+            for nxt in lines[i + 1 :]:
                 if nxt.strip() and len(nxt) - len(nxt.lstrip()) <= indent:
                     break
                 body.append(nxt)
@@ -126,8 +156,9 @@ def test_pages_show_commands() -> None:
 
 
 @needs_sphinx
-@pytest.mark.parametrize("page,entry,args", documented_commands(),
-                         ids=lambda x: x if isinstance(x, str) else " ".join(x)[:60])
+@pytest.mark.parametrize(
+    "page,entry,args", documented_commands(), ids=lambda x: x if isinstance(x, str) else " ".join(x)[:60]
+)
 def test_documented_command_composes(page: str, entry: str, args: list[str]) -> None:
     """Every override a page shows is one the configs accept (Hydra's compose API)."""
     from mmm_docs import CONFIGS, ENTRY_POINTS, compose
@@ -158,14 +189,22 @@ def test_python_examples_match_the_api() -> None:
     from mmm.generation.api import MMM
     from mmm.render.audio import render_wav
 
-    functions = {"from_pretrained": MMM.from_pretrained, "infill": MMM.infill, "add_track": MMM.add_track,
-                 "generate": MMM.generate, "save_pretrained": MMM.save_pretrained, "render_wav": render_wav}
+    functions = {
+        "from_pretrained": MMM.from_pretrained,
+        "infill": MMM.infill,
+        "add_track": MMM.add_track,
+        "generate": MMM.generate,
+        "save_pretrained": MMM.save_pretrained,
+        "render_wav": render_wav,
+    }
     checked = set()
     for page, call, name in python_calls():
         if name not in functions:
             continue
         signature = inspect.signature(functions[name])
-        args = [None] * len(call.args) if name in ("render_wav", "from_pretrained") else [None, *([None] * len(call.args))]
+        args = (
+            [None] * len(call.args) if name in ("render_wav", "from_pretrained") else [None, *([None] * len(call.args))]
+        )
         kwargs = {k.arg: None for k in call.keywords}
         try:
             signature.bind(*args, **kwargs)

@@ -14,15 +14,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import CONFIGS, REPO, compose_config, write_synthetic_midi
-from mmm.model.pretrained import save_pretrained
+
+from mmm.data.prepare import train_tokenizer
 from mmm.data.sequences import IGNORE_INDEX
 from mmm.evaluate import check_config, evaluate
 from mmm.evaluate.metrics import BigramKN, UnigramLM, adherence, histogram_overlap, musical_stats, spearman
 from mmm.model import MMMTransformer, model_config_from_preset
+from mmm.model.pretrained import save_pretrained
 from mmm.tokenizer import Vocab, load_tokenizer
-from mmm.data.prepare import train_tokenizer
 
 X = IGNORE_INDEX
 
@@ -143,8 +143,17 @@ def test_musical_stats_match_muspy_where_definitions_agree():
         duration = np.append(duration, 1)
         pitch = np.append(pitch, 60)
         ours = musical_stats(time, duration, pitch, [False] * len(time), 64, TPQ, 16)
-        music = muspy.Music(resolution=TPQ, tracks=[muspy.Track(notes=[
-            muspy.Note(time=int(t), pitch=int(p), duration=int(d), velocity=64) for t, d, p in zip(time, duration, pitch)])])
+        music = muspy.Music(
+            resolution=TPQ,
+            tracks=[
+                muspy.Track(
+                    notes=[
+                        muspy.Note(time=int(t), pitch=int(p), duration=int(d), velocity=64)
+                        for t, d, p in zip(time, duration, pitch)
+                    ]
+                )
+            ],
+        )
         assert ours["pitch_class_entropy"] == pytest.approx(muspy.pitch_class_entropy(music)), trial
         assert ours["scale_consistency"] == pytest.approx(muspy.scale_consistency(music)), trial
         assert ours["polyphony"] == pytest.approx(muspy.polyphony(music)), trial
@@ -186,8 +195,16 @@ def test_model_nll_is_the_training_objective_per_target():
     from mmm.model import next_token_nll
 
     torch.manual_seed(0)
-    config = model_config_from_preset("tiny", vocab_size=50, max_seq_len=64, hidden_size=32, num_layers=2,
-                                      num_heads=2, num_kv_heads=1, intermediate_size=64)
+    config = model_config_from_preset(
+        "tiny",
+        vocab_size=50,
+        max_seq_len=64,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=2,
+        num_kv_heads=1,
+        intermediate_size=64,
+    )
     model = MMMTransformer(config).eval()
     rng = np.random.default_rng(0)
     seqs = []
@@ -198,7 +215,7 @@ def test_model_nll_is_the_training_objective_per_target():
     for (ids, labels), nll in zip(seqs, batched):
         assert len(nll) == (labels[1:] != X).sum()
         assert np.allclose(nll, model_nll(model, [(ids, labels)], 1, 0, "")[0], atol=1e-5)
-    batch = collate([{"input_ids": i, "labels": l, "num_notes": 0, "index": k} for k, (i, l) in enumerate(seqs)], 0)
+    batch = collate([{"input_ids": i, "labels": lab, "num_notes": 0, "index": k} for k, (i, lab) in enumerate(seqs)], 0)
     with torch.no_grad():
         total = next_token_nll(model, batch["input_ids"], batch["labels"], IGNORE_INDEX, reduction="sum")
     assert float(total) == pytest.approx(sum(float(n.sum()) for n in batched), rel=1e-5)
@@ -207,17 +224,34 @@ def test_model_nll_is_the_training_objective_per_target():
 # --- the whole evaluation ---------------------------------------------------------------------
 def data_overrides(corpus: Path, data_dir: Path) -> list[str]:
     return [
-        "data=folder", f"data.path={corpus}", f"paths.data_dir={data_dir}",
-        "data.split.valid=0.1", "data.split.test=0.3",
-        "data.preprocess.num_workers=1", "data.preprocess.min_notes=16", "tokenizer.vocab_size=800",
+        "data=folder",
+        f"data.path={corpus}",
+        f"paths.data_dir={data_dir}",
+        "data.split.valid=0.1",
+        "data.split.test=0.3",
+        "data.preprocess.num_workers=1",
+        "data.preprocess.min_notes=16",
+        "tokenizer.vocab_size=800",
     ]
 
 
 def small_eval(ckpt: Path, corpus: Path, data_dir: Path, out_dir: Path, *extra: str) -> list[str]:
     """Every part of the evaluation, shrunk to seconds on a CPU."""
-    return [f"ckpt={ckpt}", f"out_dir={out_dir}", *data_overrides(corpus, data_dir),
-            "samples_per_chunk=2", "baseline_samples_per_chunk=1", "batch_size=4", "num_requests=1",
-            "infill_bars=2", "piece_bars=6", "track_bars=3", "max_bar_tokens=8", "num_threads=1", *extra]
+    return [
+        f"ckpt={ckpt}",
+        f"out_dir={out_dir}",
+        *data_overrides(corpus, data_dir),
+        "samples_per_chunk=2",
+        "baseline_samples_per_chunk=1",
+        "batch_size=4",
+        "num_requests=1",
+        "infill_bars=2",
+        "piece_bars=6",
+        "track_bars=3",
+        "max_bar_tokens=8",
+        "num_threads=1",
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -231,8 +265,16 @@ def setup(tmp_path_factory):
     train_tokenizer(cfg.data, cfg.tokenizer)
     tokenizer = load_tokenizer(cfg.tokenizer.path)
     torch.manual_seed(0)
-    config = model_config_from_preset("tiny", vocab_size=Vocab(tokenizer).size, max_seq_len=256, hidden_size=32,
-                                      num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=64)
+    config = model_config_from_preset(
+        "tiny",
+        vocab_size=Vocab(tokenizer).size,
+        max_seq_len=256,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=2,
+        num_kv_heads=1,
+        intermediate_size=64,
+    )
     save_pretrained(MMMTransformer(config), tokenizer, root / "model")
     return root, corpus
 
@@ -241,7 +283,10 @@ def setup(tmp_path_factory):
 def evaluated(setup):
     root, corpus = setup
     threads = torch.get_num_threads()
-    runs = [evaluate(compose_config("evaluate", small_eval(root / "model", corpus, root / "data", root / f"run{k}"))) for k in (0, 1)]
+    runs = [
+        evaluate(compose_config("evaluate", small_eval(root / "model", corpus, root / "data", root / f"run{k}")))
+        for k in (0, 1)
+    ]
     return root, runs, threads
 
 
@@ -275,10 +320,20 @@ def test_metrics_keys_and_sanity(evaluated):
     assert {"note_density_min", "repetition", "note_durations"} <= set(track)
     assert bar["note_density"]["with_control"]["n"] == 2  # one request x 2 bars
     assert set(bar["note_density"]["without_control"]) >= {"exact", "within_1", "spearman"}
-    assert set(metrics["musical_stats"]) == {"pitch_class_entropy", "scale_consistency", "polyphony", "pitch_range",
-                                             "empty_beat_rate", "groove_consistency"}
+    assert set(metrics["musical_stats"]) == {
+        "pitch_class_entropy",
+        "scale_consistency",
+        "polyphony",
+        "pitch_range",
+        "empty_beat_rate",
+        "groove_consistency",
+    }
     # one uncontrolled infill: one real and one generated span (pitch statistics skip drums)
-    assert metrics["musical_stats"]["empty_beat_rate"]["n_real"] == metrics["musical_stats"]["empty_beat_rate"]["n_generated"] == 1
+    assert (
+        metrics["musical_stats"]["empty_beat_rate"]["n_real"]
+        == metrics["musical_stats"]["empty_beat_rate"]["n_generated"]
+        == 1
+    )
     assert set(metrics["pitch_in_context_range"]) == {"generated_notes", "within_3_semitones"}
 
 
@@ -324,8 +379,10 @@ def test_vocabulary_mismatch_is_a_clear_error(setup, tmp_path):
     vocabulary than the checkpoint's is refused, naming both and the setting that differs."""
     root, corpus = setup
     ours = load_tokenizer(root / "model" / "tokenizer.json").config.num_velocities
-    cfg = compose_config("evaluate", small_eval(root / "model", corpus, tmp_path / "data", tmp_path / "out",
-                                  "tokenizer.params.num_velocities=16"))
+    cfg = compose_config(
+        "evaluate",
+        small_eval(root / "model", corpus, tmp_path / "data", tmp_path / "out", "tokenizer.params.num_velocities=16"),
+    )
     with pytest.raises(ValueError, match="vocabulary mismatch") as error:
         evaluate(cfg)
     assert f"tokenizer.params.num_velocities: 16 -> {ours}" in str(error.value)  # store -> checkpoint
@@ -336,7 +393,7 @@ def test_vocabulary_mismatch_is_a_clear_error(setup, tmp_path):
 def test_config_keys_are_commented_and_checked(setup, tmp_path):
     root, corpus = setup
     lines = (CONFIGS / "evaluate.yaml").read_text().splitlines()
-    top = [l for l in lines if re.match(r"^[a-z_]+:", l) and not l.startswith(("defaults", "hydra"))]
+    top = [line for line in lines if re.match(r"^[a-z_]+:", line) and not line.startswith(("defaults", "hydra"))]
     for line in top:
         assert "#" in line or line.rstrip().endswith(":"), f"evaluate.yaml: no comment on {line!r}"
     cfg = compose_config("evaluate", small_eval(root / "model", corpus, root / "data", tmp_path, "+num_request=3"))
@@ -351,7 +408,13 @@ def test_config_keys_are_commented_and_checked(setup, tmp_path):
 
 
 def test_cli_shows_the_options():
-    out = subprocess.run([sys.executable, "-m", "mmm.evaluate", "--cfg", "job", "ckpt=x"], cwd=REPO,
-                         capture_output=True, text=True, timeout=120, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "mmm.evaluate", "--cfg", "job", "ckpt=x"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
     for key in ("num_requests:", "samples_per_chunk:", "kn_discount:", "sampling:"):
         assert key in out

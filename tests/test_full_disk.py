@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, tokenizer_params
 
 # The child: ignore SIGXFSZ (by default it kills a process writing past its file-size limit;
@@ -34,8 +33,13 @@ except Exception as e:
 
 def write_limited(name: str, target: Path, limit: int) -> str:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO)])}
-    proc = subprocess.run([sys.executable, "-c", CHILD, name, str(target), str(limit)], env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", CHILD, name, str(target), str(limit)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 3, f"the write did not fail as expected:\n{proc.stdout}\n{proc.stderr[-3000:]}"
     return proc.stdout
 
@@ -60,7 +64,16 @@ def shard_rows(version: str) -> list:
     from mmm.data.chunks import Chunk
 
     n = 50 if version == "old" else 50_000
-    chunk = Chunk(programs=[0], bars=[[list(range(n))]], track_acs=[[[]]], bar_acs=[[[[]]]], bar_ticks=[0], start_tick=0, tpq=480, num_notes=n)
+    chunk = Chunk(
+        programs=[0],
+        bars=[[list(range(n))]],
+        track_acs=[[[]]],
+        bar_acs=[[[[]]]],
+        bar_ticks=[0],
+        start_tick=0,
+        tpq=480,
+        num_notes=n,
+    )
     return [(f"piece_{version}", 0, "0" * 32, "train", 0, chunk)]  # (name, file index, md5, split, chunk index, chunk)
 
 
@@ -79,8 +92,8 @@ def write_tokenizer(path: str, version: str) -> None:
 def write_folder(folder: str, version: str) -> None:
     import torch
 
-    from mmm.model.pretrained import save_pretrained
     from mmm.model import MMMTransformer, model_config_from_preset
+    from mmm.model.pretrained import save_pretrained
     from mmm.tokenizer import build_tokenizer
 
     tokenizer = build_tokenizer(tokenizer_params())
@@ -101,6 +114,7 @@ def write_lightning_ckpt(path: str, version: str) -> None:
 def write_preprocess(store: str, version: str) -> dict:
     """Preprocess `<store>/../corpus` with 2 worker processes (they write the shards)."""
     from conftest import data_cfg, tok_cfg
+
     from mmm.data.store_writer import preprocess
 
     return preprocess(data_cfg(Path(store).parent / "corpus", Path(store), num_workers=2), tok_cfg())
@@ -204,7 +218,10 @@ def test_preprocessing_stops_on_a_full_disk_and_the_rerun_completes(tmp_path):
     store = tmp_path / "store"
     output = write_limited("preprocess", store, limit=16_000)
     # The worker's DiskFull, reported by the parent with the shard it was writing.
-    assert ".arrow: File too large (disk full, quota or file-size limit)" in output and "free space and run again" in output
+    assert (
+        ".arrow: File too large (disk full, quota or file-size limit)" in output
+        and "free space and run again" in output
+    )
     assert not list(store.glob("shards/*.arrow")) and not list(store.glob("shards/.*"))
     report = write_preprocess(str(store), "new")
     assert report["kept"] == 6 and report["rejected"] == 0

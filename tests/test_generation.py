@@ -29,20 +29,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import preprocess_settings, synthetic_score, tiny_model
 from miditok import MMM as MiditokMMM
 from miditok.utils import get_bars_ticks
 from symusic import Note, Score, Tempo, TimeSignature, Track
 
-from conftest import preprocess_settings, synthetic_score, tiny_model
-from mmm.generation.api import MMM, Controls
-from mmm.data.layout import piece_from_score
 from mmm.controls.measure import bar_controls, track_controls
 from mmm.data.chunks import tokenize_score
+from mmm.data.layout import piece_from_score
+from mmm.generation.api import MMM, Controls
+from mmm.generation.grammar import BarGrammar, BarPlan, GrammarTables
 from mmm.generation.request import Request, SamplingConfig
 from mmm.generation.sampling import generate_ids, make_generator, sample_next
-from mmm.generation.grammar import BarGrammar, BarPlan, GrammarTables
 
-MULTITRACK = sorted((Path(os.environ["MMM_TEST_MIDI"]) / "multitrack").glob("*.mid")) if os.environ.get("MMM_TEST_MIDI") else []
+MULTITRACK = (
+    sorted((Path(os.environ["MMM_TEST_MIDI"]) / "multitrack").glob("*.mid")) if os.environ.get("MMM_TEST_MIDI") else []
+)
 
 
 class Recorded(MMM):
@@ -69,9 +71,15 @@ def mmm_base(tokenizer, vocab) -> MMM:
 
 
 # -- an independent checker of generated tokens (token strings, not the grammar's tables) ---------
-NOTE_ORDER = {"Position": {"Tempo", "Pitch", "PitchDrum"}, "Tempo": {"Pitch", "PitchDrum", "Position"},
-              "Pitch": {"Velocity"}, "PitchDrum": {"Velocity"}, "Velocity": {"Duration"},
-              "Duration": {"Pitch", "PitchDrum", "Position"}, "TimeSig": {"Position"}}
+NOTE_ORDER = {
+    "Position": {"Tempo", "Pitch", "PitchDrum"},
+    "Tempo": {"Pitch", "PitchDrum", "Position"},
+    "Pitch": {"Velocity"},
+    "PitchDrum": {"Velocity"},
+    "Velocity": {"Duration"},
+    "Duration": {"Pitch", "PitchDrum", "Position"},
+    "TimeSig": {"Position"},
+}
 
 
 def check_generated(base_ids, vocab, time_signatures, drums: bool, end: str) -> list[list[str]]:
@@ -147,7 +155,7 @@ def test_grammar_walks_always_well_formed(which, vocab, bpe_vocab):
         base = v.to_base(ids)
         bars = check_generated(base, v, tss, drums, v.token_of[end])
         for bar, wanted in zip(bars, bar_acs):  # forced ACs, in order, right after TimeSig
-            assert bar[2:2 + len(wanted)] == [v.token_of[v.model_to_base[i][0]] for i in wanted]
+            assert bar[2 : 2 + len(wanted)] == [v.token_of[v.model_to_base[i][0]] for i in wanted]
         body = [b for b in base[:-1] if not v.is_ac[b]]
         program = v.program_id[-1 if drums else 0]
         v.tokenizer.decode([v.track_start, program, *body, v.track_end])  # always decodes
@@ -174,8 +182,17 @@ def test_grammar_rejects_what_it_does_not_allow(bpe_vocab):
         return g
 
     g = at_bar_content()
-    for bad in (v.fill_end, tok["PitchDrum_36"], tok["Pitch_60"], tok["Program_0"], tok["ACBarNoteDensity_3"],
-                v.track_end, v.eos, v.infill_bar, tok["Position_48"]):
+    for bad in (
+        v.fill_end,
+        tok["PitchDrum_36"],
+        tok["Pitch_60"],
+        tok["Program_0"],
+        tok["ACBarNoteDensity_3"],
+        v.track_end,
+        v.eos,
+        v.infill_bar,
+        tok["Position_48"],
+    ):
         with pytest.raises(ValueError, match="not allowed"):
             g.advance(bad)
     g.advance(tok["Position_10"])
@@ -209,9 +226,23 @@ def test_bar_length_in_positions_matches_miditok(vocab, tokenizer):
     for ts, positions in tables.bar_positions.items():
         last = tok.get(f"Position_{positions - 1}")
         assert last is not None
-        ids = [vocab.track_start, tok["Program_0"], vocab.bar, ts, last, tok["Pitch_60"], int(vocab.velocity_ids[5]),
-               tok["Duration_0.1.12"], vocab.bar, ts, tok["Position_0"], tok["Pitch_62"], int(vocab.velocity_ids[5]),
-               tok["Duration_0.1.12"], vocab.track_end]
+        ids = [
+            vocab.track_start,
+            tok["Program_0"],
+            vocab.bar,
+            ts,
+            last,
+            tok["Pitch_60"],
+            int(vocab.velocity_ids[5]),
+            tok["Duration_0.1.12"],
+            vocab.bar,
+            ts,
+            tok["Position_0"],
+            tok["Pitch_62"],
+            int(vocab.velocity_ids[5]),
+            tok["Duration_0.1.12"],
+            vocab.track_end,
+        ]
         notes = tokenizer.decode(ids).tracks[0].notes
         step = notes[1].time - notes[0].time  # last position of bar 1 -> first of bar 2: one position
         assert step > 0 and notes[0].time == positions * step - step
@@ -232,7 +263,12 @@ def test_sample_next_semantics():
     assert 0 not in draws.tolist()
     hot = sample_next(logits, SamplingConfig(5.0, None, None), gen)  # high temperature flattens
     assert Counter(hot.tolist())[3] > Counter(sample_next(logits, SamplingConfig(1.0, None, None), gen).tolist())[3]
-    for bad in (SamplingConfig(-1.0), SamplingConfig(1.0, 0), SamplingConfig(1.0, None, 0.0), SamplingConfig(1.0, None, 1.5)):
+    for bad in (
+        SamplingConfig(-1.0),
+        SamplingConfig(1.0, 0),
+        SamplingConfig(1.0, None, 0.0),
+        SamplingConfig(1.0, None, 1.5),
+    ):
         with pytest.raises(ValueError):
             bad.check()
 
@@ -250,7 +286,7 @@ def test_kv_cache_loop_matches_full_recompute(bpe_vocab):
                 ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
     finally:
         torch.set_num_threads(threads)
-    assert out.ids[0] == ids[len(prompt):]
+    assert out.ids[0] == ids[len(prompt) :]
     assert out.steps == 19 and out.prompt_len == len(prompt) and out.new_tokens == 20
 
 
@@ -259,8 +295,15 @@ def test_seed_reproduces_and_variations_differ(bpe_vocab):
     prompt = list(range(5, 30))
 
     def run(seed):
-        return generate_ids(model, prompt, 30, num_variations=3, generator=make_generator(seed, torch.device("cpu")),
-                            sampling=SamplingConfig(1.0, None, None), num_threads=1).ids
+        return generate_ids(
+            model,
+            prompt,
+            30,
+            num_variations=3,
+            generator=make_generator(seed, torch.device("cpu")),
+            sampling=SamplingConfig(1.0, None, None),
+            num_threads=1,
+        ).ids
 
     first = run(0)
     assert first == run(0)
@@ -271,7 +314,11 @@ def test_seed_reproduces_and_variations_differ(bpe_vocab):
 # -- API: structure of infills / new tracks ------------------------------------------------
 def _notes(track: Track) -> np.ndarray:
     n = track.notes.numpy()
-    return np.stack([n["time"], n["duration"], n["pitch"], n["velocity"]], axis=1) if len(n["time"]) else np.zeros((0, 4), int)
+    return (
+        np.stack([n["time"], n["duration"], n["pitch"], n["velocity"]], axis=1)
+        if len(n["time"])
+        else np.zeros((0, 4), int)
+    )
 
 
 def _span_ticks(mmm: MMM, score: Score, a: int, b: int) -> tuple[int, int | None]:
@@ -281,8 +328,9 @@ def _span_ticks(mmm: MMM, score: Score, a: int, b: int) -> tuple[int, int | None
     return start, end
 
 
-def assert_infill_ok(mmm: MMM, score: Score, out: Score, t: int, a: int, b: int, steps=None,
-                     clip_notes: bool = True) -> None:
+def assert_infill_ok(
+    mmm: MMM, score: Score, out: Score, t: int, a: int, b: int, steps=None, clip_notes: bool = True
+) -> None:
     """Exactly bars a..b-1 of track t were generated; nothing else changed."""
     v = mmm.vocab
     piece = piece_from_score(score, mmm.tokenizer, v)
@@ -294,7 +342,7 @@ def assert_infill_ok(mmm: MMM, score: Score, out: Score, t: int, a: int, b: int,
     for s in steps:
         for tokens in s.tokens:
             assert len(tokens) > 0
-            check_generated(tokens, v, piece.time_sigs[s.bars[0]:s.bars[1]], piece.programs[t] < 0, "FillBar_End")
+            check_generated(tokens, v, piece.time_sigs[s.bars[0] : s.bars[1]], piece.programs[t] < 0, "FillBar_End")
             assert s.prompt_tokens + s.budget <= mmm.model.config.max_seq_len
             assert s.window[0] <= s.bars[0] and s.bars[1] <= s.window[1]
         assert s.timings["new_tokens"] <= s.budget * len(s.variations)  # model ids, every row within budget
@@ -316,11 +364,11 @@ def assert_infill_ok(mmm: MMM, score: Score, out: Score, t: int, a: int, b: int,
         expected = Counter()  # the generated tokens, decoded independently, cut at the span's end
         piece_end = round(piece.end_tick(v) * score.tpq / piece.tpq)
         clip = (end if end is not None else piece_end) if clip_notes else None
-        for (s_a, s_b), tokens in generated:
+        for (s_a, _s_b), tokens in generated:
             body = [i for i in tokens[:-1] if not v.is_ac[i]]
             dec = mmm.tokenizer.decode([v.track_start, v.program_id[piece.programs[t]], *body, v.track_end])
             offset = round(piece.bar_ticks[s_a] * score.tpq / piece.tpq)
-            for note in (dec.tracks[0].notes if dec.tracks else []):
+            for note in dec.tracks[0].notes if dec.tracks else []:
                 duration = max(1, round(note.duration * score.tpq / dec.tpq))
                 time = round(note.time * score.tpq / dec.tpq) + offset
                 if clip is not None:
@@ -346,7 +394,7 @@ def assert_new_track_ok(mmm: MMM, score: Score, out: Score, program: int) -> Non
     for k, s in enumerate(steps):
         end = "Track_End" if k == 0 else "FillBar_End"
         for tokens in s.tokens:
-            check_generated(tokens, v, piece.time_sigs[s.bars[0]:s.bars[1]], program < 0, end)
+            check_generated(tokens, v, piece.time_sigs[s.bars[0] : s.bars[1]], program < 0, end)
         assert s.timings["new_tokens"] <= s.budget * len(s.variations)
         assert s.prompt_tokens + s.budget <= mmm.model.config.max_seq_len
         assert s.track == len(score.tracks)
@@ -497,7 +545,9 @@ def _with_other_spans(score: Score, out: Score, t: int, a: int, b: int, mmm: MMM
     old, new = score.tracks[t].notes.numpy(), out.tracks[t].notes.numpy()
     keep_new = (new["time"] < start) | (new["time"] >= end)
     take_old = (old["time"] >= start) & (old["time"] < end)
-    merged = {k: np.concatenate([new[k][keep_new], old[k][take_old]]) for k in ("time", "duration", "pitch", "velocity")}
+    merged = {
+        k: np.concatenate([new[k][keep_new], old[k][take_old]]) for k in ("time", "duration", "pitch", "velocity")
+    }
     order = np.argsort(merged["time"], kind="stable")
     mixed.tracks[t].notes = Note.from_numpy(**{k: x[order] for k, x in merged.items()})
     return mixed
@@ -505,8 +555,9 @@ def _with_other_spans(score: Score, out: Score, t: int, a: int, b: int, mmm: MMM
 
 def test_generate_from_scratch(mmm):
     for ts, bar_tokens, num_bars in (("4/4", 8, 6), ("3/4", 48, 12)):  # one segment / several
-        out = mmm.generate([0, 33, -1], num_bars=num_bars, time_signature=ts, tempo=100, seed=0,
-                           max_bar_tokens=bar_tokens)
+        out = mmm.generate(
+            [0, 33, -1], num_bars=num_bars, time_signature=ts, tempo=100, seed=0, max_bar_tokens=bar_tokens
+        )
         num, den = (int(x) for x in ts.split("/"))
         assert [(t.program, t.is_drum) for t in out.tracks] == [(0, False), (33, False), (0, True)]
         assert (out.time_signatures[0].numerator, out.time_signatures[0].denominator) == (num, den)
@@ -520,8 +571,13 @@ def test_generate_from_scratch(mmm):
             mine = [s for s in steps if s.track == k]
             assert [bar_ for s in mine for bar_ in range(*s.bars)] == list(range(num_bars))
             for s in mine:
-                check_generated(s.tokens[0], mmm.vocab, [ts_id] * (s.bars[1] - s.bars[0]), program < 0,
-                                "Track_End" if s.task == "track" else "FillBar_End")
+                check_generated(
+                    s.tokens[0],
+                    mmm.vocab,
+                    [ts_id] * (s.bars[1] - s.bars[0]),
+                    program < 0,
+                    "Track_End" if s.task == "track" else "FillBar_End",
+                )
         assert len([s for s in steps if s.track == 0]) == (1 if bar_tokens == 8 else 3)
 
 
@@ -532,14 +588,17 @@ def test_two_threads_on_one_model_each_get_their_own_report(bpe_tokenizer, bpe_v
 
     shared = MMM(tiny_model(bpe_vocab.size), bpe_tokenizer, max_bar_tokens=24, num_threads=1)
     score = synthetic_score(1, 12)
-    requests = {"infill": Request("infill", track=1, bars=(2, 5), seed=3),
-                "add_track": Request("add_track", program=33, seed=4)}
+    requests = {
+        "infill": Request("infill", track=1, bars=(2, 5), seed=3),
+        "add_track": Request("add_track", program=33, seed=4),
+    }
     results, progress, errors = {}, {name: 0 for name in requests}, []
     barrier = threading.Barrier(len(requests))
 
     def work(name: str) -> None:
         def on_step(grammars) -> None:
             progress[name] += 1
+
         try:
             barrier.wait()
             results[name] = shared.run(requests[name], score, on_step)
@@ -659,8 +718,14 @@ def test_controls_map_to_the_tokens_training_uses(bpe_tokenizer, bpe_vocab):
 
 
 def _as_controls(ids, v, level):
-    names = {"OnsetPolyphonyMin": "polyphony_min", "OnsetPolyphonyMax": "polyphony_max", "NoteDensity": "note_density",
-             "NoteDensityMin": "note_density_min", "NoteDensityMax": "note_density_max", "Repetition": "repetition"}
+    names = {
+        "OnsetPolyphonyMin": "polyphony_min",
+        "OnsetPolyphonyMax": "polyphony_max",
+        "NoteDensity": "note_density",
+        "NoteDensityMin": "note_density_min",
+        "NoteDensityMax": "note_density_max",
+        "Repetition": "repetition",
+    }
     durations = {"Whole": "whole", "Half": "half", "Quarter": "quarter", "Eight": "eighth", "Sixteenth": "sixteenth"}
     out: dict = {}
     for i in ids:
@@ -682,44 +747,63 @@ def test_controls_are_forced_after_each_timesig(mmm):
     v = mmm.vocab
     score = synthetic_score(0, 12)
     mmm.infill(score, track=1, bars=(4, 7), controls={"note_density": 6, "pitch_classes": [7, 0, 4]}, seed=0)
-    expected = [v.tokenizer.vocab[t] for t in ("ACBarPitchClass_0", "ACBarPitchClass_4", "ACBarPitchClass_7", "ACBarNoteDensity_6")]
-    bars = check_generated(mmm.last_report.steps[0].tokens[0], v, [v.tokenizer.vocab["TimeSig_4/4"]] * 3, False, "FillBar_End")
+    expected = [
+        v.tokenizer.vocab[t]
+        for t in ("ACBarPitchClass_0", "ACBarPitchClass_4", "ACBarPitchClass_7", "ACBarNoteDensity_6")
+    ]
+    bars = check_generated(
+        mmm.last_report.steps[0].tokens[0], v, [v.tokenizer.vocab["TimeSig_4/4"]] * 3, False, "FillBar_End"
+    )
     for bar in bars:
         assert bar[2:6] == [v.token_of[i] for i in expected]
-    mmm.infill(score, track=1, bars=(4, 7), controls={4: {"polyphony_max": 2}, 6: {"note_durations": ["quarter"]}}, seed=0)
-    bars = check_generated(mmm.last_report.steps[0].tokens[0], v, [v.tokenizer.vocab["TimeSig_4/4"]] * 3, False, "FillBar_End")
+    mmm.infill(
+        score, track=1, bars=(4, 7), controls={4: {"polyphony_max": 2}, 6: {"note_durations": ["quarter"]}}, seed=0
+    )
+    bars = check_generated(
+        mmm.last_report.steps[0].tokens[0], v, [v.tokenizer.vocab["TimeSig_4/4"]] * 3, False, "FillBar_End"
+    )
     assert bar_acs(bars[0]) == ["ACBarOnsetPolyphonyMax_2"]
     assert bar_acs(bars[1]) == []
-    assert bar_acs(bars[2]) == ["ACBarNoteDurationWhole_0", "ACBarNoteDurationHalf_0", "ACBarNoteDurationQuarter_1",
-                                "ACBarNoteDurationEight_0", "ACBarNoteDurationSixteenth_0"]
+    assert bar_acs(bars[2]) == [
+        "ACBarNoteDurationWhole_0",
+        "ACBarNoteDurationHalf_0",
+        "ACBarNoteDurationQuarter_1",
+        "ACBarNoteDurationEight_0",
+        "ACBarNoteDurationSixteenth_0",
+    ]
 
 
 def bar_acs(bar):
     return [t for t in bar[2:] if t.startswith("AC")]
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(controls={"density": 3}), "unknown control 'density'.*note_density"),
-    (dict(controls={"note_density": 19}), "invalid value 19 for note_density: int 0..18"),
-    (dict(controls={"note_density": -1}), "invalid value"),
-    (dict(controls={"note_density": True}), "invalid value"),
-    (dict(controls={"polyphony_max": 7}), "polyphony_max: int 1..6"),
-    (dict(controls={"pitch_classes": [0, 12]}), "pitch_classes"),
-    (dict(controls={"pitch_classes": "C"}), "pitch_classes"),
-    (dict(controls={"note_durations": ["thirty_second"]}), "note_durations: list among"),
-    (dict(controls={9: {"note_density": 2}}), r"bar\(s\) \[9\] that are not generated"),
-    (dict(controls={4: {"note_density": 2}, "note_density": 3}), "either one mapping"),
-    (dict(track_controls={"repetition": 1.5}), "repetition: float in"),
-    (dict(track_controls={"note_density": 3}), "valid track-level controls:.*note_density_min"),
-    (dict(track_controls={"polyphony_min": 0}), "polyphony_min: int 1..6"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(controls={"density": 3}), "unknown control 'density'.*note_density"),
+        (dict(controls={"note_density": 19}), "invalid value 19 for note_density: int 0..18"),
+        (dict(controls={"note_density": -1}), "invalid value"),
+        (dict(controls={"note_density": True}), "invalid value"),
+        (dict(controls={"polyphony_max": 7}), "polyphony_max: int 1..6"),
+        (dict(controls={"pitch_classes": [0, 12]}), "pitch_classes"),
+        (dict(controls={"pitch_classes": "C"}), "pitch_classes"),
+        (dict(controls={"note_durations": ["thirty_second"]}), "note_durations: list among"),
+        (dict(controls={9: {"note_density": 2}}), r"bar\(s\) \[9\] that are not generated"),
+        (dict(controls={4: {"note_density": 2}, "note_density": 3}), "either one mapping"),
+        (dict(track_controls={"repetition": 1.5}), "repetition: float in"),
+        (dict(track_controls={"note_density": 3}), "valid track-level controls:.*note_density_min"),
+        (dict(track_controls={"polyphony_min": 0}), "polyphony_min: int 1..6"),
+    ],
+)
 def test_controls_validation(mmm, kwargs, message):
     with pytest.raises(ValueError, match=message):
         mmm.infill(synthetic_score(0, 12), track=1, bars=(4, 7), **kwargs)
 
 
 def test_controls_valid_values_accepted(mmm):
-    ids = mmm.controls.track_ids({"repetition": 0.5, "note_density_min": 18, "note_density_max": 18, "note_durations": []})
+    ids = mmm.controls.track_ids(
+        {"repetition": 0.5, "note_density_min": 18, "note_density_max": 18, "note_durations": []}
+    )
     tokens = [mmm.vocab.token_of[i] for i in ids]
     assert tokens[:2] == ["ACTrackNoteDensityMin_18+", "ACTrackNoteDensityMax_18+"]
     assert tokens[-1] in ("ACTrackRepetition_0.44", "ACTrackRepetition_0.56")
@@ -732,28 +816,31 @@ def _silent() -> Score:
     return score
 
 
-@pytest.mark.parametrize("call, message", [
-    (lambda m, s: m.infill(s, track=9, bars=(1, 2)), "unknown track 9: the score has 6 track"),
-    (lambda m, s: m.infill(s, track=-1, bars=(1, 2)), "unknown track -1"),
-    (lambda m, s: m.infill(s, track=[0, 0], bars=(1, 2)), "duplicated"),
-    (lambda m, s: m.infill(s, track=0, bars=(10, 13)), r"bars \(10, 13\) out of range: the piece has 12 bars"),
-    (lambda m, s: m.infill(s, track=0, bars=(3, 3)), "out of range"),
-    (lambda m, s: m.infill(s, track=0, bars=[(1, 4), (3, 5)]), "overlap"),
-    (lambda m, s: m.infill(s, track=0, bars="1-3"), "bars must be"),
-    (lambda m, s: m.infill(s, track=0, bars=(1, 2), num_variations=0), "num_variations"),
-    (lambda m, s: m.infill(s, track=0, bars=(1, 2), temperature=-1), "temperature"),
-    (lambda m, s: m.infill(s, track=0, bars=(1, 2), top_p=0), "top_p"),
-    (lambda m, s: m.infill(s, track=0, bars=(1, 2), bars_before=-2), "bars_before"),
-    (lambda m, s: m.add_track(s, program=128), "program 128 is not valid"),
-    (lambda m, s: m.add_track(s, program=-2), "program -2"),
-    (lambda m, s: m.generate([], num_bars=4), "programs"),
-    (lambda m, s: m.generate([0], num_bars=0), "num_bars"),
-    (lambda m, s: m.generate([0], num_bars=4, time_signature="11/8"), "time_signature '11/8'.*valid"),
-    (lambda m, s: m.generate([0], num_bars=4, controls=[{}, {}]), "one mapping per program"),
-    (lambda m, s: m.infill(Score(480), track=0, bars=(0, 1)), "unknown track 0"),
-    (lambda m, s: m.infill(_silent(), track=0, bars=(0, 1)), "no note the tokenizer can represent"),
-    (lambda m, s: m.generate([0], num_bars=4, tempo=0), "tempo"),
-])
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda m, s: m.infill(s, track=9, bars=(1, 2)), "unknown track 9: the score has 6 track"),
+        (lambda m, s: m.infill(s, track=-1, bars=(1, 2)), "unknown track -1"),
+        (lambda m, s: m.infill(s, track=[0, 0], bars=(1, 2)), "duplicated"),
+        (lambda m, s: m.infill(s, track=0, bars=(10, 13)), r"bars \(10, 13\) out of range: the piece has 12 bars"),
+        (lambda m, s: m.infill(s, track=0, bars=(3, 3)), "out of range"),
+        (lambda m, s: m.infill(s, track=0, bars=[(1, 4), (3, 5)]), "overlap"),
+        (lambda m, s: m.infill(s, track=0, bars="1-3"), "bars must be"),
+        (lambda m, s: m.infill(s, track=0, bars=(1, 2), num_variations=0), "num_variations"),
+        (lambda m, s: m.infill(s, track=0, bars=(1, 2), temperature=-1), "temperature"),
+        (lambda m, s: m.infill(s, track=0, bars=(1, 2), top_p=0), "top_p"),
+        (lambda m, s: m.infill(s, track=0, bars=(1, 2), bars_before=-2), "bars_before"),
+        (lambda m, s: m.add_track(s, program=128), "program 128 is not valid"),
+        (lambda m, s: m.add_track(s, program=-2), "program -2"),
+        (lambda m, s: m.generate([], num_bars=4), "programs"),
+        (lambda m, s: m.generate([0], num_bars=0), "num_bars"),
+        (lambda m, s: m.generate([0], num_bars=4, time_signature="11/8"), "time_signature '11/8'.*valid"),
+        (lambda m, s: m.generate([0], num_bars=4, controls=[{}, {}]), "one mapping per program"),
+        (lambda m, s: m.infill(Score(480), track=0, bars=(0, 1)), "unknown track 0"),
+        (lambda m, s: m.infill(_silent(), track=0, bars=(0, 1)), "no note the tokenizer can represent"),
+        (lambda m, s: m.generate([0], num_bars=4, tempo=0), "tempo"),
+    ],
+)
 def test_bad_requests(mmm, call, message):
     with pytest.raises(ValueError, match=message):
         call(mmm, synthetic_score(0, 12))
@@ -788,9 +875,16 @@ def test_save_and_load_pretrained(mmm, tmp_path, monkeypatch):
     assert tok.encode(score).ids == mmm.tokenizer.encode(score).ids
     # a Lightning .ckpt (what training writes) loads too
     ckpt = tmp_path / "last.ckpt"
-    torch.save({"hyper_parameters": {"model_config": mmm.model.config.to_dict(),
-                                     "tokenizer_json": (folder / "tokenizer.json").read_text()},
-                "state_dict": {f"model.{k}": t for k, t in mmm.model.state_dict().items()}}, ckpt)
+    torch.save(
+        {
+            "hyper_parameters": {
+                "model_config": mmm.model.config.to_dict(),
+                "tokenizer_json": (folder / "tokenizer.json").read_text(),
+            },
+            "state_dict": {f"model.{k}": t for k, t in mmm.model.state_dict().items()},
+        },
+        ckpt,
+    )
     from_ckpt = MMM.from_pretrained(ckpt)
     with torch.no_grad():
         torch.testing.assert_close(from_ckpt.model(ids), mmm.model(ids))
@@ -825,8 +919,10 @@ def test_save_and_load_pretrained(mmm, tmp_path, monkeypatch):
 
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
     assert mmm.push_to_hub("someone/mmm-demo") == "https://hub/commit"
-    assert uploads == [("create", "someone/mmm-demo", True),
-                       ("upload", "someone/mmm-demo", ["config.json", "model.safetensors", "tokenizer.json"])]
+    assert uploads == [
+        ("create", "someone/mmm-demo", True),
+        ("upload", "someone/mmm-demo", ["config.json", "model.safetensors", "tokenizer.json"]),
+    ]
 
 
 def test_import_mmm_is_light():

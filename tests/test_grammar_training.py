@@ -15,8 +15,8 @@ from collections import Counter
 
 import numpy as np
 import pytest
-
 from conftest import chunk_dict, preprocess_settings, sequences_config, synthetic_score
+
 from mmm.data.chunks import tokenize_score
 from mmm.data.sequences import SequenceBuilder, generated_start
 from mmm.generation.grammar import BarGrammar, BarPlan, GrammarTables
@@ -35,7 +35,7 @@ def generated_part(ids: np.ndarray, vocab: Vocab) -> tuple[list[int], BarPlan]:
         while vocab.is_ac_model[ids[start]]:  # track ACs are prompt, not generated
             start += 1
     program = vocab.token_of[vocab.model_to_base[ids[target_start + 1]][0]]
-    generated = ids[start: list(ids).index(end_id, start) + 1].tolist()
+    generated = ids[start : list(ids).index(end_id, start) + 1].tolist()
     time_sigs: list[int] = []
     bar_acs: list[list[int]] = []
     for i in generated[:-1]:
@@ -53,7 +53,7 @@ def generated_part(ids: np.ndarray, vocab: Vocab) -> tuple[list[int], BarPlan]:
 def replay(ids: np.ndarray, vocab: Vocab, tables: GrammarTables) -> str:
     generated, plan = generated_part(ids, vocab)
     grammar = BarGrammar(tables, plan, budget=len(generated) + 16)
-    for k, i in enumerate(generated):
+    for _k, i in enumerate(generated):
         grammar.advance(i)  # raises when the grammar refuses the id
     assert grammar.done and grammar.starved_bars() == []
     return "infill" if plan.end_id == vocab.fill_end else "track"
@@ -80,7 +80,11 @@ def run_samples(chunks: list[dict], vocab: Vocab, count: int, seed: int) -> Coun
 def test_grammar_accepts_every_synthetic_training_sample(bpe_vocab):
     vocab = bpe_vocab
     settings = preprocess_settings(min_notes=8, chunk_max_tokens=900, chunk_max_track_tokens=400)
-    chunks = [chunk_dict(c) for seed in range(12) for c in tokenize_score(synthetic_score(seed, 16), vocab.tokenizer, vocab, settings)]
+    chunks = [
+        chunk_dict(c)
+        for seed in range(12)
+        for c in tokenize_score(synthetic_score(seed, 16), vocab.tokenizer, vocab, settings)
+    ]
     seen = run_samples(chunks, vocab, 1500, seed=0)
     assert seen["infill"] > 900 and seen["track"] > 250 and seen["with_bar_acs"] > 700, seen
 

@@ -37,10 +37,15 @@ def clean_env(**extra: str) -> dict[str, str]:
     return {**env, **extra}
 
 
-def start_holder(folder: Path, release: Path, env: dict[str, str], stale_after: float = 600, name: str = "run",
-                 shared: bool = False) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(folder), str(release), str(stale_after), name, str(int(shared))],
-                            env=env, stdout=subprocess.PIPE, text=True)
+def start_holder(
+    folder: Path, release: Path, env: dict[str, str], stale_after: float = 600, name: str = "run", shared: bool = False
+) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(folder), str(release), str(stale_after), name, str(int(shared))],
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     return proc, proc.stdout.readline().strip()
 
 
@@ -85,7 +90,13 @@ def test_a_pid_reused_by_another_process_is_not_mistaken_for_the_holder(tmp_path
 
 def test_lock_from_another_host_is_stale_only_without_a_recent_heartbeat(tmp_path):
     path = tmp_path / "run.lock"
-    record = {"pid": 1, "host": "some-other-node", "started": "2026-01-01 00:00:00 UTC", "job": "slurm:7:0:0", "token": "x"}
+    record = {
+        "pid": 1,
+        "host": "some-other-node",
+        "started": "2026-01-01 00:00:00 UTC",
+        "job": "slurm:7:0:0",
+        "token": "x",
+    }
     path.write_text(json.dumps(record))
     with pytest.raises(LockHeld, match="pid 1 on host some-other-node, started 2026-01-01 00:00:00 UTC, Slurm job 7"):
         with acquire_lock(tmp_path, "run", stale_after=60):
@@ -121,12 +132,19 @@ def test_processes_of_one_job_share_a_shared_lock_and_a_slurm_requeue_takes_it_o
     procs.append(rank1)
     assert line1 == f"joined {rank0.pid}"
     # Another Slurm job on the same folder, or another `srun` step of this job: refused.
-    for env in (clean_env(SLURM_JOB_ID="4343"), clean_env(SLURM_JOB_ID="4242", SLURM_STEP_ID="1", SLURM_RESTART_COUNT="0")):
+    for env in (
+        clean_env(SLURM_JOB_ID="4343"),
+        clean_env(SLURM_JOB_ID="4242", SLURM_STEP_ID="1", SLURM_RESTART_COUNT="0"),
+    ):
         other, line = start_holder(tmp_path, release, env, shared=True)
         procs.append(other)
-        assert line.startswith(f"held {tmp_path} is in use by another run (pid {rank0.pid}") and "Slurm job 4242" in line
+        assert (
+            line.startswith(f"held {tmp_path} is in use by another run (pid {rank0.pid}") and "Slurm job 4242" in line
+        )
     # The same job requeued (its old processes still being torn down): takes the lock over.
-    requeued, line = start_holder(tmp_path, release, clean_env(SLURM_JOB_ID="4242", SLURM_RESTART_COUNT="1"), shared=True)
+    requeued, line = start_holder(
+        tmp_path, release, clean_env(SLURM_JOB_ID="4242", SLURM_RESTART_COUNT="1"), shared=True
+    )
     procs.append(requeued)
     assert line == f"owner {requeued.pid}"
     release.touch()
@@ -168,10 +186,18 @@ def test_subprocesses_launched_by_the_holder_join_its_lock(tmp_path, procs):
 def test_runs_racing_for_a_stale_lock_get_exactly_one_winner(tmp_path, procs):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    (tmp_path / "run.lock").write_text(json.dumps(
-        {"pid": dead.pid, "host": socket.gethostname(), "started": "x", "job": "local:dead", "token": "t"}))
-    racers = [subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path), str(tmp_path / "release"), "600", "run", "0"],
-                               env=clean_env(), stdout=subprocess.PIPE, text=True) for _ in range(4)]
+    (tmp_path / "run.lock").write_text(
+        json.dumps({"pid": dead.pid, "host": socket.gethostname(), "started": "x", "job": "local:dead", "token": "t"})
+    )
+    racers = [
+        subprocess.Popen(
+            [sys.executable, "-c", HOLDER, str(tmp_path), str(tmp_path / "release"), "600", "run", "0"],
+            env=clean_env(),
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(4)
+    ]
     procs.extend(racers)
     results = [p.stdout.readline().split()[0] for p in racers]
     assert sorted(results) == ["held", "held", "held", "owner"]
@@ -185,8 +211,14 @@ def test_training_refuses_a_run_folder_in_use(corpus, tmp_path, procs):
     holder, line = start_holder(tmp_path / "run", tmp_path / "release", clean_env(), name="train")
     procs.append(holder)
     assert line.startswith("owner")
-    proc = subprocess.run([sys.executable, "-m", "mmm.train", *small_overrides(corpus, tmp_path)], cwd=REPO,
-                          env=clean_env(WANDB_MODE="disabled"), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "mmm.train", *small_overrides(corpus, tmp_path)],
+        cwd=REPO,
+        env=clean_env(WANDB_MODE="disabled"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode != 0
     assert f"is in use by another run (pid {holder.pid} on host {socket.gethostname()}" in proc.stderr
     assert not (tmp_path / "data").exists()  # failed before preprocessing anything
@@ -211,9 +243,21 @@ def test_waiting_for_the_holder_instead_of_failing(tmp_path, procs):
     with pytest.raises(LockHeld, match=f"pid {holder.pid}"):
         with acquire_lock(tmp_path, "run", wait=0.5):
             pass
-    waiter = subprocess.Popen([sys.executable, "-c", HOLDER.replace('stale_after=float(sys.argv[3])', 'wait=None'),
-                               str(tmp_path), str(tmp_path / "release2"), "600", "run", "0"],
-                              env=clean_env(), stdout=subprocess.PIPE, text=True)
+    waiter = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            HOLDER.replace("stale_after=float(sys.argv[3])", "wait=None"),
+            str(tmp_path),
+            str(tmp_path / "release2"),
+            "600",
+            "run",
+            "0",
+        ],
+        env=clean_env(),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     procs.append(waiter)
     time.sleep(1)
     assert waiter.poll() is None  # still waiting
@@ -230,10 +274,20 @@ def test_a_two_process_ddp_training_holds_its_run_folder_once(corpus, tmp_path):
     from conftest import REPO, small_overrides
 
     overrides = small_overrides(corpus, tmp_path) + [
-        "trainer.devices=2", "+trainer.strategy=ddp", "trainer.max_steps=2", "validate_before_training=false", "logger=none",
+        "trainer.devices=2",
+        "+trainer.strategy=ddp",
+        "trainer.max_steps=2",
+        "validate_before_training=false",
+        "logger=none",
     ]
-    proc = subprocess.run([sys.executable, "-m", "mmm.train", *overrides], cwd=REPO, env=clean_env(WANDB_MODE="disabled"),
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "mmm.train", *overrides],
+        cwd=REPO,
+        env=clean_env(WANDB_MODE="disabled"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "MEMBER: 2/2" in proc.stdout + proc.stderr  # rank 1 really ran
     assert "in use by another run" not in proc.stderr and "waiting for another run" not in proc.stderr

@@ -12,7 +12,9 @@ try:  # optional (the train and dev extras): only the comparisons with its Mistr
     import transformers
 except ImportError:
     transformers = None
-needs_transformers = pytest.mark.skipif(transformers is None, reason="transformers is not installed (pip install -e '.[dev]')")
+needs_transformers = pytest.mark.skipif(
+    transformers is None, reason="transformers is not installed (pip install -e '.[dev]')"
+)
 
 VOCAB = 61
 
@@ -180,9 +182,7 @@ def body_params_formula(h: int, layers: int, heads: int, kv_heads: int, ffn: int
 
 
 def test_base_preset_is_the_published_size():
-    assert PRESETS["base"] == dict(
-        hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=4, intermediate_size=1536
-    )
+    assert PRESETS["base"] == dict(hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=4, intermediate_size=1536)
     cfg = model_config_from_preset("base", vocab_size=500, max_seq_len=2048)
     model = MMMTransformer(cfg)
     body = body_params_formula(512, 8, 8, 4, 1536)

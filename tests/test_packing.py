@@ -9,9 +9,9 @@ import torch
 
 from mmm.data.datamodule import collate, pack
 from mmm.data.sequences import IGNORE_INDEX
-from mmm.training.module import MMMLitModule
 from mmm.model import MMMTransformer, ModelConfig, next_token_nll
 from mmm.model.masks import packed_positions, varlen_offsets
+from mmm.training.module import MMMLitModule
 
 VOCAB = 50
 PAD = 0
@@ -31,8 +31,19 @@ def samples(lengths, seed=0):
 
 def model(attention="sdpa", window=None):
     torch.manual_seed(0)
-    return MMMTransformer(ModelConfig(vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                                      intermediate_size=64, max_seq_len=64, attention=attention, sliding_window=window))
+    return MMMTransformer(
+        ModelConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            num_layers=2,
+            num_heads=4,
+            num_kv_heads=2,
+            intermediate_size=64,
+            max_seq_len=64,
+            attention=attention,
+            sliding_window=window,
+        )
+    )
 
 
 def per_sample_nll(m, batch, packed):
@@ -119,8 +130,9 @@ def test_unmasked_packing_would_differ():
     m = model()
     packed_batch = pack(batch, PAD, row_len=64)
     with torch.no_grad():
-        right = next_token_nll(m, packed_batch["input_ids"], packed_batch["labels"], IGNORE_INDEX,
-                               doc_ids=packed_batch["doc_ids"])
+        right = next_token_nll(
+            m, packed_batch["input_ids"], packed_batch["labels"], IGNORE_INDEX, doc_ids=packed_batch["doc_ids"]
+        )
         wrong = next_token_nll(m, packed_batch["input_ids"], packed_batch["labels"], IGNORE_INDEX)
     assert not torch.allclose(right, wrong, atol=1e-3)
 
@@ -128,8 +140,12 @@ def test_unmasked_packing_would_differ():
 def test_compiled_loss_matches_eager():
     """`compile=True` runs torch.compile on the loss: same value and gradients as eager."""
     config = model().config.to_dict()
-    optim = {"optimizer": {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 1e-3},
-             "weight_decay": 0.0, "warmup_steps": 0, "min_lr_ratio": 0.1}
+    optim = {
+        "optimizer": {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 1e-3},
+        "weight_decay": 0.0,
+        "warmup_steps": 0,
+        "min_lr_ratio": 0.1,
+    }
     eager, compiled = MMMLitModule(config, optim), MMMLitModule(config, optim, compile=True)
     compiled.model.load_state_dict(eager.model.state_dict())
     assert "compile" not in compiled.hparams  # not saved in checkpoints

@@ -14,13 +14,13 @@ from fractions import Fraction
 
 import numpy as np
 import pytest
+from conftest import notes_of, preprocess_settings, synthetic_score
 from miditok.utils import get_bars_ticks
 from symusic import Note, Score, Tempo, TimeSignature, Track
 
-from conftest import notes_of, preprocess_settings, synthetic_score
 from mmm.data.checks import Rejected
-from mmm.data.layout import split_bars
 from mmm.data.chunks import tokenize_score
+from mmm.data.layout import split_bars
 
 SMALL_CHUNKS = dict(chunk_max_tokens=900, chunk_max_track_tokens=400)
 
@@ -64,7 +64,9 @@ def assert_round_trip(score: Score, chunks, tokenizer, vocab, name: str = "") ->
         end = Fraction(chunks[k + 1].start_tick, chunk.tpq) if k + 1 < len(chunks) else Fraction(10**9)
         dec_tempos = _dedup([(Fraction(t.time, decoded.tpq) + start, round(t.qpm, 2)) for t in decoded.tempos])
         assert dec_tempos == _in_chunk(tempos, start, end), f"{name} chunk {k}: tempos"
-        dec_sigs = _dedup([(Fraction(t.time, decoded.tpq) + start, t.numerator, t.denominator) for t in decoded.time_signatures])
+        dec_sigs = _dedup(
+            [(Fraction(t.time, decoded.tpq) + start, t.numerator, t.denominator) for t in decoded.time_signatures]
+        )
         assert dec_sigs == _in_chunk(sigs, start, end), f"{name} chunk {k}: time signatures"
     expected = notes_of(pre)
     missing, extra = expected - got, got - expected
@@ -106,8 +108,10 @@ def assert_chunk_invariants(score: Score, chunks, tokenizer, vocab, settings, na
         # later chunk's first bar gets the tempo in force (`Position_0 Tempo`, 2 tokens).
         lengths = np.array([[len(bar) for bar in bars] for bars in c.bars])
         carry = 2 if k > 0 else 0
-        within = (lengths.sum() <= settings.chunk_max_tokens + carry * num_tracks
-                  and lengths.sum(axis=1).max() <= settings.chunk_max_track_tokens + carry)
+        within = (
+            lengths.sum() <= settings.chunk_max_tokens + carry * num_tracks
+            and lengths.sum(axis=1).max() <= settings.chunk_max_track_tokens + carry
+        )
         if len(chunks) > 1:
             assert num_bars >= settings.chunk_min_bars, f"{name}: chunk {k} has {num_bars} bars"
             if k + 1 < len(chunks):
@@ -119,8 +123,11 @@ def assert_chunk_invariants(score: Score, chunks, tokenizer, vocab, settings, na
 
 
 # -- synthetic files (need nothing outside the repo) -----------------------------------------
-@pytest.mark.parametrize("settings", [preprocess_settings(min_notes=8), preprocess_settings(min_notes=8, **SMALL_CHUNKS)],
-                         ids=["default-chunks", "small-chunks"])
+@pytest.mark.parametrize(
+    "settings",
+    [preprocess_settings(min_notes=8), preprocess_settings(min_notes=8, **SMALL_CHUNKS)],
+    ids=["default-chunks", "small-chunks"],
+)
 def test_round_trip_synthetic(synthetic_dir, tokenizer, vocab, settings):
     several = 0
     for path in sorted(synthetic_dir.glob("*.mid")):
@@ -144,12 +151,15 @@ def test_synthetic_file_is_what_the_tests_need(synthetic_chunks, tokenizer, voca
     flute = c.programs.index(73)
     single = [b for b, bar in enumerate(c.bars[flute]) if sum(vocab.is_note_start[i] for i in bar) == 1]
     assert len(single) >= 4
+
     def note_at_bar_start(bar):
         rest = [i for i in bar[3:] if not vocab.is_tempo[i]]  # Bar TimeSig Position_0 [Tempo] Pitch
         return len(rest) > 0 and bar[2] == vocab.position_zero and bool(vocab.is_note_start[rest[0]])
 
     assert sum(map(note_at_bar_start, c.bars[flute])) >= 2, "single notes at bar starts"
-    assert sum(note_at_bar_start(bar) for bar in c.bars[flute] if len(bar) > 3 and vocab.is_tempo[bar[3]]) >= 1, "... after a tempo"
+    assert sum(note_at_bar_start(bar) for bar in c.bars[flute] if len(bar) > 3 and vocab.is_tempo[bar[3]]) >= 1, (
+        "... after a tempo"
+    )
     guitar = c.programs.index(25)
     assert all(bar == c.bars[guitar][-1] and len(bar) == 2 for bar in c.bars[guitar][6:]), "empty bars after its end"
     drums = c.programs.index(-1)
@@ -243,7 +253,11 @@ def test_round_trip_every_shared_file(real_pieces, tokenizer, vocab):
 
 def test_round_trip_small_chunks_shared_files(real_files, tokenizer, vocab):
     settings = preprocess_settings(min_notes=8, **SMALL_CHUNKS)
-    picked = [p for p in real_files if p.name in ("Funkytown.mid", "Shut Up.mid", "POP909_008.mid", "flowers_of_edinburgh.abc")]
+    picked = [
+        p
+        for p in real_files
+        if p.name in ("Funkytown.mid", "Shut Up.mid", "POP909_008.mid", "flowers_of_edinburgh.abc")
+    ]
     assert len(picked) == 4
     for path in picked:
         score = Score(path)

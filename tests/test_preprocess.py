@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
-
 from conftest import REPO, corpus_with_bad_files, data_cfg, store_rows, tok_cfg
+
 from mmm.data.store import Store, done_shards, shard_paths
 from mmm.data.store_writer import preprocess, split_of
 
@@ -47,7 +47,9 @@ def test_store_content(built):
     num_bars = len(row["bar_ticks"])
     assert all(len(track) == num_bars for track in row["bars"])  # tracks aligned on bars
     assert all(len(track) == num_bars for track in row["bar_acs"])
-    assert all(bar[0] == row["bars"][0][0][0] for track in row["bars"] for bar in track)  # each bar starts with Bar_None
+    assert all(
+        bar[0] == row["bars"][0][0][0] for track in row["bars"] for bar in track
+    )  # each bar starts with Bar_None
     assert Store(store, "train").num_tokens() > 0
 
 
@@ -55,7 +57,9 @@ def test_split_is_deterministic_by_content(source, built, tmp_path):
     store, report = built
     other = tmp_path / "store"
     report2 = preprocess(data_cfg(source, other, shard_size=3), tok_cfg())  # other sharding
-    assert {k["name"]: k["split"] for k in report2["kept_files"]} == {k["name"]: k["split"] for k in report["kept_files"]}
+    assert {k["name"]: k["split"] for k in report2["kept_files"]} == {
+        k["name"]: k["split"] for k in report["kept_files"]
+    }
     assert store_rows(other) == store_rows(store)
     # the split depends on the hash only
     assert split_of("0" * 32, 0.05, 0.05) == "test"
@@ -87,7 +91,10 @@ def test_rerun_after_interruption_redoes_only_missing_shards(source, built, tmp_
 
 def test_changed_settings_refuse_to_mix_into_a_store(source, built):
     store, _ = built
-    with pytest.raises(RuntimeError, match=r"made from other data or settings; changed: data\.preprocess\.min_bars: 8 -> 4\. Rebuild it: delete"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"made from other data or settings; changed: data\.preprocess\.min_bars: 8 -> 4\. Rebuild it: delete",
+    ):
         preprocess(data_cfg(source, store, min_bars=4), tok_cfg())
     params = tok_cfg()
     params["params"]["pitch_range"] = [21, 107]
@@ -126,7 +133,11 @@ def test_entry_point_on_shared_midi_reports_every_invalid_file(midi_dir, tmp_pat
     env = {**os.environ, "MMM_DATA_DIR": str(tmp_path / "data"), "MMM_RUNS_DIR": str(tmp_path / "runs")}
     proc = subprocess.run(
         [sys.executable, "-m", "mmm.preprocess", "data=folder", f"data.path={midi_dir}"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report_path = next((tmp_path / "data").glob("folder-*/store/report.json"))
@@ -145,11 +156,10 @@ def test_entry_point_on_shared_midi_reports_every_invalid_file(midi_dir, tmp_pat
 def test_a_tempo_far_after_the_last_note_is_rejected_before_tokenizing():
     """Found by experiments/fuzz: a corrupt delta time moved the only tempo and time signature
     to tick 2^25; the tokenizer then wrote ~44k empty bars and chunking took minutes."""
+    from conftest import synthetic_score
     from symusic import Tempo, TimeSignature
 
-    from conftest import synthetic_score
-    from mmm.data.checks import check_score
-    from mmm.data.checks import Rejected
+    from mmm.data.checks import Rejected, check_score
 
     for far in (Tempo(2**25, 120.0), TimeSignature(2**25, 4, 4)):
         score = synthetic_score(0, 10)

@@ -17,19 +17,26 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, corpus_with_bad_files, data_cfg, tok_cfg
+
 from mmm.data.store import done_shards, shard_paths
-from mmm.files.locks import LockHeld
 from mmm.data.store_writer import TEST_FAULTS_ENV, TEST_PAUSE_ENV, array_task, preprocess
+from mmm.files.locks import LockHeld
 
 TIMEOUT = 3  # file_timeout of every run here (it is part of the store's settings)
 
 
 def overrides(source: Path, store: Path) -> list[str]:
     """The Hydra overrides giving the settings of `data_cfg(source, store, ...)` below."""
-    return ["data=folder", f"data.path={source}", f"data.store={store}", "data.preprocess.num_workers=1",
-            "data.preprocess.shard_size=1", "data.preprocess.min_notes=16", f"data.preprocess.file_timeout={TIMEOUT}"]
+    return [
+        "data=folder",
+        f"data.path={source}",
+        f"data.store={store}",
+        "data.preprocess.num_workers=1",
+        "data.preprocess.shard_size=1",
+        "data.preprocess.min_notes=16",
+        f"data.preprocess.file_timeout={TIMEOUT}",
+    ]
 
 
 def start(source: Path, store: Path, tmp_path: Path, task: int | None = None, count: int = 2) -> subprocess.Popen:
@@ -37,9 +44,18 @@ def start(source: Path, store: Path, tmp_path: Path, task: int | None = None, co
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MMM_JOB"))}
     env.update({"MMM_RUNS_DIR": str(tmp_path / "runs"), TEST_FAULTS_ENV: "1"})
     if task is not None:
-        env.update({"SLURM_ARRAY_TASK_ID": str(task), "SLURM_ARRAY_TASK_COUNT": str(count), "SLURM_ARRAY_TASK_MIN": "0"})
-    return subprocess.Popen([sys.executable, "-m", "mmm.preprocess", *overrides(source, store)], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        env.update(
+            {"SLURM_ARRAY_TASK_ID": str(task), "SLURM_ARRAY_TASK_COUNT": str(count), "SLURM_ARRAY_TASK_MIN": "0"}
+        )
+    return subprocess.Popen(
+        [sys.executable, "-m", "mmm.preprocess", *overrides(source, store)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def finish(proc: subprocess.Popen) -> str:
@@ -166,9 +182,15 @@ def test_ranks_of_one_job_prepare_the_data_once(tmp_path):
     env.update({"SLURM_JOB_ID": "4242", "SLURM_STEP_ID": "0", TEST_FAULTS_ENV: "1", TEST_PAUSE_ENV: str(pause)})
 
     def rank(r: int) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-c", PREPARE, str(configs)], cwd=REPO,
-                                env={**env, "SLURM_PROCID": str(r)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, start_new_session=True)
+        return subprocess.Popen(
+            [sys.executable, "-c", PREPARE, str(configs)],
+            cwd=REPO,
+            env={**env, "SLURM_PROCID": str(r)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
 
     rank0 = rank(0)
     rank1 = None
@@ -205,7 +227,10 @@ def test_array_task_from_config_or_slurm():
     assert array_task() is None or "SLURM_ARRAY_TASK_ID" in os.environ
     assert array_task(env={}) is None
     assert array_task(1, 4, env={}) == (1, 4)
-    assert array_task(env={"SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_COUNT": "3", "SLURM_ARRAY_TASK_MIN": "1"}) == (2, 3)
+    assert array_task(env={"SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_COUNT": "3", "SLURM_ARRAY_TASK_MIN": "1"}) == (
+        2,
+        3,
+    )
     assert array_task(0, 2, env={"SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_COUNT": "8"}) == (0, 2)  # config wins
     with pytest.raises(ValueError, match="0 <= task_index < task_count"):
         array_task(2, 2, env={})

@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import corpus_with_bad_files, data_cfg, store_rows, tok_cfg
+
 from mmm.data.store_writer import MAX_SHARD_TRIES, TEST_FAULTS_ENV, TEST_PAUSE_ENV, preprocess
 
 
@@ -43,8 +43,11 @@ def test_hang_in_c_code_and_deaths_by_signal_are_isolated(clean, tmp_path, monke
 
     rejected = {r["name"]: r for r in report["rejected_files"]}
     assert rejected["song_03b_hang.mid"]["reason"] == "timeout"
-    for name, sig in (("song_05b_segv.mid", signal.SIGSEGV), ("song_06b_abort.mid", signal.SIGABRT),
-                      ("song_07b_oom.mid", signal.SIGKILL)):
+    for name, sig in (
+        ("song_05b_segv.mid", signal.SIGSEGV),
+        ("song_06b_abort.mid", signal.SIGABRT),
+        ("song_07b_oom.mid", signal.SIGKILL),
+    ):
         assert rejected[name]["reason"] == "crashed"
         assert rejected[name]["detail"].startswith(f"signal {int(sig)} ({sig.name}): the worker process died")
     assert report["kept"] == 8 and report["files"] == 12
@@ -188,7 +191,10 @@ def test_a_shard_whose_workers_keep_dying_on_no_file_fails_the_run_naming_it(cle
 
     killer(kill_every_writer)
     store = tmp_path / "store"
-    with pytest.raises(RuntimeError, match=rf"died {MAX_SHARD_TRIES} times on shard 0 of {store} while on none of its files \(last: signal 9 \(SIGKILL\)\)"):
+    with pytest.raises(
+        RuntimeError,
+        match=rf"died {MAX_SHARD_TRIES} times on shard 0 of {store} while on none of its files \(last: signal 9 \(SIGKILL\)\)",
+    ):
         preprocess(data_cfg(root / "songs", store, shard_size=3), tok_cfg())
     assert len(killed) == MAX_SHARD_TRIES
     assert not list(store.rglob("*.lock")) and not list((store / "shards").glob("*00000*"))

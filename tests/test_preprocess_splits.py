@@ -10,8 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import symusic
-
 from conftest import LAYOUTS, SCHEMA, data_cfg, make_gigamidi, midi_bytes, store_rows, tok_cfg, write_synthetic_midi
+
 from mmm.data.store import Store
 from mmm.data.store_writer import preprocess, split_of
 
@@ -20,8 +20,13 @@ SMALL = {"min_bars": 1, "min_notes": 1, "chunk_min_bars": 1}  # midi_bytes piece
 
 def gigamidi_cfg(root, version, store, tmp_path, subset: str = "all") -> dict:
     cfg = data_cfg(root, store, **SMALL)
-    cfg["source"] = {"name": "gigamidi", "path": str(root), "version": version, "subset": subset,
-                     "cache_dir": str(tmp_path / "hf-cache")}
+    cfg["source"] = {
+        "name": "gigamidi",
+        "path": str(root),
+        "version": version,
+        "subset": subset,
+        "cache_dir": str(tmp_path / "hf-cache"),
+    }
     cfg["split"] = {"valid": 0.5, "test": 0.3}  # a hash would scatter files over every split
     return cfg
 
@@ -78,7 +83,9 @@ def test_duplicates_are_kept_once_and_reported(tmp_path):
 
     assert report["files"] == 7 and report["kept"] == 5 and report["duplicates"] == 2
     assert {d["name"]: d["same_as"] for d in report["duplicate_files"]} == {
-        "song_1.mid": "copy_of_1.mid", "zz_renamed_1.mid": "copy_of_1.mid"}  # the first in source order stays
+        "song_1.mid": "copy_of_1.mid",
+        "zz_renamed_1.mid": "copy_of_1.mid",
+    }  # the first in source order stays
     names = {r[0] for r in store_rows(store)}
     assert names == {"copy_of_1.mid", "song_0.mid", "song_2.mid", "song_3.mid", "zz_one_note_off.mid"}
     # Every copy was given the split of the content, so no copy could have sat elsewhere.
@@ -92,11 +99,21 @@ def test_duplicates_are_kept_once_and_reported(tmp_path):
 
 def test_duplicate_across_gigamidi_splits_keeps_the_held_out_copy(tmp_path):
     root = tmp_path / "gigamidi" / "v1.1.0"
-    music = {split: [midi_bytes(10 * i + k) for k in range(2)] for i, split in enumerate(("train", "validation", "test"))}
+    music = {
+        split: [midi_bytes(10 * i + k) for k in range(2)] for i, split in enumerate(("train", "validation", "test"))
+    }
     music["train"].append(same_notes_other_bytes(music["test"][0]))  # a test piece also in train
     for split, pieces in music.items():
-        rows = [{"md5": hashlib.md5(m).hexdigest(), "music": m, "instrument_category": "no-drums",
-                 "music_styles_curated": [], "split": split} for m in pieces]
+        rows = [
+            {
+                "md5": hashlib.md5(m).hexdigest(),
+                "music": m,
+                "instrument_category": "no-drums",
+                "music_styles_curated": [],
+                "split": split,
+            }
+            for m in pieces
+        ]
         (root / split).mkdir(parents=True)
         pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), root / split / "0.parquet")
     report = preprocess(gigamidi_cfg(tmp_path / "gigamidi", "v1.1.0", tmp_path / "store", tmp_path), tok_cfg())

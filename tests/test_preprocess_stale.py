@@ -10,16 +10,15 @@ import subprocess
 import sys
 
 import pytest
+from conftest import REPO, corpus_with_bad_files, data_cfg, data_config, tok_cfg
 from omegaconf import OmegaConf
 
-from conftest import REPO, corpus_with_bad_files, data_cfg, data_config, tok_cfg
 from mmm.data.datamodule import MIDIDataModule
+from mmm.data.prepare import ensure_tokenizer, train_tokenizer
 from mmm.data.store import Store
-from mmm.files.locks import acquire_lock
 from mmm.data.store_writer import preprocess
+from mmm.files.locks import acquire_lock
 from mmm.tokenizer import build_tokenizer, save_tokenizer
-from mmm.data.prepare import ensure_tokenizer
-from mmm.data.prepare import train_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +39,9 @@ def tokenizer_cfg(path, **params) -> dict:
 def test_train_tokenizer_refuses_a_store_of_other_tokenizer_settings(built, tmp_path):
     root, store = built
     cfg = tokenizer_cfg(tmp_path / "tok.json", pitch_range=[21, 109])
-    with pytest.raises(RuntimeError, match=r"changed: tokenizer\.params\.pitch_range: \[21, 108\] -> \[21, 109\]\. Rebuild it: delete"):
+    with pytest.raises(
+        RuntimeError, match=r"changed: tokenizer\.params\.pitch_range: \[21, 108\] -> \[21, 109\]\. Rebuild it: delete"
+    ):
         train_tokenizer(data_cfg(root / "songs", store), cfg)
     assert not (tmp_path / "tok.json").exists()
 
@@ -50,7 +51,9 @@ def test_a_store_of_another_download_is_refused(built, tmp_path):
     other = tmp_path / "other"
     shutil.copytree(root / "songs", other)
     (other / "song_00.mid").write_bytes((other / "song_01.mid").read_bytes() + b"\0")  # another file there
-    with pytest.raises(RuntimeError, match=r"changed: the source's files \(data\.source; store made from folder .*songs"):
+    with pytest.raises(
+        RuntimeError, match=r"changed: the source's files \(data\.source; store made from folder .*songs"
+    ):
         train_tokenizer(data_cfg(other, store), tokenizer_cfg(tmp_path / "tok.json"))
 
 
@@ -58,8 +61,16 @@ def test_datamodule_refuses_a_tokenizer_of_other_settings(built, tmp_path):
     root, store = built
     path = save_tokenizer(build_tokenizer({**tok_cfg()["params"], "num_velocities": 16}), tmp_path / "tok.json")
     data = data_config()
-    cfg = {"store": str(store), "max_seq_len": data["max_seq_len"], "sequences": data["sequences"], "loader": data["loader"]}
-    with pytest.raises(ValueError, match=r"tokenized with other tokenizer settings .*tokenizer\.params\.num_velocities: 24 -> 16.*delete"):
+    cfg = {
+        "store": str(store),
+        "max_seq_len": data["max_seq_len"],
+        "sequences": data["sequences"],
+        "loader": data["loader"],
+    }
+    with pytest.raises(
+        ValueError,
+        match=r"tokenized with other tokenizer settings .*tokenizer\.params\.num_velocities: 24 -> 16.*delete",
+    ):
         MIDIDataModule(**cfg, tokenizer_path=str(path))
     ok = save_tokenizer(build_tokenizer(tok_cfg()["params"]), tmp_path / "ok.json")
     MIDIDataModule(**cfg, tokenizer_path=str(ok))
@@ -97,8 +108,17 @@ def test_second_tokenizer_training_fails_at_once_naming_the_holder(built, tmp_pa
     path = tmp_path / "tok.json"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MMM_JOB"))}
     env["MMM_RUNS_DIR"] = str(tmp_path / "runs")
-    cmd = [sys.executable, "-m", "mmm.train_tokenizer", "data=folder", f"data.path={root / 'songs'}",
-           f"data.store={store}", "data.preprocess.min_notes=16", f"tokenizer.path={path}", "tokenizer.vocab_size=300"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mmm.train_tokenizer",
+        "data=folder",
+        f"data.path={root / 'songs'}",
+        f"data.store={store}",
+        "data.preprocess.min_notes=16",
+        f"tokenizer.path={path}",
+        "tokenizer.vocab_size=300",
+    ]
     with acquire_lock(path.parent, path.name):  # this process plays the first run
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO, compose_config, small_overrides, write_synthetic_midi
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from safetensors.torch import load_file
 
-from conftest import REPO, compose_config, small_overrides, write_synthetic_midi
 from mmm.train import train
 
 
@@ -22,8 +22,11 @@ def resume_overrides(corpus: Path, root: Path) -> list[str]:
     # 10 steps over 2+ epochs (samples_per_epoch=12, batch 2 -> 6 steps/epoch), so resuming
     # crosses an epoch boundary and starts mid-epoch.
     return small_overrides(corpus, root) + [
-        "trainer.max_steps=10", "data.samples_per_epoch=12", "validate_before_training=false",
-        "trainer.val_check_interval=6", "logger=none",
+        "trainer.max_steps=10",
+        "data.samples_per_epoch=12",
+        "validate_before_training=false",
+        "trainer.val_check_interval=6",
+        "logger=none",
     ]
 
 
@@ -66,8 +69,14 @@ def test_sigkill_resumes_from_the_last_periodic_checkpoint(corpus, tmp_path, uni
     overrides = resume_overrides(corpus, tmp_path)
     killer = "+callbacks.kill={_target_: rank_probe.SendSignal, at_step: 7, signum: %d}" % signal.SIGKILL
     env = {**os.environ, "PYTHONPATH": str(REPO / "tests"), "WANDB_MODE": "disabled"}
-    proc = subprocess.run([sys.executable, "-m", "mmm.train", *overrides, killer], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "mmm.train", *overrides, killer],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
     assert ckpt["global_step"] == 6
@@ -91,9 +100,8 @@ def _midi_bytes(score) -> bytes:
 
 def bad_files(root: Path) -> dict[str, str]:
     """Write one file per kind of breakage; returns {file name: expected reason}."""
-    from symusic import Note, Score, Tempo, TimeSignature, Track
-
     from conftest import synthetic_score
+    from symusic import Note, Score, Tempo, TimeSignature, Track
 
     good = _midi_bytes(synthetic_score(0, 12))
     files: dict[str, tuple[bytes, str]] = {
@@ -133,6 +141,7 @@ def bad_files(root: Path) -> dict[str, str]:
 
 def test_every_kind_of_bad_midi_is_skipped_with_its_reason(tmp_path):
     from conftest import data_cfg, tok_cfg
+
     from mmm.data.store_writer import preprocess
 
     expected = bad_files(tmp_path / "bad")
@@ -150,6 +159,7 @@ def test_fuzzed_midi_never_crashes_or_hangs_preprocessing(tmp_path, request):
     import random
 
     from conftest import data_cfg, tok_cfg
+
     from mmm.data.store_writer import preprocess
 
     root = os.environ.get("MMM_TEST_MIDI")
@@ -172,7 +182,7 @@ def test_fuzzed_midi_never_crashes_or_hangs_preprocessing(tmp_path, request):
         elif kind == 2:  # splice two files
             other = rng.choice(originals)
             cut = rng.randrange(14, len(data))
-            data = data[:cut] + other[rng.randrange(14, len(other)):]
+            data = data[:cut] + other[rng.randrange(14, len(other)) :]
         else:  # flips inside the track data only (keeps a valid header)
             for _ in range(rng.randint(1, 10)):
                 data[rng.randrange(22, len(data))] = rng.randrange(256)
@@ -186,7 +196,7 @@ def test_fuzzed_midi_never_crashes_or_hangs_preprocessing(tmp_path, request):
         for track in score.tracks:
             notes = list(track.notes)
             for note in rng.sample(notes, k=min(len(notes), rng.randint(0, 30))):
-                note.time = max(0, note.time + rng.choice([-1, 1]) * rng.randint(0, 10**rng.randint(1, 5)))
+                note.time = max(0, note.time + rng.choice([-1, 1]) * rng.randint(0, 10 ** rng.randint(1, 5)))
                 note.duration = rng.choice([0, 1, note.duration * 50, rng.randint(0, 10**5)])
                 note.pitch = rng.choice([0, 127, note.pitch])
                 note.velocity = rng.choice([1, 127, note.velocity])
@@ -195,7 +205,9 @@ def test_fuzzed_midi_never_crashes_or_hangs_preprocessing(tmp_path, request):
         if rng.random() < 0.5:
             score.tempos.append(Tempo(rng.randint(0, 10**5), rng.choice([4.0, 30.0, 300.0, 999.0])))
         if rng.random() < 0.5:
-            score.time_signatures.append(TimeSignature(rng.randint(0, 10**5), rng.choice([1, 3, 5, 7, 13]), rng.choice([2, 4, 8, 16])))
+            score.time_signatures.append(
+                TimeSignature(rng.randint(0, 10**5), rng.choice([1, 3, 5, 7, 13]), rng.choice([2, 4, 8, 16]))
+            )
         if rng.random() < 0.2:
             score.tracks = score.tracks[: rng.randint(0, len(score.tracks))]
         score.dump_midi(fuzz / f"mutant_{i:03d}.mid")
@@ -209,8 +221,7 @@ def test_fuzzed_midi_never_crashes_or_hangs_preprocessing(tmp_path, request):
 def test_sampling_side_check_refuses_bad_scores():
     from symusic import Score
 
-    from mmm.data.checks import check_score
-    from mmm.data.checks import Rejected
+    from mmm.data.checks import Rejected, check_score
 
     with pytest.raises(Rejected, match="no_notes"):
         check_score(Score(480))
@@ -234,11 +245,11 @@ def test_store_shard_write_is_atomic(tmp_path, monkeypatch):
 
 
 def test_checkpoint_folder_write_is_atomic(tmp_path, monkeypatch):
-    from mmm.model.pretrained import load_pretrained, save_pretrained
-    from mmm.model import MMMTransformer, model_config_from_preset
-    from mmm.tokenizer import build_tokenizer
-
     from conftest import tokenizer_params
+
+    from mmm.model import MMMTransformer, model_config_from_preset
+    from mmm.model.pretrained import load_pretrained, save_pretrained
+    from mmm.tokenizer import build_tokenizer
 
     tokenizer = build_tokenizer(tokenizer_params())
     model = MMMTransformer(model_config_from_preset("tiny", vocab_size=len(tokenizer), max_seq_len=64))
@@ -291,14 +302,23 @@ class Trap:
 def mmm_ckpt(path: Path, **extra) -> Path:
     """A Lightning-style .ckpt of a tiny model, as `MMM.from_pretrained` reads it."""
     from conftest import tokenizer_params
+
     from mmm.model import MMMTransformer, model_config_from_preset
     from mmm.tokenizer import build_tokenizer, save_tokenizer
 
     tokenizer = build_tokenizer(tokenizer_params())
     model = MMMTransformer(model_config_from_preset("tiny", vocab_size=len(tokenizer), max_seq_len=64))
-    torch.save({"hyper_parameters": {"model_config": model.config.to_dict(),
-                                     "tokenizer_json": save_tokenizer(tokenizer, path.parent / "tok.json").read_text()},
-                "state_dict": {f"model.{k}": t for k, t in model.state_dict().items()}, **extra}, path)
+    torch.save(
+        {
+            "hyper_parameters": {
+                "model_config": model.config.to_dict(),
+                "tokenizer_json": save_tokenizer(tokenizer, path.parent / "tok.json").read_text(),
+            },
+            "state_dict": {f"model.{k}": t for k, t in model.state_dict().items()},
+            **extra,
+        },
+        path,
+    )
     return path
 
 
@@ -311,13 +331,20 @@ def test_a_checkpoint_carrying_code_is_refused_and_the_code_never_runs(tmp_path)
     bad = mmm_ckpt(tmp_path / "bad.ckpt", callbacks={"Innocent": {"state": Trap(marker)}})
     MMM.from_pretrained(good)  # plain data: loads as before
     for load in (load_pretrained, MMM.from_pretrained):
-        with pytest.raises(UnsafeCheckpoint, match=r"bad.ckpt: refusing to load it: it holds posix.system, .*trusted=True") as e:
+        with pytest.raises(
+            UnsafeCheckpoint, match=r"bad.ckpt: refusing to load it: it holds posix.system, .*trusted=True"
+        ) as e:
             load(bad)
         assert "MMM.from_pretrained(path, trusted=True)" in str(e.value) and "model.safetensors" in str(e.value)
     assert not marker.exists()
     # The export command refuses it too, naming its --trusted flag.
-    proc = subprocess.run([sys.executable, "-m", "mmm.checkpoint", str(bad), str(tmp_path / "out")], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "mmm.checkpoint", str(bad), str(tmp_path / "out")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode != 0 and "--trusted" in proc.stderr and "posix.system" in proc.stderr
     assert not marker.exists() and not (tmp_path / "out").exists()
     # The trap is real: the explicit opt-in for a trusted file runs it.
@@ -332,8 +359,10 @@ def deepspeed_dir(folder: Path, marker: Path) -> Path:
     (folder / "checkpoint").mkdir(parents=True)
     (folder / "latest").write_text("checkpoint")
     mmm_ckpt(folder / "checkpoint" / "mp_rank_00_model_states.pt", callbacks={"Innocent": {"state": Trap(marker)}})
-    torch.save({"optimizer_state_dict": {"loss_scaler": Trap(marker)}},
-               folder / "checkpoint" / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    torch.save(
+        {"optimizer_state_dict": {"loss_scaler": Trap(marker)}},
+        folder / "checkpoint" / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt",
+    )
     return folder
 
 
@@ -367,11 +396,23 @@ def test_resuming_deepspeed_from_a_checkpoint_carrying_code_is_refused(corpus, t
     marker = tmp_path / "pwned"
     bad = deepspeed_dir(tmp_path / "last.ckpt", marker)
     overrides = [o for o in small_overrides(corpus, tmp_path) if not o.startswith(("trainer=", "trainer.precision="))]
-    cmd = [sys.executable, "-m", "mmm.train", *overrides, "trainer=deepspeed_cpu", "trainer.devices=1", "logger=none",
-           f"ckpt_path={bad}", f"hydra.run.dir={tmp_path / 'run'}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mmm.train",
+        *overrides,
+        "trainer=deepspeed_cpu",
+        "trainer.devices=1",
+        "logger=none",
+        f"ckpt_path={bad}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    ]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0 and "UnsafeCheckpoint" in proc.stderr, proc.stderr[-3000:]
-    assert "optim_states.pt: refusing to load it: it holds posix.system" in proc.stderr and "trust_checkpoint=true" in proc.stderr
+    assert (
+        "optim_states.pt: refusing to load it: it holds posix.system" in proc.stderr
+        and "trust_checkpoint=true" in proc.stderr
+    )
     assert not marker.exists()
 
 
@@ -392,13 +433,17 @@ def test_a_remote_checkpoint_carrying_code_is_refused(tmp_path, monkeypatch):
     mmm_ckpt(served / "good.ckpt")
     mmm_ckpt(served / "bad.ckpt", callbacks={"Innocent": {"state": Trap(marker)}})
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))  # where torch.hub keeps its downloads
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(http.server.SimpleHTTPRequestHandler, directory=served))
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(http.server.SimpleHTTPRequestHandler, directory=served)
+    )
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_address[1]}"
     try:
         io = MMMCheckpointIO()
         assert "model_config" in io.load_checkpoint(f"{url}/good.ckpt")["hyper_parameters"]  # plain data loads
-        with pytest.raises(UnsafeCheckpoint, match=r"bad.ckpt: refusing to load it: it holds posix.system.*trust_checkpoint=true"):
+        with pytest.raises(
+            UnsafeCheckpoint, match=r"bad.ckpt: refusing to load it: it holds posix.system.*trust_checkpoint=true"
+        ):
             io.load_checkpoint(f"{url}/bad.ckpt")
         assert not marker.exists()
         io.load_checkpoint(f"{url}/bad.ckpt", weights_only=False)  # trust_checkpoint=true: the trap is real
@@ -440,9 +485,14 @@ def test_unknown_key_is_refused_by_hydra(corpus, tmp_path):
 
 
 def test_tokenizer_vocab_size_mismatch_fails_before_training(corpus, tmp_path):
-    cfg = compose_config("train", small_overrides(corpus, tmp_path) + ["trainer.max_steps=1", "validate_before_training=false"])
+    cfg = compose_config(
+        "train", small_overrides(corpus, tmp_path) + ["trainer.max_steps=1", "validate_before_training=false"]
+    )
     train(cfg)  # builds the store and a tokenizer of 800
-    bad = compose_config("train", small_overrides(corpus, tmp_path) + [f"tokenizer.path={cfg.tokenizer.path}", "tokenizer.vocab_size=900"])
+    bad = compose_config(
+        "train",
+        small_overrides(corpus, tmp_path) + [f"tokenizer.path={cfg.tokenizer.path}", "tokenizer.vocab_size=900"],
+    )
     with pytest.raises(ValueError, match="has 800 tokens but tokenizer.vocab_size=900"):
         train(bad)
 

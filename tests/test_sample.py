@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import compose_config, synthetic_score, tiny_model, write_synthetic_midi
 from symusic import Score, TimeSignature
 
-from conftest import compose_config, synthetic_score, tiny_model, write_synthetic_midi
 from mmm import sample as sample_module
 from mmm.model.pretrained import save_pretrained
 from mmm.render.pianoroll import GENERATED_COLOR, ORIGINAL_COLOR, plot_pianoroll
@@ -54,10 +54,25 @@ def _colour_fraction(png: Path, colour: str) -> float:
 
 def test_infill_writes_midi_png_and_json(ckpt, midi, tmp_path):
     out_dir = tmp_path / "out"
-    summary = sample(config(f"ckpt={ckpt}", f"input={midi}", "task=infill", "track=1", "bars=[2,5]",
-                            "num_variations=2", "seed=3", f"out_dir={out_dir}", "controls={note_density:4}"))
+    summary = sample(
+        config(
+            f"ckpt={ckpt}",
+            f"input={midi}",
+            "task=infill",
+            "track=1",
+            "bars=[2,5]",
+            "num_variations=2",
+            "seed=3",
+            f"out_dir={out_dir}",
+            "controls={note_density:4}",
+        )
+    )
     files = json.loads((out_dir / "summary.json").read_text())
-    assert files["seed"] == 3 and files["request"]["bars"] == [2, 5] and files["request"]["controls"] == {"note_density": 4}
+    assert (
+        files["seed"] == 3
+        and files["request"]["bars"] == [2, 5]
+        and files["request"]["controls"] == {"note_density": 4}
+    )
     assert files["tokens_per_s"] > 0 and files["timings"]["decode_s"] > 0 and files["timings"]["new_tokens"] > 0
     assert {"prefill_s", "load_s", "total_s"} <= set(files["timings"])
     assert files["bar_grid_warning"] is None  # the file's bars are the model's
@@ -73,15 +88,30 @@ def test_infill_writes_midi_png_and_json(ckpt, midi, tmp_path):
     generated_any = any(_colour_fraction(Path(o["png"]), GENERATED_COLOR) > 0 for o in files["outputs"])
     assert generated_any or all(not Score(o["midi"]).tracks[1].notes for o in files["outputs"])
     assert sorted(p.name for p in out_dir.iterdir()) == [
-        "song_infill_0.mid", "song_infill_0.png", "song_infill_1.mid", "song_infill_1.png", "summary.json"]
+        "song_infill_0.mid",
+        "song_infill_0.png",
+        "song_infill_1.mid",
+        "song_infill_1.png",
+        "summary.json",
+    ]
 
 
 def test_add_track_and_generate(ckpt, midi, tmp_path):
-    summary = sample(config(f"ckpt={ckpt}", f"input={midi}", "task=add_track", "program=-1", f"out_dir={tmp_path / 'a'}"))
+    summary = sample(
+        config(f"ckpt={ckpt}", f"input={midi}", "task=add_track", "program=-1", f"out_dir={tmp_path / 'a'}")
+    )
     out = Score(summary["outputs"][0]["midi"])
     assert len(out.tracks) == len(Score(str(midi)).tracks) + 1 and out.tracks[-1].is_drum
-    summary = sample(config(f"ckpt={ckpt}", "task=generate", "programs=[0,33]", "num_bars=4", "time_signature=3/4",
-                            f"out_dir={tmp_path / 'g'}"))
+    summary = sample(
+        config(
+            f"ckpt={ckpt}",
+            "task=generate",
+            "programs=[0,33]",
+            "num_bars=4",
+            "time_signature=3/4",
+            f"out_dir={tmp_path / 'g'}",
+        )
+    )
     out = Score(summary["outputs"][0]["midi"])
     assert [t.program for t in out.tracks] == [0, 33]
     assert (out.time_signatures[0].numerator, out.time_signatures[0].denominator) == (3, 4)
@@ -96,8 +126,11 @@ def test_summary_warns_when_the_bar_grid_differs_from_the_file(ckpt, bpe_tokeniz
     midi = tmp_path / "odd.mid"
     score.dump_midi(str(midi))
     with caplog.at_level("WARNING", logger="mmm.generation.api"):
-        summary = sample(config(f"ckpt={ckpt}", f"input={midi}", "task=infill", "track=1", "bars=[1,2]",
-                                f"out_dir={tmp_path / 'out'}"))
+        summary = sample(
+            config(
+                f"ckpt={ckpt}", f"input={midi}", "task=infill", "track=1", "bars=[1,2]", f"out_dir={tmp_path / 'out'}"
+            )
+        )
     written = json.loads(Path(summary["summary_path"]).read_text())["bar_grid_warning"]
     assert f"{num}/{den}" in written and "bar 0" in written  # the model counts 4/4 bars from the start
     assert any(r.name == "mmm.generation.api" and written in r.getMessage() for r in caplog.records)
@@ -108,24 +141,27 @@ def _empty_midi(path: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("overrides, error, message", [
-    (["input={tmp}/missing.mid"], FileNotFoundError, "input file not found"),
-    (["input={tmp}/corrupt.mid"], ValueError, "cannot read"),
-    (["input={tmp}/empty.mid"], ValueError, "no notes"),
-    (["bars=[10,40]"], ValueError, r"bars \(10, 40\) out of range: the piece has 12 bars"),
-    (["bars=[[0,4],[2,6]]"], ValueError, "overlap"),
-    (["track=9"], ValueError, "unknown track 9: the score has 6 track"),
-    (["task=remix"], ValueError, "task='remix': expected one of infill, add_track, generate"),
-    (["controls={density:3}"], ValueError, "unknown control 'density'"),
-    (["track_controls={repetition:3}"], ValueError, "repetition"),
-    (["task=add_track", "program=200"], ValueError, "program 200"),
-    (["task=generate", "programs=[0,130]"], ValueError, "program 130"),
-    (["task=generate", "num_bars=0"], ValueError, "num_bars"),
-    (["input=null"], ValueError, "needs input"),
-    (["ckpt={tmp}/no_model"], FileNotFoundError, "no such checkpoint"),
-    (["+temprature=0.5"], ValueError, "unknown config key.*temprature"),
-    (["num_variations=0"], ValueError, "num_variations"),
-])
+@pytest.mark.parametrize(
+    "overrides, error, message",
+    [
+        (["input={tmp}/missing.mid"], FileNotFoundError, "input file not found"),
+        (["input={tmp}/corrupt.mid"], ValueError, "cannot read"),
+        (["input={tmp}/empty.mid"], ValueError, "no notes"),
+        (["bars=[10,40]"], ValueError, r"bars \(10, 40\) out of range: the piece has 12 bars"),
+        (["bars=[[0,4],[2,6]]"], ValueError, "overlap"),
+        (["track=9"], ValueError, "unknown track 9: the score has 6 track"),
+        (["task=remix"], ValueError, "task='remix': expected one of infill, add_track, generate"),
+        (["controls={density:3}"], ValueError, "unknown control 'density'"),
+        (["track_controls={repetition:3}"], ValueError, "repetition"),
+        (["task=add_track", "program=200"], ValueError, "program 200"),
+        (["task=generate", "programs=[0,130]"], ValueError, "program 130"),
+        (["task=generate", "num_bars=0"], ValueError, "num_bars"),
+        (["input=null"], ValueError, "needs input"),
+        (["ckpt={tmp}/no_model"], FileNotFoundError, "no such checkpoint"),
+        (["+temprature=0.5"], ValueError, "unknown config key.*temprature"),
+        (["num_variations=0"], ValueError, "num_variations"),
+    ],
+)
 def test_bad_requests_fail_before_the_model_loads(ckpt, midi, tmp_path, monkeypatch, overrides, error, message):
     def no_load(*args, **kwargs):
         raise AssertionError("the model was loaded for a bad request")
@@ -141,6 +177,7 @@ def test_bad_requests_fail_before_the_model_loads(ckpt, midi, tmp_path, monkeypa
 
 def test_good_request_does_load(ckpt, midi, tmp_path, monkeypatch):
     """The check above is meaningful: the same setup with a valid request reaches the loader."""
+
     def no_load(*args, **kwargs):
         raise AssertionError("loaded")
 
@@ -151,12 +188,25 @@ def test_good_request_does_load(ckpt, midi, tmp_path, monkeypatch):
 
 def test_command_line(ckpt, midi, tmp_path):
     out_dir = tmp_path / "cli"
-    cmd = [sys.executable, "-m", "mmm.sample", f"ckpt={ckpt}", f"input={midi}", "task=infill", "track=0", "bars=[1,3]",
-           f"out_dir={out_dir}", "num_threads=1", "max_bar_tokens=16"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mmm.sample",
+        f"ckpt={ckpt}",
+        f"input={midi}",
+        "task=infill",
+        "track=0",
+        "bars=[1,3]",
+        f"out_dir={out_dir}",
+        "num_threads=1",
+        "max_bar_tokens=16",
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert (out_dir / "summary.json").is_file() and (out_dir / "song_infill_0.mid").is_file()
-    bad = subprocess.run([*cmd[:-5], "track=42", f"out_dir={tmp_path / 'bad'}"], capture_output=True, text=True, cwd=tmp_path)
+    bad = subprocess.run(
+        [*cmd[:-5], "track=42", f"out_dir={tmp_path / 'bad'}"], capture_output=True, text=True, cwd=tmp_path
+    )
     assert bad.returncode == 2
     assert "error: unknown track 42" in bad.stderr and "Traceback" not in bad.stderr
 
@@ -180,10 +230,13 @@ def test_default_config(tmp_path, monkeypatch):
         sample(cfg)
 
 
-@pytest.mark.parametrize("name, error, message", [
-    ("ValueError_Control168.mid", ValueError, "cannot read"),
-    ("empty.mid", ValueError, "no notes"),
-])
+@pytest.mark.parametrize(
+    "name, error, message",
+    [
+        ("ValueError_Control168.mid", ValueError, "cannot read"),
+        ("empty.mid", ValueError, "no notes"),
+    ],
+)
 def test_real_invalid_files_rejected_before_load(midi_dir, ckpt, tmp_path, monkeypatch, name, error, message):
     def no_load(*args, **kwargs):
         raise AssertionError("the model was loaded for a bad input")
@@ -204,8 +257,17 @@ def test_render_writes_a_wav_per_output(ckpt, midi, tmp_path):
         find_soundfont()
     except RuntimeError as err:
         pytest.skip(str(err))
-    summary = sample(config(f"ckpt={ckpt}", f"input={midi}", "task=infill", "track=0", "bars=[1,3]",
-                            "render=true", f"out_dir={tmp_path}"))
+    summary = sample(
+        config(
+            f"ckpt={ckpt}",
+            f"input={midi}",
+            "task=infill",
+            "track=0",
+            "bars=[1,3]",
+            "render=true",
+            f"out_dir={tmp_path}",
+        )
+    )
     wav = Path(summary["outputs"][0]["wav"])
     assert wav.read_bytes()[:4] == b"RIFF" and wav.stat().st_size > 10_000
 
@@ -216,8 +278,17 @@ def test_render_without_fluidsynth_fails_before_loading(ckpt, midi, tmp_path, mo
     monkeypatch.setenv("PATH", str(tmp_path))  # no fluidsynth on PATH
     monkeypatch.setattr(sample_module.MMM, "from_pretrained", lambda *a, **k: pytest.fail("model loaded"))
     with pytest.raises(AudioDependencyError, match="fluidsynth"):
-        sample(config(f"ckpt={ckpt}", f"input={midi}", "task=infill", "track=0", "bars=[1,3]", "render=true",
-                      f"out_dir={tmp_path}"))
+        sample(
+            config(
+                f"ckpt={ckpt}",
+                f"input={midi}",
+                "task=infill",
+                "track=0",
+                "bars=[1,3]",
+                "render=true",
+                f"out_dir={tmp_path}",
+            )
+        )
 
 
 @pytest.mark.parametrize("config", ["sample", "evaluate"])

@@ -18,15 +18,15 @@ from collections import Counter
 
 import numpy as np
 import pytest
+from conftest import chunk_dict, preprocess_settings, sequences_config, synthetic_score
 from miditok.utils import get_bars_ticks
+from reference import reference_sample
 from symusic import Score
 
-from conftest import chunk_dict, preprocess_settings, sequences_config, synthetic_score
 from mmm.controls.measure import bar_controls
-from mmm.data.layout import insert_bar_acs, split_bars
 from mmm.data.chunks import tokenize_score
+from mmm.data.layout import insert_bar_acs, split_bars
 from mmm.data.sequences import IGNORE_INDEX, SampleSpec, SequenceBuilder, TrackPart, assemble, encode_sample
-from reference import reference_sample
 
 ONE_CHUNK = dict(min_notes=1, min_bars=1, chunk_max_tokens=10**9, chunk_max_track_tokens=10**9)
 SMALL_CHUNKS = dict(min_notes=8, chunk_max_tokens=900, chunk_max_track_tokens=400)
@@ -62,8 +62,12 @@ def compare_with_miditok_encode(score: Score, tokenizer, vocab) -> Counter:
     (chunk,) = tokenize_score(score, tokenizer, vocab, preprocess_settings(**ONE_CHUNK))
     num_bars = len(chunk.bar_ticks)
     # All bars: miditok's `compute` mis-slices notes when given a subset of bars (see below).
-    indexes = {0: {i: list(range(num_bars)) if i in vocab.bar_acs else True for i in range(len(tokenizer.attribute_controls))}}
-    (seq,) = tokenizer.encode(score, encode_ids=False, attribute_controls_indexes=indexes, concatenate_track_sequences=False)
+    indexes = {
+        0: {i: list(range(num_bars)) if i in vocab.bar_acs else True for i in range(len(tokenizer.attribute_controls))}
+    }
+    (seq,) = tokenizer.encode(
+        score, encode_ids=False, attribute_controls_indexes=indexes, concatenate_track_sequences=False
+    )
     header, bars = split_bars(seq.ids, vocab)
     assert header == [vocab.program_id[chunk.programs[0]], *(i for f in chunk.track_acs[0] for i in f)]
     assert len(bars) == num_bars
@@ -89,7 +93,7 @@ def in_our_layout(bar: list[int], vocab) -> list[int]:
     if not acs:
         return list(bar)
     first = bar.index(acs[0])
-    head, rest = bar[2:first], bar[first + len(acs):]
+    head, rest = bar[2:first], bar[first + len(acs) :]
     if head and rest and rest[0] == vocab.position_zero:  # miditok re-opens position 0 after its ACs
         rest = rest[1:]
     return [*bar[:2], *acs, *head, *rest]
@@ -113,7 +117,14 @@ def test_bar_acs_where_and_as_miditok_puts_them_real(real_files, tokenizer, voca
 
 def test_insert_bar_acs_layout(vocab):
     t = vocab.tokenizer.vocab
-    ts, p0, tempo, pitch, vel, dur = t["TimeSig_4/4"], t["Position_0"], t["Tempo_120.21"], t["Pitch_60"], t["Velocity_63"], t["Duration_1.0.4"]
+    ts, p0, tempo, pitch, vel, dur = (
+        t["TimeSig_4/4"],
+        t["Position_0"],
+        t["Tempo_120.21"],
+        t["Pitch_60"],
+        t["Velocity_63"],
+        t["Duration_1.0.4"],
+    )
     p12 = t["Position_12"]
     acs = [t["ACBarNoteDensity_3"], t["ACBarPitchClass_0"]]
     bar = [vocab.bar, ts, p0, tempo, pitch, vel, dur]
@@ -151,7 +162,9 @@ def test_miditok_skips_single_note_bars_ours_does_not(tokenizer, vocab):
     # and through `encode`: no AC token in those bars
     (chunk,) = tokenize_score(flute, tokenizer, vocab, preprocess_settings(**ONE_CHUNK))
     indexes = {0: {i: list(range(len(bar_ticks))) for i in vocab.bar_acs}}
-    (seq,) = tokenizer.encode(flute, encode_ids=False, attribute_controls_indexes=indexes, concatenate_track_sequences=False)
+    (seq,) = tokenizer.encode(
+        flute, encode_ids=False, attribute_controls_indexes=indexes, concatenate_track_sequences=False
+    )
     _, bars = split_bars(seq.ids, vocab)
     for b in single:
         assert not any(vocab.is_ac[i] for i in bars[b])
@@ -166,7 +179,10 @@ def test_miditok_compute_on_a_subset_of_bars_miscounts(tokenizer, vocab):
     bar_ticks = np.array(get_bars_ticks(pre, only_notes_onsets=True))
     density = tokenizer.attribute_controls[4]
     assert type(density).__name__ == "BarNoteDensity"
-    all_bars = {int(e.time): e.value for e in density.compute(pre.tracks[0], pre.tpq, bar_ticks, [], list(range(len(bar_ticks))))}
+    all_bars = {
+        int(e.time): e.value
+        for e in density.compute(pre.tracks[0], pre.tpq, bar_ticks, [], list(range(len(bar_ticks))))
+    }
     subset = {int(e.time): e.value for e in density.compute(pre.tracks[0], pre.tpq, bar_ticks, [], [3, 6])}
     assert all_bars[int(bar_ticks[3])] == 4
     assert subset[int(bar_ticks[3])] == 16, "bars 0-3 counted as bar 3"
@@ -234,7 +250,9 @@ def check_sample(ids, labels, spec: SampleSpec, chunk, vocab, max_seq_len: int) 
     # loss mask: exactly on AC, Infill_Bar and FillBar_Start (in model-id space)
     masked = labels == IGNORE_INDEX
     parts = [vocab.model_to_base[m] for m in ids]
-    prompt_only = np.array([len(p) == 1 and (vocab.is_ac[p[0]] or p[0] in (vocab.infill_bar, vocab.fill_start)) for p in parts])
+    prompt_only = np.array(
+        [len(p) == 1 and (vocab.is_ac[p[0]] or p[0] in (vocab.infill_bar, vocab.fill_start)) for p in parts]
+    )
     assert np.array_equal(masked, prompt_only)
     assert np.array_equal(labels[~masked], ids[~masked])
     base = vocab.to_base(ids.tolist())
@@ -285,8 +303,10 @@ def check_sample(ids, labels, spec: SampleSpec, chunk, vocab, max_seq_len: int) 
                 if unit[0] == vocab.bar and text(unit) != _augmented(chunk["bars"][t][o + j], spec, drums, vocab):
                     return False
         drums = chunk["programs"][spec.target] < 0
-        return all(text(u) == _augmented(chunk["bars"][spec.target][o + spec.span[0] + j], spec, drums, vocab)
-                   for j, u in enumerate(fill))
+        return all(
+            text(u) == _augmented(chunk["bars"][spec.target][o + spec.span[0] + j], spec, drums, vocab)
+            for j, u in enumerate(fill)
+        )
 
     chunk_bars = len(chunk["bars"][0])
     offsets = [o for o in range(chunk_bars - num_bars + 1) if matches(o)]
@@ -294,7 +314,9 @@ def check_sample(ids, labels, spec: SampleSpec, chunk, vocab, max_seq_len: int) 
     seen["cropped"] += num_bars < chunk_bars
     for t, body, track_acs, units in parsed:
         drums = chunk["programs"][t] < 0
-        pitches = [int(vocab.token_of[i].split("_")[1]) for u in units for i in u if vocab.token_of[i].startswith("Pitch_")]
+        pitches = [
+            int(vocab.token_of[i].split("_")[1]) for u in units for i in u if vocab.token_of[i].startswith("Pitch_")
+        ]
         assert all(21 <= p <= 108 for p in pitches)
         if drums:  # drums use PitchDrum tokens and are never transposed (checked by `matches`)
             assert not pitches
@@ -315,8 +337,10 @@ def check_sample(ids, labels, spec: SampleSpec, chunk, vocab, max_seq_len: int) 
         for j, unit in enumerate(with_acs):
             acs = [i for i in unit if vocab.is_ac[i]]
             # ACs of a bar whichever offset matched (they are the same bar's)
-            candidates = [_expected_bar_acs(chunk, spec, t, o + first + j, vocab) if first + j in spec.ac_bars else []
-                          for o in offsets]
+            candidates = [
+                _expected_bar_acs(chunk, spec, t, o + first + j, vocab) if first + j in spec.ac_bars else []
+                for o in offsets
+            ]
             assert acs in candidates, f"bar {first + j}: {[vocab.token_of[i] for i in acs]}"
             seen["bar_acs"] += len(acs)
     assert abs(spec.pitch_shift) <= 6 and abs(spec.velocity_shift) <= 2
@@ -329,7 +353,10 @@ def _chunks(synthetic_chunks, small: bool, tokenizer, vocab):
         return [chunk_dict(c) for _, _, cs in synthetic_chunks for c in cs]
     out = []
     for seed in range(4):
-        out += [chunk_dict(c) for c in tokenize_score(synthetic_score(seed, 16), tokenizer, vocab, preprocess_settings(**SMALL_CHUNKS))]
+        out += [
+            chunk_dict(c)
+            for c in tokenize_score(synthetic_score(seed, 16), tokenizer, vocab, preprocess_settings(**SMALL_CHUNKS))
+        ]
     return out
 
 
@@ -372,7 +399,7 @@ def test_samples_are_well_formed_real(real_pieces, tokenizer, vocab):
         builder = SequenceBuilder(vocab, sequences_config(), max_seq_len)
         rng = random.Random(max_seq_len)
         n = 0
-        for k in range(120):
+        for _k in range(120):
             chunk = chunks[rng.randrange(len(chunks))]
             spec = builder.draw_spec(chunk, rng)
             try:
@@ -419,8 +446,15 @@ def test_unknown_sequences_key(vocab):
 def test_labels_in_bpe_space(bpe_vocab):
     """The mask is computed on model ids: a merged BPE token is a target even when one of its
     base tokens would be masked as a base id (the published MMM's 20% label bug)."""
-    words = [[bpe_vocab.bos], [bpe_vocab.track_start], [bpe_vocab.program_id[0]], [bpe_vocab.ac_id("ACTrackRepetition_0.00")],
-             [bpe_vocab.infill_bar], [bpe_vocab.track_end], [bpe_vocab.fill_start]]
+    words = [
+        [bpe_vocab.bos],
+        [bpe_vocab.track_start],
+        [bpe_vocab.program_id[0]],
+        [bpe_vocab.ac_id("ACTrackRepetition_0.00")],
+        [bpe_vocab.infill_bar],
+        [bpe_vocab.track_end],
+        [bpe_vocab.fill_start],
+    ]
     merged = next(m for m in range(bpe_vocab.base_size, bpe_vocab.size) if len(bpe_vocab.model_to_base[m]) >= 3)
     words.append(list(bpe_vocab.model_to_base[merged]))
     words.append([bpe_vocab.fill_end])
@@ -442,7 +476,7 @@ def compare_with_reference(chunks, tokenizer, vocab, n, seed, capsys, label):
     t1 = time.perf_counter()
     slow = [reference_sample(chunk, spec, tokenizer, vocab) for chunk, spec in specs]
     t2 = time.perf_counter()
-    for k, ((chunk, spec), (ids, labels), (rids, rlabels)) in enumerate(zip(specs, fast, slow)):
+    for k, ((_, spec), (ids, labels), (rids, rlabels)) in enumerate(zip(specs, fast, slow)):
         if not (np.array_equal(ids, rids) and np.array_equal(labels, rlabels)):
             a, r = vocab.to_base(ids.tolist()), vocab.to_base(rids.tolist())
             i = next((j for j in range(min(len(a), len(r))) if a[j] != r[j]), min(len(a), len(r)))
@@ -460,17 +494,29 @@ def compare_with_reference(chunks, tokenizer, vocab, n, seed, capsys, label):
         cover["tempo_change"] += any(vocab.is_tempo[i] for bars in chunk["bars"] for bar in bars[1:] for i in bar)
         cover["bar_acs"] += bool(spec.bar_acs and spec.ac_bars)
     assert cover["infill"] >= 10 and cover["track"] >= 5, cover
-    assert min(cover["pitch_shift"], cover["velocity_shift"], cover["drum_target"], cover["tempo_change"], cover["bar_acs"]) >= 3, cover
+    assert (
+        min(
+            cover["pitch_shift"], cover["velocity_shift"], cover["drum_target"], cover["tempo_change"], cover["bar_acs"]
+        )
+        >= 3
+    ), cover
     with capsys.disabled():
-        print(f"\n[{label}] {n} samples identical; fast path {n / (t1 - t0):.0f} samples/s, "
-              f"reference {n / (t2 - t1):.1f} samples/s ({(t2 - t1) / (t1 - t0):.0f}x slower)")
+        print(
+            f"\n[{label}] {n} samples identical; fast path {n / (t1 - t0):.0f} samples/s, "
+            f"reference {n / (t2 - t1):.1f} samples/s ({(t2 - t1) / (t1 - t0):.0f}x slower)"
+        )
 
 
 def test_fast_path_equals_reference(bpe_tokenizer, bpe_vocab, capsys):
     """Synthetic chunks (small: several per file, carried tempos, drums, CCs), BPE ids."""
     chunks = []
     for seed in range(4):
-        chunks += [chunk_dict(c) for c in tokenize_score(synthetic_score(seed, 16), bpe_tokenizer, bpe_vocab, preprocess_settings(**SMALL_CHUNKS))]
+        chunks += [
+            chunk_dict(c)
+            for c in tokenize_score(
+                synthetic_score(seed, 16), bpe_tokenizer, bpe_vocab, preprocess_settings(**SMALL_CHUNKS)
+            )
+        ]
     assert len(chunks) >= 8
     compare_with_reference(chunks, bpe_tokenizer, bpe_vocab, 80, 0, capsys, "synthetic, BPE")
 
@@ -478,11 +524,16 @@ def test_fast_path_equals_reference(bpe_tokenizer, bpe_vocab, capsys):
 def test_fast_path_equals_reference_real(real_pieces, capsys):
     """Real multitrack (drums, tempo changes, CCs) and single-track chunks, BPE ids."""
     from conftest import tokenizer_params
+
     from mmm.tokenizer import Vocab, build_tokenizer, train_bpe
 
     tok = build_tokenizer(tokenizer_params())
-    chunks = [chunk_dict(c) for path, (_, cs) in real_pieces.items() for c in cs
-              if path.parent.name == "multitrack" or path.name in ("Maestro_3.mid", "POP909_008.mid", "rising_sun.abc")]
+    chunks = [
+        chunk_dict(c)
+        for path, (_, cs) in real_pieces.items()
+        for c in cs
+        if path.parent.name == "multitrack" or path.name in ("Maestro_3.mid", "POP909_008.mid", "rising_sun.abc")
+    ]
     train_bpe(tok, [bar for c in chunks for bars in c["bars"] for bar in bars], 2000)
     vocab = Vocab(tok)
     rng = random.Random(1)
@@ -494,7 +545,9 @@ def test_reference_catches_a_wrong_fast_path(bpe_tokenizer, bpe_vocab, synthetic
     """The comparison can fail: a fast path that forgets to rotate pitch-class ACs differs."""
     chunk = chunk_dict(synthetic_chunks[0][2][0])
     t = chunk["programs"].index(0)
-    spec = SampleSpec(task="infill", tracks=[t], target=t, span=(1, 3), bar_acs=list(range(4)), ac_bars=[1, 2], pitch_shift=3)
+    spec = SampleSpec(
+        task="infill", tracks=[t], target=t, span=(1, 3), bar_acs=list(range(4)), ac_bars=[1, 2], pitch_shift=3
+    )
     builder = SequenceBuilder(bpe_vocab, sequences_config(), 10**6)
     ref = reference_sample(chunk, spec, bpe_tokenizer, bpe_vocab)
     assert np.array_equal(builder.build(chunk, copy.deepcopy(spec), random.Random(0))[0], ref[0])
@@ -516,11 +569,25 @@ def test_assemble_order(vocab):
     spec = SampleSpec(task="infill", tracks=[1, 0], target=1, span=(1, 3))
     words = assemble(spec, parts, vocab)
     flat = [i for w in words for i in w]
-    assert flat == [vocab.bos,
-                    vocab.track_start, vocab.program_id[-1], vocab.ac_id("ACTrackRepetition_1.00"), *bars[0],
-                    vocab.infill_bar, vocab.infill_bar, *bars[3], vocab.track_end,
-                    vocab.track_start, vocab.program_id[0], *(i for b in bars for i in b), vocab.track_end,
-                    vocab.fill_start, *bars[1], *bars[2], vocab.fill_end]
+    assert flat == [
+        vocab.bos,
+        vocab.track_start,
+        vocab.program_id[-1],
+        vocab.ac_id("ACTrackRepetition_1.00"),
+        *bars[0],
+        vocab.infill_bar,
+        vocab.infill_bar,
+        *bars[3],
+        vocab.track_end,
+        vocab.track_start,
+        vocab.program_id[0],
+        *(i for b in bars for i in b),
+        vocab.track_end,
+        vocab.fill_start,
+        *bars[1],
+        *bars[2],
+        vocab.fill_end,
+    ]
 
 
 def test_an_infill_span_longer_than_the_context_is_shortened(tokenizer, vocab):

@@ -32,10 +32,10 @@ import pytest
 
 pytest.importorskip("fastapi", reason="the serve extra is not installed (pip install -e '.[serve]')")
 
+from conftest import REPO, synthetic_score  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 from symusic import Note, Score, Tempo, TimeSignature, Track  # noqa: E402
 
-from conftest import REPO, synthetic_score  # noqa: E402
 from mmm.generation.api import MMM  # noqa: E402
 from mmm.generation.scores import bar_grid, count_bars  # noqa: E402
 from mmm.model.pretrained import save_pretrained  # noqa: E402
@@ -85,8 +85,17 @@ def test_health_info_docs(client, serve_mmm):
     assert info["limits"]["max_variations"] == 8 and set(info["tasks"]) == {"infill", "add_track", "generate"}
     assert client.get("/docs").status_code == 200
     paths = client.get("/openapi.json").json()["paths"]
-    assert {"/v1/health", "/v1/info", "/v1/analyze", "/v1/infill", "/v1/add_track", "/v1/generate", "/v1/jobs",
-            "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/events"} <= set(paths)
+    assert {
+        "/v1/health",
+        "/v1/info",
+        "/v1/analyze",
+        "/v1/infill",
+        "/v1/add_track",
+        "/v1/generate",
+        "/v1/jobs",
+        "/v1/jobs/{job_id}",
+        "/v1/jobs/{job_id}/events",
+    } <= set(paths)
     form = paths["/v1/infill"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
     assert {"file", "track", "bars", "controls", "num_variations", "seed"} <= set(form["properties"])
     page = client.get("/")
@@ -179,15 +188,21 @@ def test_infill_changes_only_the_selection_and_seeds_reproduce(client, song):
         outside = lambda c: Counter({k: n for k, n in c.items() if not start <= k[0] < end})  # noqa: E731
         assert outside(after[1]) == outside(before[1])
     # candidate 2 alone, from its seed, is the same music
-    alone = client.post("/v1/infill", files={"file": ("song.mid", song)},
-                        data={**fields, "seed": "4", "num_variations": "1"}).json()["variations"][0]
-    assert notes_by_track(Score.from_midi(base64.b64decode(alone["midi"]))) == \
-        notes_by_track(Score.from_midi(base64.b64decode(out["variations"][1]["midi"])))
+    alone = client.post(
+        "/v1/infill", files={"file": ("song.mid", song)}, data={**fields, "seed": "4", "num_variations": "1"}
+    ).json()["variations"][0]
+    assert notes_by_track(Score.from_midi(base64.b64decode(alone["midi"]))) == notes_by_track(
+        Score.from_midi(base64.b64decode(out["variations"][1]["midi"]))
+    )
 
 
 def test_accept_midi_add_track_generate(client, song):
-    r = client.post("/v1/add_track", files={"file": ("song.mid", song)}, data={"program": "33", "seed": "1"},
-                    headers={"Accept": "audio/midi"})
+    r = client.post(
+        "/v1/add_track",
+        files={"file": ("song.mid", song)},
+        data={"program": "33", "seed": "1"},
+        headers={"Accept": "audio/midi"},
+    )
     assert r.status_code == 200 and r.headers["content-type"] == "audio/midi" and r.headers["x-mmm-seed"] == "1"
     out = Score.from_midi(r.content)
     assert len(out.tracks) == len(Score.from_midi(song).tracks) + 1 and out.tracks[-1].program == 33
@@ -222,22 +237,37 @@ def test_bad_uploads_are_400(client, bad_files, name):
     assert client.get("/v1/health").json()["status"] == "ok"
 
 
-@pytest.mark.parametrize("path,data,status,field,words", [
-    ("/v1/infill", {"track": "1", "bars": "[6,12]"}, 422, "bars", "out of range: the piece has 8 bars"),
-    ("/v1/infill", {"track": "9", "bars": "[0,1]"}, 422, "track", "unknown track 9"),
-    ("/v1/infill", {"track": "1", "bars": "[0,1]", "controls": '{"loudness": 3}'}, 422, "controls", "note_density"),
-    ("/v1/infill", {"track": "1", "bars": "[0,1]", "controls": '{"note_density": 99}'}, 422, "controls", "invalid value"),
-    ("/v1/infill", {"track": "1", "bars": "[0,1"}, 422, "bars", "not a JSON value"),
-    ("/v1/infill", {"track": "1", "bars": "[0,1]", "tempature": "1"}, 422, "tempature", "unknown field"),
-    ("/v1/infill", {"track": "1"}, 422, "bars", "needs the field(s) bars"),
-    ("/v1/infill", {"track": "1", "bars": "[0,1]", "num_variations": "50"}, 422, "num_variations", "1..8"),
-    ("/v1/infill", {"track": "1", "bars": "[0,1]", "top_p": "2"}, 422, "top_p", "top_p"),
-    ("/v1/add_track", {"program": "200"}, 422, "program", "General MIDI program"),
-    ("/v1/generate", {"programs": "[0]", "num_bars": "4", "time_signature": "13/7"}, 422, "time_signature", "valid"),
-    ("/v1/generate", {"programs": "[0]", "num_bars": "1000"}, 422, "num_bars", "1..64"),
-    ("/v1/jobs", {"task": "remix"}, 422, "task", "expected one of infill, add_track, generate"),
-    ("/v1/jobs", {"track": "0"}, 422, "task", "needs the field task"),
-])
+@pytest.mark.parametrize(
+    "path,data,status,field,words",
+    [
+        ("/v1/infill", {"track": "1", "bars": "[6,12]"}, 422, "bars", "out of range: the piece has 8 bars"),
+        ("/v1/infill", {"track": "9", "bars": "[0,1]"}, 422, "track", "unknown track 9"),
+        ("/v1/infill", {"track": "1", "bars": "[0,1]", "controls": '{"loudness": 3}'}, 422, "controls", "note_density"),
+        (
+            "/v1/infill",
+            {"track": "1", "bars": "[0,1]", "controls": '{"note_density": 99}'},
+            422,
+            "controls",
+            "invalid value",
+        ),
+        ("/v1/infill", {"track": "1", "bars": "[0,1"}, 422, "bars", "not a JSON value"),
+        ("/v1/infill", {"track": "1", "bars": "[0,1]", "tempature": "1"}, 422, "tempature", "unknown field"),
+        ("/v1/infill", {"track": "1"}, 422, "bars", "needs the field(s) bars"),
+        ("/v1/infill", {"track": "1", "bars": "[0,1]", "num_variations": "50"}, 422, "num_variations", "1..8"),
+        ("/v1/infill", {"track": "1", "bars": "[0,1]", "top_p": "2"}, 422, "top_p", "top_p"),
+        ("/v1/add_track", {"program": "200"}, 422, "program", "General MIDI program"),
+        (
+            "/v1/generate",
+            {"programs": "[0]", "num_bars": "4", "time_signature": "13/7"},
+            422,
+            "time_signature",
+            "valid",
+        ),
+        ("/v1/generate", {"programs": "[0]", "num_bars": "1000"}, 422, "num_bars", "1..64"),
+        ("/v1/jobs", {"task": "remix"}, 422, "task", "expected one of infill, add_track, generate"),
+        ("/v1/jobs", {"track": "0"}, 422, "task", "needs the field task"),
+    ],
+)
 def test_bad_requests_are_4xx_with_the_field(client, song, path, data, status, field, words):
     files = None if path == "/v1/generate" else {"file": ("song.mid", song)}
     r = client.post(path, files=files, data=data)
@@ -279,6 +309,7 @@ def test_upload_limit_413(serve_mmm, song, tmp_path, monkeypatch):
         def chunks():  # no Content-Length: the limit applies while the body streams in
             for _ in range(50):
                 yield bytes(10_000)
+
         r = c.post("/v1/analyze", content=chunks(), headers={"content-type": "multipart/form-data; boundary=x"})
         assert r.status_code == 413 and error_of(r)["code"] == "too_large"
         assert c.post("/v1/analyze", files={"file": ("song.mid", song)}).status_code == 200
@@ -305,7 +336,9 @@ def test_queue_full_is_503_with_retry_after(serve_mmm, song):
             if blocker.state == "running":
                 break
             time.sleep(0.01)
-        queued = c.post("/v1/jobs", files={"file": ("song.mid", song)}, data={"task": "infill", "track": "0", "bars": "[0,1]"})
+        queued = c.post(
+            "/v1/jobs", files={"file": ("song.mid", song)}, data={"task": "infill", "track": "0", "bars": "[0,1]"}
+        )
         assert queued.status_code == 202
         r = c.post("/v1/infill", files={"file": ("song.mid", song)}, data={"track": "0", "bars": "[0,1]"})
         assert r.status_code == 503 and int(r.headers["retry-after"]) >= 1 and error_of(r)["code"] == "queue_full"
@@ -322,8 +355,10 @@ def test_queue_full_is_503_with_retry_after(serve_mmm, song):
 
 def test_cancel_stops_a_running_job_and_drops_a_queued_one(serve_mmm, song):
     with make_client(serve_mmm, max_new_bars=64) as c:
-        r = c.post("/v1/jobs", data={"task": "generate", "programs": "[0, 0, 0, 0]", "num_bars": "64", "seed": "0",
-                                     "num_variations": "4"})
+        r = c.post(
+            "/v1/jobs",
+            data={"task": "generate", "programs": "[0, 0, 0, 0]", "num_bars": "64", "seed": "0", "num_variations": "4"},
+        )
         assert r.status_code == 202 and r.headers["location"] == f"/v1/jobs/{r.json()['id']}"
         job_id = r.json()["id"]
         for _ in range(3000):
@@ -343,7 +378,9 @@ def test_cancel_stops_a_running_job_and_drops_a_queued_one(serve_mmm, song):
         # a queued job is dropped: it never starts
         release = threading.Event()
         jobs.submit(Job("block", lambda j: release.wait(30) and {}, 1))
-        queued = c.post("/v1/jobs", files={"file": ("song.mid", song)}, data={"task": "infill", "track": "0", "bars": "[0,1]"})
+        queued = c.post(
+            "/v1/jobs", files={"file": ("song.mid", song)}, data={"task": "infill", "track": "0", "bars": "[0,1]"}
+        )
         gone = c.delete(f"/v1/jobs/{queued.json()['id']}").json()
         assert gone["state"] == "cancelled"
         release.set()
@@ -353,8 +390,11 @@ def test_cancel_stops_a_running_job_and_drops_a_queued_one(serve_mmm, song):
 
 
 def test_events_stream_progress_then_end(client, song):
-    job = client.post("/v1/jobs", files={"file": ("song.mid", song)},
-                      data={"task": "infill", "track": "[0, 1]", "bars": "[[0,2],[4,6]]", "seed": "2"}).json()
+    job = client.post(
+        "/v1/jobs",
+        files={"file": ("song.mid", song)},
+        data={"task": "infill", "track": "[0, 1]", "bars": "[[0,2],[4,6]]", "seed": "2"},
+    ).json()
     assert job["progress"]["bars_total"] == 2 * 4
     events = []
     with client.stream("GET", f"/v1/jobs/{job['id']}/events") as stream:
@@ -376,7 +416,9 @@ def test_token_and_loopback_rules(serve_mmm):
     with make_client(serve_mmm, token="s3cret") as c:
         assert c.get("/v1/health").status_code == 200
         r = c.get("/v1/info")
-        assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer" and error_of(r)["code"] == "unauthorized"
+        assert (
+            r.status_code == 401 and r.headers["www-authenticate"] == "Bearer" and error_of(r)["code"] == "unauthorized"
+        )
         assert c.get("/v1/info", headers={"Authorization": "Bearer wrong"}).status_code == 401
         assert c.get("/v1/info", headers={"Authorization": "Bearer s3cret"}).json()["auth"] is True
         assert c.post("/v1/analyze", files={"file": ("x.mid", b"x")}).status_code == 401
@@ -427,9 +469,13 @@ def test_bar_grid_reports_a_grid_that_differs_from_the_file(client, serve_mmm, t
     a = client.post("/v1/analyze", files={"file": ("odd.mid", midi)}).json()
     assert a["grid"]["first_difference"] == grid.first_difference and f"{num}/{den}" in a["grid"]["difference"]
     with caplog.at_level("WARNING", logger="mmm.generation.api"):
-        r = client.post("/v1/infill", files={"file": ("odd.mid", midi)}, data={"track": "0", "bars": "[1,2]", "seed": "0"})
+        r = client.post(
+            "/v1/infill", files={"file": ("odd.mid", midi)}, data={"track": "0", "bars": "[1,2]", "seed": "0"}
+        )
     assert r.status_code == 200 and f"{num}/{den}" in r.json()["bar_grid_warning"]
-    assert any(rec.name == "mmm.generation.api" and f"{num}/{den}" in rec.getMessage() for rec in caplog.records)  # MMM.run's
+    assert any(
+        rec.name == "mmm.generation.api" and f"{num}/{den}" in rec.getMessage() for rec in caplog.records
+    )  # MMM.run's
 
 
 # --- the entry point ---------------------------------------------------------------------------------
@@ -441,8 +487,9 @@ def ckpt_folder(tmp_path_factory, serve_mmm):
 
 
 def _run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mmm.serve", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "mmm.serve", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_entry_point_refuses_bad_settings_before_loading(ckpt_folder):
@@ -460,9 +507,14 @@ def test_entry_point_serves(ckpt_folder, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "mmm.serve", f"ckpt={ckpt_folder}", f"port={port}", "num_threads=1"],
-                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mmm.serve", f"ckpt={ckpt_folder}", f"port={port}", "num_threads=1"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     try:
         url = f"http://127.0.0.1:{port}"
         for _ in range(600):

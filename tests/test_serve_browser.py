@@ -21,12 +21,12 @@ import pytest
 pytest.importorskip("fastapi", reason="the serve extra is not installed (pip install -e '.[serve]')")
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install -e '.[dev]')")
 
+from conftest import synthetic_score  # noqa: E402
 from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 from symusic import Score  # noqa: E402
 
-from conftest import synthetic_score  # noqa: E402
 from mmm.serve.app import Settings, create_app, serve_in_thread  # noqa: E402
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -42,14 +42,24 @@ def browser(tmp_path):
 
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM  # Selenium Manager downloads nothing when both paths are given
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1280,1000",
-                 f"--user-data-dir={tmp_path / 'profile'}", "--autoplay-policy=no-user-gesture-required"):
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        "--window-size=1280,1000",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--autoplay-policy=no-user-gesture-required",
+    ):
         options.add_argument(flag)
     downloads = tmp_path / "downloads"
     downloads.mkdir()
-    options.add_experimental_option("prefs", {"download.default_directory": str(downloads),
-                                              "download.prompt_for_download": False})
+    options.add_experimental_option(
+        "prefs", {"download.default_directory": str(downloads), "download.prompt_for_download": False}
+    )
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     driver.downloads = downloads
@@ -76,7 +86,9 @@ def test_studio_end_to_end(browser, serve_mmm, tmp_path):  # noqa: F811
         browser.find_element(By.ID, "file").send_keys(str(song))
         cell = lambda t, b: browser.find_element(By.CSS_SELECTOR, f"td.cell[data-track='{t}'][data-bar='{b}']")  # noqa: E731
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, f"td.cell[data-track='{TRACK}'][data-bar='{LAST}']"))
-        assert len(browser.find_elements(By.CSS_SELECTOR, "#grid tr")) == 1 + len(original.tracks) + 1  # bars, tracks, add
+        assert (
+            len(browser.find_elements(By.CSS_SELECTOR, "#grid tr")) == 1 + len(original.tracks) + 1
+        )  # bars, tracks, add
         ActionChains(browser).click_and_hold(cell(TRACK, FIRST)).move_to_element(cell(TRACK, LAST)).release().perform()
         assert js("return window.studio.sel") == {"tracks": [TRACK], "a": FIRST, "b": LAST}
         assert "API: bars=[2,4]" in browser.find_element(By.ID, "selection").text

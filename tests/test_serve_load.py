@@ -10,6 +10,7 @@ import pytest
 pytest.importorskip("fastapi", reason="the serve extra is not installed (pip install -e '.[serve]')")
 
 from conftest import synthetic_score  # noqa: E402
+
 from mmm.serve.app import Settings, create_app, serve_in_thread  # noqa: E402
 from mmm.serve.load import load_test  # noqa: E402
 

@@ -8,7 +8,6 @@ import json
 
 import numpy as np
 import pytest
-
 from conftest import REPO, synthetic_score
 
 SHIPPED = REPO / "models" / "mmm-music21-small"

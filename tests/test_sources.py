@@ -13,10 +13,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import symusic
+from conftest import LAYOUTS, ROWS, SCHEMA, SUBSETS, gigamidi_rows, make_gigamidi, midi_bytes, write_parquet
 
 import mmm.data.music21_corpus as music21_corpus
 import mmm.data.sources as sources
-from conftest import LAYOUTS, ROWS, SCHEMA, SUBSETS, gigamidi_rows, make_gigamidi, midi_bytes, write_parquet
+from mmm.data.music21_corpus import convert_to_midi
 from mmm.data.sources import (
     EmbeddedSource,
     FolderSource,
@@ -25,7 +26,6 @@ from mmm.data.sources import (
     Source,
     build_source,
 )
-from mmm.data.music21_corpus import convert_to_midi
 
 ABC_TUNE = "X:1\nT:Scale\nM:4/4\nL:1/8\nK:G\nGABc defg|g2f2 e2d2|]\n"
 
@@ -42,8 +42,11 @@ def test_music_file_md5_and_load():
 
 @pytest.mark.parametrize(
     ("name", "data", "fmt"),
-    [("bad/garbage.mid", b"definitely not midi", "midi"), ("bad/truncated.mid", midi_bytes(2)[:30], "midi"),
-     ("bad/tune.abc", b"no tune here", "abc")],
+    [
+        ("bad/garbage.mid", b"definitely not midi", "midi"),
+        ("bad/truncated.mid", midi_bytes(2)[:30], "midi"),
+        ("bad/tune.abc", b"no tune here", "abc"),
+    ],
 )
 def test_load_invalid_raises_value_error_with_name(name, data, fmt):
     with pytest.raises(ValueError, match=f"^{name}: "):
@@ -143,6 +146,7 @@ def test_real_invalid_files():
 
 # ----------------------------------------------------------------------------- GigaMIDI
 
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_gigamidi_layouts_subset_and_splits(tmp_path, layout):
     root = tmp_path / "gigamidi"
@@ -177,7 +181,10 @@ def test_gigamidi_picks_version_and_reports_missing(tmp_path):
     new = GigaMIDISource(root, version="v1.1.0", subset="no-drums", splits=["validation"], cache_dir=cache)
     assert len(old) == len(new) == ROWS
     # Pointing at the version folder itself works too.
-    assert len(GigaMIDISource(root / "v1.0.0", version="v1.0.0", subset="no-drums", splits="test", cache_dir=cache)) == ROWS
+    assert (
+        len(GigaMIDISource(root / "v1.0.0", version="v1.0.0", subset="no-drums", splits="test", cache_dir=cache))
+        == ROWS
+    )
     with pytest.raises(FileNotFoundError, match=r"v9\.9\.9 not found.*v1\.0\.0.*v1\.1\.0"):
         GigaMIDISource(root, version="v9.9.9", cache_dir=cache)
     with pytest.raises(FileNotFoundError, match="not found"):
@@ -188,12 +195,16 @@ def test_gigamidi_errors_when_nothing_matches(tmp_path):
     cache = tmp_path / "hf-cache"
     only_train = tmp_path / "only_train"
     write_parquet(only_train / "v1.1.0" / "drums-only" / "train" / "0.parquet", gigamidi_rows("drums-only", "train"))
-    with pytest.raises(FileNotFoundError, match=r"(?s)split\(s\) \['validation', 'test'\].*drums-only/train/0\.parquet"):
+    with pytest.raises(
+        FileNotFoundError, match=r"(?s)split\(s\) \['validation', 'test'\].*drums-only/train/0\.parquet"
+    ):
         GigaMIDISource(only_train, cache_dir=cache, subset="drums-only")
     with pytest.raises(FileNotFoundError, match="subset 'no-drums'"):
         GigaMIDISource(only_train, cache_dir=cache, subset="no-drums", splits="train")
     no_category = tmp_path / "no_category"
-    table = pa.Table.from_pylist(gigamidi_rows("no-drums", "train"), schema=SCHEMA).drop_columns(["instrument_category"])
+    table = pa.Table.from_pylist(gigamidi_rows("no-drums", "train"), schema=SCHEMA).drop_columns(
+        ["instrument_category"]
+    )
     (no_category / "v1.1.0" / "train").mkdir(parents=True)
     pq.write_table(table, no_category / "v1.1.0" / "train" / "0.parquet")
     with pytest.raises(ValueError, match="no instrument_category column"):
@@ -351,7 +362,10 @@ def test_build_source(tmp_path, embedded_cache):
 @pytest.mark.parametrize(
     ("cfg", "pattern"),
     [
-        ({"name": "folder", "pth": "x"}, r"unknown key 'pth'.*did you mean 'path'.*allowed keys: name, path, extensions"),
+        (
+            {"name": "folder", "pth": "x"},
+            r"unknown key 'pth'.*did you mean 'path'.*allowed keys: name, path, extensions",
+        ),
         ({"name": "gigamidi", "path": "x", "subsets": "all"}, r"unknown key 'subsets'.*did you mean 'subset'"),
         ({"name": "embedded", "cache_dir": "x", "max_file": 3}, r"unknown key 'max_file'.*'max_files'"),
         ({"name": "lakh", "path": "x"}, r"unknown source name 'lakh'; allowed: folder, gigamidi, embedded"),

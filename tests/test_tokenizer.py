@@ -12,9 +12,6 @@ import copy
 import random
 
 import pytest
-from miditok import MMM, TokenizerConfig
-from miditok.attribute_controls import BarAttributeControl
-
 from conftest import (
     BPE_VOCAB_SIZE,
     chunk_dict,
@@ -23,6 +20,9 @@ from conftest import (
     synthetic_score,
     tokenizer_params,
 )
+from miditok import MMM, TokenizerConfig
+from miditok.attribute_controls import BarAttributeControl
+
 from mmm.data.layout import insert_bar_acs
 from mmm.data.sequences import SequenceBuilder, assemble, empty_bar_marker
 from mmm.tokenizer import Vocab, build_tokenizer, load_tokenizer, save_tokenizer, tokenizer_config, train_bpe
@@ -55,8 +55,17 @@ def test_yaml_builds_the_published_vocabulary(tokenizer):
     assert sorted(int(v) for v in _values(tokenizer, "Program")) == list(range(-1, 128))
     assert _values(tokenizer, "TimeSig"), "time signatures are on"
     assert not _values(tokenizer, "Chord") and not _values(tokenizer, "Rest")
-    for special in ("PAD_None", "BOS_None", "EOS_None", "Infill_Bar", "Infill_Track", "FillBar_Start",
-                    "FillBar_End", "Track_Start", "Track_End"):
+    for special in (
+        "PAD_None",
+        "BOS_None",
+        "EOS_None",
+        "Infill_Bar",
+        "Infill_Track",
+        "FillBar_Start",
+        "FillBar_End",
+        "Track_Start",
+        "Track_End",
+    ):
         assert special in tokenizer.vocab, special
     assert tokenizer.config.encode_ids_split == "bar"
     # beat_res as in the published MMM: 12 positions per beat in the first beat
@@ -66,7 +75,7 @@ def test_yaml_builds_the_published_vocabulary(tokenizer):
 def test_vocab_has_all_eight_ac_families(tokenizer, vocab):
     names = [type(ac).__name__ for ac in tokenizer.attribute_controls]
     assert sorted(names) == sorted(AC_FAMILIES), names
-    for name, prefixes in AC_FAMILIES.items():
+    for _name, prefixes in AC_FAMILIES.items():
         for prefix in prefixes:
             assert any(t.startswith(prefix + "_") for t in tokenizer.vocab), prefix
     bar_names = {names[i] for i in vocab.bar_acs}
@@ -93,8 +102,12 @@ def test_pitch_range_upper_bound_is_inclusive(tokenizer):
 
 @pytest.mark.parametrize(
     ("wrong", "right"),
-    [("ac_polyphony_bars", "ac_polyphony_bar"), ("pitch_ranges", "pitch_range"), ("num_velocity", "num_velocities"),
-     ("use_tempo", "use_tempos")],
+    [
+        ("ac_polyphony_bars", "ac_polyphony_bar"),
+        ("pitch_ranges", "pitch_range"),
+        ("num_velocity", "num_velocities"),
+        ("use_tempo", "use_tempos"),
+    ],
 )
 def test_misspelled_key_is_named_with_a_suggestion(wrong, right):
     params = tokenizer_params()
@@ -199,7 +212,9 @@ def test_encode_words_to_base_round_trip(bpe_vocab, synthetic_chunks):
     # per word too (BPE never merges across words)
     for w in words[:200]:
         assert bpe_vocab.to_base(bpe_vocab.encode_words([w])) == w
-    assert bpe_vocab.encode_words([w for w in words[:50]]) == [i for w in words[:50] for i in bpe_vocab.encode_words([w])]
+    assert bpe_vocab.encode_words([w for w in words[:50]]) == [
+        i for w in words[:50] for i in bpe_vocab.encode_words([w])
+    ]
 
 
 def test_a_bar_opens_with_the_same_ids_with_or_without_bar_acs(bpe_vocab, synthetic_chunks):
@@ -209,14 +224,22 @@ def test_a_bar_opens_with_the_same_ids_with_or_without_bar_acs(bpe_vocab, synthe
     generation wrote empty bars.)"""
     v = bpe_vocab
     marker = empty_bar_marker(v)
-    bars = [bar for _, _, chunks in synthetic_chunks for c in chunks for track in c.bars for bar in track
-            if any(v.is_note_start[i] for i in bar)]
+    bars = [
+        bar
+        for _, _, chunks in synthetic_chunks
+        for c in chunks
+        for track in c.bars
+        for bar in track
+        if any(v.is_note_start[i] for i in bar)
+    ]
     assert len(bars) > 100
     for bar in bars[:300]:
         plain_ids = v.encode_words([bar])
         controlled = v.encode_words([insert_bar_acs(bar, [marker], v)])
-        assert controlled == plain_ids[:1] + [marker] + plain_ids[1:] or \
-            controlled == plain_ids[:2] + [marker] + plain_ids[2:], (bar, plain_ids, controlled)
+        assert (
+            controlled == plain_ids[:1] + [marker] + plain_ids[1:]
+            or controlled == plain_ids[:2] + [marker] + plain_ids[2:]
+        ), (bar, plain_ids, controlled)
         assert v.to_base(plain_ids[:1]) == list(bar[:2]) or v.to_base(plain_ids[:2]) == list(bar[:2])
 
 
@@ -236,7 +259,9 @@ def _check_ac_ids(vocab: Vocab, samples) -> int:
         for m in ids:
             parts = vocab.model_to_base[m]
             if any(vocab.is_ac[b] for b in parts):
-                assert parts == (m,), f"model id {m} mixes an AC with other tokens: {[vocab.token_of[b] for b in parts]}"
+                assert parts == (m,), (
+                    f"model id {m} mixes an AC with other tokens: {[vocab.token_of[b] for b in parts]}"
+                )
                 assert vocab.is_ac_model[m]
         ac_base = sum(vocab.is_ac[b] for b in base)
         assert ac_base == sum(vocab.is_ac_model[m] for m in ids)
@@ -245,7 +270,9 @@ def _check_ac_ids(vocab: Vocab, samples) -> int:
 
 
 def _samples(vocab, chunks, n, seed=0, max_seq_len=2048):
-    builder = SequenceBuilder(vocab, sequences_config(track_acs_ratio=[0.5, 1.0], bar_acs_ratio=[0.5, 1.0]), max_seq_len)
+    builder = SequenceBuilder(
+        vocab, sequences_config(track_acs_ratio=[0.5, 1.0], bar_acs_ratio=[0.5, 1.0]), max_seq_len
+    )
     rng = random.Random(seed)
     return [builder(chunks[i % len(chunks)], rng) for i in range(n)]
 
@@ -298,14 +325,18 @@ def test_save_and_load_give_identical_encodings(bpe_tokenizer, bpe_vocab, synthe
     chunks = [chunk_dict(c) for _, _, cs in synthetic_chunks for c in cs]
     builder = SequenceBuilder(bpe_vocab, sequences_config(), 4096)
     rng = random.Random(3)
-    sample_words = [assemble(spec, builder.parts(c, spec), bpe_vocab) for c in chunks for spec in [builder.draw_spec(c, rng)]]
+    sample_words = [
+        assemble(spec, builder.parts(c, spec), bpe_vocab) for c in chunks for spec in [builder.draw_spec(c, rng)]
+    ]
     words = [bar for c in chunks for track in c["bars"] for bar in track]
     score = synthetic_score(seed=7, num_bars=10)
     expected = bpe_tokenizer.encode(score)
     for loaded in (load_tokenizer(path.parent), load_tokenizer(path), MMM(params=path)):
         assert loaded.is_trained
         assert loaded.vocab == bpe_tokenizer.vocab
-        assert [type(a).__name__ for a in loaded.attribute_controls] == [type(a).__name__ for a in bpe_tokenizer.attribute_controls]
+        assert [type(a).__name__ for a in loaded.attribute_controls] == [
+            type(a).__name__ for a in bpe_tokenizer.attribute_controls
+        ]
         vocab = Vocab(loaded)
         assert vocab.size == bpe_vocab.size and vocab.model_to_base == bpe_vocab.model_to_base
         assert vocab.encode_words(words) == bpe_vocab.encode_words(words)

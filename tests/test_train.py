@@ -12,14 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import CONFIGS, REPO, compose_config, small_overrides
 from hydra.utils import instantiate
 from lightning.pytorch.strategies import DeepSpeedStrategy
 from omegaconf import OmegaConf
 
-from conftest import CONFIGS, REPO, compose_config, small_overrides
-from mmm.model.pretrained import FORMAT_VERSION, load_pretrained
 from mmm.data.sequences import IGNORE_INDEX
 from mmm.model.masks import packed_positions
+from mmm.model.pretrained import FORMAT_VERSION, load_pretrained
 from mmm.train import check_config, train
 
 EXPERIMENTS = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))
@@ -34,7 +34,9 @@ def trained(corpus, tmp_path_factory):
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_experiment_composes_and_instantiates(experiment, tmp_path):
-    cfg = compose_config("train", [f"+experiment={experiment}", f"run_dir={tmp_path}", f"paths.data_dir={tmp_path}/data"])
+    cfg = compose_config(
+        "train", [f"+experiment={experiment}", f"run_dir={tmp_path}", f"paths.data_dir={tmp_path}/data"]
+    )
     assert cfg.experiment_name == experiment
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
     assert callbacks
@@ -105,8 +107,8 @@ def test_export_carries_generation_settings_measured_on_the_data(trained):
 
     import numpy as np
 
-    from mmm.generation.api import MMM
     from mmm.data.store import Store
+    from mmm.generation.api import MMM
     from mmm.tokenizer import Vocab
 
     root, cfg, _ = trained
@@ -165,7 +167,7 @@ def test_wandb_logger_works_offline(corpus, tmp_path):
     cfg = compose_config(
         "train",
         small_overrides(corpus, tmp_path)
-        + ["logger=wandb", "logger.wandb.offline=true", "trainer.max_steps=2", "validate_before_training=false"]
+        + ["logger=wandb", "logger.wandb.offline=true", "trainer.max_steps=2", "validate_before_training=false"],
     )
     os.environ["WANDB_SILENT"] = "true"
     metrics = train(cfg)
@@ -178,9 +180,23 @@ def test_multirun_sweep_with_submitit_local_launcher(corpus, tmp_path):
     overrides = [o for o in small_overrides(corpus, tmp_path) if not o.startswith("run_dir=")]
     env = {**os.environ, "MMM_RUNS_DIR": str(tmp_path / "runs"), "WANDB_MODE": "disabled"}
     proc = subprocess.run(
-        [sys.executable, "-m", "mmm.train", "-m", "hydra/launcher=local", "experiment_name=sweep",
-         *overrides, "trainer.max_steps=2", "validate_before_training=false", "optim.optimizer.lr=0.001,0.002"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
+        [
+            sys.executable,
+            "-m",
+            "mmm.train",
+            "-m",
+            "hydra/launcher=local",
+            "experiment_name=sweep",
+            *overrides,
+            "trainer.max_steps=2",
+            "validate_before_training=false",
+            "optim.optimizer.lr=0.001,0.002",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     exports = sorted((tmp_path / "runs" / "sweep_sweep").glob("*/model/config.json"))
@@ -204,9 +220,9 @@ def test_export_cli_turns_a_ckpt_into_a_folder(trained, tmp_path):
 
 
 def test_bpe_is_learned_on_bars_augmented_like_training_samples(trained):
+    from mmm.data.prepare import augmented_bars
     from mmm.data.store import Store
     from mmm.tokenizer import Vocab, load_tokenizer
-    from mmm.data.prepare import augmented_bars
 
     root, cfg, _ = trained
     store = Store(cfg.data.store, "train")

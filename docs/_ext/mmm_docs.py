@@ -138,7 +138,7 @@ def read_config_file(path: Path) -> ConfigFile:
             continue
         indent = len(match["indent"])
         key = match["key"].strip("\"'")
-        _, comment = _strip_comment(line[match.end():])
+        _, comment = _strip_comment(line[match.end() :])
         if not header_done:
             # The file's leading comment block: a header, unless its last sentence describes
             # this first key (the lines after the last one ending with a period).
@@ -237,7 +237,7 @@ def compose(config_name: str, overrides: list[str] | None = None) -> Composed:
             continue
         groups.append(group)
         add(group, choices.get(group, option), package)
-    for extra in (overrides or []):  # +experiment=x and other appended groups
+    for extra in overrides or []:  # +experiment=x and other appended groups
         key, _, option = extra.lstrip("+~").partition("=")
         if "/" not in key and (CONFIGS / key).is_dir() and key not in groups:
             add(key, option)
@@ -254,12 +254,13 @@ def load_notes() -> dict[str, str]:
     return notes
 
 
-def describe_key(fullpath: tuple[str, ...], files: list[tuple[tuple[str, ...], ConfigFile]],
-                 notes: dict[str, str], used: set[str]) -> tuple[str, str | None]:
+def describe_key(
+    fullpath: tuple[str, ...], files: list[tuple[tuple[str, ...], ConfigFile]], notes: dict[str, str], used: set[str]
+) -> tuple[str, str | None]:
     """(description, the file that sets the key last)."""
     comment, source = "", None
     for package, file in files:
-        rel = fullpath[len(package):] if fullpath[: len(package)] == package else None
+        rel = fullpath[len(package) :] if fullpath[: len(package)] == package else None
         if rel is None or rel not in file.keys:
             continue
         source = file.rel
@@ -288,7 +289,7 @@ def _has_own_docs(value: Any, path: tuple[str, ...], files, notes) -> bool:
     for key, child in value.items():
         sub = path + (str(key),)
         for package, file in files:
-            rel = sub[len(package):] if sub[: len(package)] == package else None
+            rel = sub[len(package) :] if sub[: len(package)] == package else None
             if rel is not None and rel in file.keys and file.keys[rel].comment:
                 return True
         if any(f"{s}:" + ".".join(sub) in notes for s in ("keys", "extra")) or _has_own_docs(child, sub, files, notes):
@@ -341,7 +342,9 @@ def para(text: str) -> nodes.paragraph:
     return p
 
 
-def table(header: list[str], rows: list[list[nodes.Node | str]], widths: list[int], classes: list[str] | None = None) -> nodes.table:
+def table(
+    header: list[str], rows: list[list[nodes.Node | str]], widths: list[int], classes: list[str] | None = None
+) -> nodes.table:
     tbl = nodes.table(classes=["mmm-config-table", "colwidths-given", *(classes or [])])
     group = nodes.tgroup(cols=len(header))
     tbl += group
@@ -421,8 +424,10 @@ def _key_rows(rows_in, files, notes, used, warn, prefix_len: int = 0) -> list[li
         description, source = describe_key(path, files, notes, used)
         if not description:
             where = f"configs/{source}" if source else "its YAML file"
-            warn(f"config key {'.'.join(path)!r} has no description: add a `# comment` to it in {where} "
-                 f"or a note under `keys:` in docs/config_notes.yaml")
+            warn(
+                f"config key {'.'.join(path)!r} has no description: add a `# comment` to it in {where} "
+                f"or a note under `keys:` in docs/config_notes.yaml"
+            )
         rows.append([literal(".".join(path[prefix_len:]) or "."), literal(format_value(value)), description])
     return rows
 
@@ -443,8 +448,10 @@ class ConfigDirective(_ConfigDirective):
         if not path.is_file():
             if "optional" in self.options:
                 note = nodes.note()
-                note += para(f"`configs/{config_name}.yaml` is not in this version of mmm yet: its keys will "
-                             "be listed here, from the file itself, once it exists.")
+                note += para(
+                    f"`configs/{config_name}.yaml` is not in this version of mmm yet: its keys will "
+                    "be listed here, from the file itself, once it exists."
+                )
                 return [note]
             self.warn(f"mmm-config: configs/{config_name}.yaml does not exist")
             return []
@@ -456,8 +463,10 @@ class ConfigDirective(_ConfigDirective):
         out: list[nodes.Node] = []
         intro = [f"Composed from `configs/{config_name}.yaml`"]
         if composed.groups:
-            intro.append(" with the default options " + ", ".join(
-                f"`{g}={composed.choices.get(g, '?')}`" for g in composed.groups))
+            intro.append(
+                " with the default options "
+                + ", ".join(f"`{g}={composed.choices.get(g, '?')}`" for g in composed.groups)
+            )
         intro.append(f" (`python -m mmm.{entry} --cfg job` prints it).")
         header = composed.primary.header
         if header.startswith("python "):
@@ -494,16 +503,20 @@ class ConfigDirective(_ConfigDirective):
                 out.append(rubric(self.env, section_id, "Top-level keys"))
             rows = _key_rows(rows_in, composed.files, notes, used, self.warn)
             out.append(table(["key", "default", "meaning"], rows, [30, 24, 46]))
-        hydra_keys = {p: d for p, d in composed.primary.keys.items() if p[0] == "hydra" and not _is_parent(p, composed.primary)}
+        hydra_keys = {
+            p: d for p, d in composed.primary.keys.items() if p[0] == "hydra" and not _is_parent(p, composed.primary)
+        }
         if hydra_keys:
             out.append(rubric(self.env, target_id(entry, "hydra"), "Hydra settings of this entry point"))
             rows = []
-            for p, doc in hydra_keys.items():
+            for p, _doc in hydra_keys.items():
                 value = _get(composed.primary.values, p)
                 description, _ = describe_key(p, [((), composed.primary)], notes, used)
                 if not description:
-                    self.warn(f"config key {'.'.join(p)!r} of configs/{config_name}.yaml has no description: "
-                              "add a `# comment` or a note under `keys:` in docs/config_notes.yaml")
+                    self.warn(
+                        f"config key {'.'.join(p)!r} of configs/{config_name}.yaml has no description: "
+                        "add a `# comment` or a note under `keys:` in docs/config_notes.yaml"
+                    )
                 rows.append([literal(".".join(p)), literal(format_value(value)), description])
             out.append(table(["key", "default", "meaning"], rows, [30, 24, 46]))
         return out
@@ -554,15 +567,19 @@ def literal_blocks(app, what, name, obj, options, lines: list[str]) -> None:  # 
             continue
         if line.rstrip().endswith("::") or line.lstrip().startswith(".. "):
             inside = indent(line)
-        elif i + 2 < len(lines) and not lines[i + 1].strip() and lines[i + 2].strip() \
-                and indent(lines[i + 2]) > indent(line):
+        elif (
+            i + 2 < len(lines)
+            and not lines[i + 1].strip()
+            and lines[i + 2].strip()
+            and indent(lines[i + 2]) > indent(line)
+        ):
             starts.append(i)
             inside = indent(line)
     for i in reversed(starts):
         if lines[i].rstrip().endswith(":"):
             lines[i] = lines[i].rstrip() + ":"
         else:
-            lines[i + 1:i + 1] = ["", " " * indent(lines[i]) + "::"]
+            lines[i + 1 : i + 1] = ["", " " * indent(lines[i]) + "::"]
 
 
 class ModuleDocDirective(SphinxDirective):
@@ -605,26 +622,38 @@ class ConfigGroupDirective(_ConfigDirective):
         notes, used = load_notes(), self._used()
         self._depend(NOTES_FILE, *(CONFIGS / group / f"{o}.yaml" for o in options))
         files = {o: load_file(f"{group}/{o}.yaml") for o in options}
-        included = {sub for f in files.values() for g, sub, _, _ in _default_entries(f) if g is None and sub != "_self_"}
+        included = {
+            sub for f in files.values() for g, sub, _, _ in _default_entries(f) if g is None and sub != "_self_"
+        }
         default = composed.choices.get(group)
         out: list[nodes.Node] = []
         for option in options:
             file = files[option]
-            rest = (f" (default of {base_config}.yaml)" if option == default
-                    else " (shared base, included by the other options)" if option in included else "")
+            rest = (
+                f" (default of {base_config}.yaml)"
+                if option == default
+                else " (shared base, included by the other options)"
+                if option in included
+                else ""
+            )
             out.append(rubric(self.env, target_id(group, option), "", f"{group}={option}", rest))
             note_key = f"options:{group}/{option}"
             text = file.header or notes.get(note_key, "")
             if note_key in notes:
                 used.add(note_key)
             if not text:
-                self.warn(f"config option configs/{file.rel} has no description: start the file with a comment "
-                          f"or add `{group}/{option}` under `options:` in docs/config_notes.yaml")
+                self.warn(
+                    f"config option configs/{file.rel} has no description: start the file with a comment "
+                    f"or add `{group}/{option}` under `options:` in docs/config_notes.yaml"
+                )
             parts = [text] if text else []
             bases = [sub for g, sub, _, _ in _default_entries(file) if sub != "_self_"]
             if bases:
-                parts.append("Includes " + ", ".join(
-                    f"`{b}`" + (" (from the Hydra plugin)" if b in PLUGIN_CONFIGS else "") for b in bases) + ".")
+                parts.append(
+                    "Includes "
+                    + ", ".join(f"`{b}`" + (" (from the Hydra plugin)" if b in PLUGIN_CONFIGS else "") for b in bases)
+                    + "."
+                )
             if parts:
                 out.append(para(" ".join(parts)))
             package = file.package()
@@ -664,7 +693,9 @@ class ExperimentsDirective(_ConfigDirective):
             rows_in = []
             for key in file.values:
                 rows_in.extend(leaves(file.values[key], (str(key),), [((), file)] + composed.files, notes, used))
-            out.append(table(["key", "value", "meaning"], _key_rows(rows_in, search, notes, used, self.warn), [30, 24, 46]))
+            out.append(
+                table(["key", "value", "meaning"], _key_rows(rows_in, search, notes, used, self.warn), [30, 24, 46])
+            )
         return out
 
 
@@ -698,19 +729,26 @@ def token_example() -> dict[str, Any]:
     names = [t.name for t in bars.score.tracks]
     piano_i, bass_i = names.index("Piano"), names.index("Bass")
     pre_piano = bars.score.tracks[piano_i]
-    families = [i for i, f in enumerate(vocab.bar_acs)
-                if type(tokenizer.attribute_controls[f]).__name__ in ("BarNoteDensity", "BarOnsetPolyphony")]
+    families = [
+        i
+        for i, f in enumerate(vocab.bar_acs)
+        if type(tokenizer.attribute_controls[f]).__name__ in ("BarNoteDensity", "BarOnsetPolyphony")
+    ]
     bar_acs = bar_controls(tokenizer, vocab, pre_piano, bars.score.tpq, bars.bar_ticks)
     track_acs = track_controls(tokenizer, vocab, pre_piano, bars.score.tpq, bars.bar_ticks)
-    track_families = [i for i, f in enumerate(vocab.track_acs)
-                      if type(tokenizer.attribute_controls[f]).__name__ == "TrackNoteDensity"]
+    track_families = [
+        i for i, f in enumerate(vocab.track_acs) if type(tokenizer.attribute_controls[f]).__name__ == "TrackNoteDensity"
+    ]
     span = (1, 3)
 
     def parts(with_bar_acs: list[int]) -> dict[int, TrackPart]:
         target = TrackPart(program=bars.programs[piano_i], bars=[list(b) for b in bars.bars[piano_i]])
         target.bar_acs = {b: [i for f in families for i in bar_acs[b][f]] for b in with_bar_acs}
         target.track_acs = [i for f in track_families for i in track_acs[f]]
-        return {piano_i: target, bass_i: TrackPart(program=bars.programs[bass_i], bars=[list(b) for b in bars.bars[bass_i]])}
+        return {
+            piano_i: target,
+            bass_i: TrackPart(program=bars.programs[bass_i], bars=[list(b) for b in bars.bars[bass_i]]),
+        }
 
     infill = SampleSpec(task="infill", tracks=[bass_i, piano_i], target=piano_i, span=span)
     infill_words = assemble(infill, parts(list(range(*span))), vocab)
@@ -732,13 +770,24 @@ def token_example() -> dict[str, Any]:
     assert track_ac_tokens, "the example shows track controls"
     assert masked == {"Infill_Bar", "FillBar_Start"} | {t for t in fill if t.startswith("AC")} | track_ac_tokens, masked
     assert [tok[i] for i in track_ids][-1] == "Track_End"
-    decoded = tokenizer.decode([vocab.track_start, vocab.program_id[0], *(i for b in bars.bars[piano_i] for i in b), vocab.track_end])
+    decoded = tokenizer.decode(
+        [vocab.track_start, vocab.program_id[0], *(i for b in bars.bars[piano_i] for i in b), vocab.track_end]
+    )
     assert len(decoded.tracks[0].notes) == len(pre_piano.notes), "the piano bars decode to the same notes"
     return {
-        "vocab": vocab, "tokenizer": tokenizer, "score": score, "bars": bars, "span": span,
-        "infill_words": infill_words, "infill_ids": infill_ids, "infill_labels": infill_labels,
-        "track_words": track_words, "track_ids": track_ids, "track_labels": track_labels,
-        "piano": piano_i, "bass": bass_i,
+        "vocab": vocab,
+        "tokenizer": tokenizer,
+        "score": score,
+        "bars": bars,
+        "span": span,
+        "infill_words": infill_words,
+        "infill_ids": infill_ids,
+        "infill_labels": infill_labels,
+        "track_words": track_words,
+        "track_ids": track_ids,
+        "track_labels": track_labels,
+        "piano": piano_i,
+        "bass": bass_i,
     }
 
 
@@ -854,7 +903,9 @@ def _message(node) -> str:
     if isinstance(node, ast.Constant):
         return str(node.value)
     if isinstance(node, ast.JoinedStr):
-        return "".join(v.value if isinstance(v, ast.Constant) else "{" + ast.unparse(v.value) + "}" for v in node.values)
+        return "".join(
+            v.value if isinstance(v, ast.Constant) else "{" + ast.unparse(v.value) + "}" for v in node.values
+        )
     return ""
 
 
@@ -877,8 +928,10 @@ class GalleryDirective(SphinxDirective):
         self.env.note_dependency(str(manifest))
         if not manifest.is_file():
             note = nodes.note()
-            note += para("The gallery has not been generated in this checkout: run "
-                         "`python experiments/gallery/make_gallery.py` (see experiments/gallery/README.md).")
+            note += para(
+                "The gallery has not been generated in this checkout: run "
+                "`python experiments/gallery/make_gallery.py` (see experiments/gallery/README.md)."
+            )
             return [note]
         data = json.loads(manifest.read_text())
         out: list[nodes.Node] = []
@@ -895,7 +948,9 @@ class GalleryDirective(SphinxDirective):
             for media in item.get("media", []):
                 path = GALLERY_DIR / media["file"]
                 if not path.is_file():
-                    logger.warning(f"gallery: {path} listed in gallery.json is missing", location=(self.env.docname, self.lineno))
+                    logger.warning(
+                        f"gallery: {path} listed in gallery.json is missing", location=(self.env.docname, self.lineno)
+                    )
                     continue
                 label = media.get("label", "")
                 if label and label != last_label:
@@ -908,9 +963,11 @@ class GalleryDirective(SphinxDirective):
                     # Audio files are copied to _static/gallery/ when the build finishes.
                     src = f"_static/gallery/{media['file']}"
                     mime = {".ogg": "audio/ogg", ".mp3": "audio/mpeg"}.get(path.suffix, "audio/wav")
-                    markup = (f'<audio class="mmm-audio" controls preload="none">'
-                              f'<source src="{html.escape(src)}" type="{mime}">'
-                              f'<a href="{html.escape(src)}">{html.escape(media["file"])}</a></audio>')
+                    markup = (
+                        f'<audio class="mmm-audio" controls preload="none">'
+                        f'<source src="{html.escape(src)}" type="{mime}">'
+                        f'<a href="{html.escape(src)}">{html.escape(media["file"])}</a></audio>'
+                    )
                     out.append(nodes.raw("", markup, format="html"))
         return out
 
@@ -943,8 +1000,12 @@ def _check_notes(app: Sphinx, env) -> None:
         return  # no page renders a config (a partial build): nothing to compare with
     used = set().union(*rendered.values())
     for key in sorted(set(load_notes()) - used):
-        logger.warning(f"docs/config_notes.yaml: {key!r} documents no key or option of any rendered config "
-                       "(renamed or removed?): fix or delete the note", type="mmm", subtype="config")
+        logger.warning(
+            f"docs/config_notes.yaml: {key!r} documents no key or option of any rendered config "
+            "(renamed or removed?): fix or delete the note",
+            type="mmm",
+            subtype="config",
+        )
 
 
 def setup(app: Sphinx) -> dict[str, Any]:

@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from mmm.training.checkpoint_io import MMMCheckpointIO
 from mmm.files.locks import acquire_lock
+from mmm.training.checkpoint_io import MMMCheckpointIO
 
 
 def timed(fn, repeats: int) -> float:
@@ -39,8 +39,8 @@ def main() -> None:
     for mb in args.mb:
         ckpt = {"state_dict": {"w": torch.randn(mb * 2**20 // 4)}, "global_step": 1}
         path = args.out / "last.ckpt"
-        lightning = timed(lambda: TorchCheckpointIO().save_checkpoint(ckpt, path), args.repeats)
-        ours = timed(lambda: MMMCheckpointIO().save_checkpoint(ckpt, path), args.repeats)
+        lightning = timed(lambda ckpt=ckpt, path=path: TorchCheckpointIO().save_checkpoint(ckpt, path), args.repeats)
+        ours = timed(lambda ckpt=ckpt, path=path: MMMCheckpointIO().save_checkpoint(ckpt, path), args.repeats)
         print(f"| {mb} MB | {lightning:.2f} s | {ours:.2f} s |")
     path.unlink()
 

@@ -29,14 +29,22 @@ def child(corpus: Path, root: Path, steps: int, limit: int) -> None:
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # write() then fails with EFBIG, as a full disk fails with ENOSPC
     if limit:
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
-    overrides = small_overrides(corpus, root) + [f"trainer.max_steps={steps}", "logger=none", "validate_before_training=false"]
+    overrides = small_overrides(corpus, root) + [
+        f"trainer.max_steps={steps}",
+        "logger=none",
+        "validate_before_training=false",
+    ]
     try:
         print("result:", {k: v for k, v in train(compose_config("train", overrides)).items() if k == "global_step"})
     except Exception as e:
         print("result:", type(e).__name__, e)
     checkpoints = root / "run" / "checkpoints"
-    print("checkpoints:", sorted(p.name for p in checkpoints.iterdir()),
-          "last.ckpt step:", load_checkpoint_file(checkpoints / "last.ckpt")["global_step"])
+    print(
+        "checkpoints:",
+        sorted(p.name for p in checkpoints.iterdir()),
+        "last.ckpt step:",
+        load_checkpoint_file(checkpoints / "last.ckpt")["global_step"],
+    )
 
 
 def main() -> None:
@@ -49,8 +57,21 @@ def main() -> None:
         return child(args.corpus.resolve(), args.root.resolve(), *args.child)
     for steps, limit in ((3, 0), (6, 500_000), (6, 0)):
         print(f"-- max_steps={steps}" + (f", file-size limit {limit} bytes" if limit else ""), flush=True)
-        subprocess.run([sys.executable, __file__, "--corpus", str(args.corpus), "--root", str(args.root),
-                        "--child", str(steps), str(limit)], check=True, cwd=REPO)
+        subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--corpus",
+                str(args.corpus),
+                "--root",
+                str(args.root),
+                "--child",
+                str(steps),
+                str(limit),
+            ],
+            check=True,
+            cwd=REPO,
+        )
 
 
 if __name__ == "__main__":

@@ -40,8 +40,8 @@ KINDS = ("flip", "truncate", "header", "delta", "status", "track_len", "score")
 def tracks(data: bytes) -> list[tuple[int, int]]:
     """(start, end) of each MTrk chunk's data, by the length fields (stops at the first bad one)."""
     out, pos = [], 8 + struct.unpack(">I", data[4:8])[0] if len(data) >= 8 else len(data)
-    while pos + 8 <= len(data) and data[pos:pos + 4] == b"MTrk":
-        length = struct.unpack(">I", data[pos + 4:pos + 8])[0]
+    while pos + 8 <= len(data) and data[pos : pos + 4] == b"MTrk":
+        length = struct.unpack(">I", data[pos + 4 : pos + 8])[0]
         out.append((pos + 8, min(pos + 8 + length, len(data))))
         pos += 8 + length
     return out
@@ -49,7 +49,7 @@ def tracks(data: bytes) -> list[tuple[int, int]]:
 
 def with_track(data: bytearray, start: int, end: int, body: bytes) -> bytearray:
     """Replace a track's data and fix its length field."""
-    return data[:start - 4] + struct.pack(">I", len(body)) + body + data[end:]
+    return data[: start - 4] + struct.pack(">I", len(body)) + body + data[end:]
 
 
 def event_starts(body: bytes) -> list[int]:
@@ -81,14 +81,14 @@ def mutate(data: bytes, kind: str, rng: random.Random) -> bytes:
         events = event_starts(body) or [1]
         at = rng.choice(events) - 1  # the delta byte before that event
         huge = bytes([0x8F, 0xFF, 0xFF, 0x7F])  # 0x0FFFFFFF, the largest legal delta
-        data = with_track(data, start, end, body[:at] + huge + body[at + 1:])
+        data = with_track(data, start, end, body[:at] + huge + body[at + 1 :])
     elif kind == "status" and spans:
         start, end = rng.choice(spans)
         body = bytes(data[start:end])
         events = event_starts(body)
         if events:
             for at in sorted(rng.sample(events, k=min(len(events), rng.randint(1, 5))), reverse=True):
-                body = body[:at] + body[at + 1:]
+                body = body[:at] + body[at + 1 :]
         else:
             body = b"\x00\x40\x40" + body  # data bytes with no status at all
         data = with_track(data, start, end, body)
@@ -99,8 +99,12 @@ def mutate(data: bytes, kind: str, rng: random.Random) -> bytes:
             data = data + b"MTrk\0\0\0\0" * rng.randint(1, 50)
             data[10:12] = struct.pack(">H", min(65535, len(spans) + 50))
         else:
-            length = {"zero": 0, "long": end - start + rng.randint(1, 10**6), "short": rng.randrange(0, max(1, end - start))}[how]
-            data[start - 4:start] = struct.pack(">I", length)
+            length = {
+                "zero": 0,
+                "long": end - start + rng.randint(1, 10**6),
+                "short": rng.randrange(0, max(1, end - start)),
+            }[how]
+            data[start - 4 : start] = struct.pack(">I", length)
     elif kind == "score":
         return mutate_score(bytes(data), rng)
     return bytes(data)
@@ -122,7 +126,9 @@ def mutate_score(data: bytes, rng: random.Random) -> bytes:
     if rng.random() < 0.5:
         score.tempos.append(Tempo(rng.randint(0, 10**5), rng.choice([4.0, 30.0, 300.0, 999.0])))
     if rng.random() < 0.5:
-        score.time_signatures.append(TimeSignature(rng.randint(0, 10**5), rng.choice([1, 3, 5, 7, 13]), rng.choice([2, 4, 8, 16])))
+        score.time_signatures.append(
+            TimeSignature(rng.randint(0, 10**5), rng.choice([1, 3, 5, 7, 13]), rng.choice([2, 4, 8, 16]))
+        )
     if rng.random() < 0.2:
         score.tracks = score.tracks[: rng.randint(0, len(score.tracks))]
     return score.dumps_midi()
@@ -168,9 +174,14 @@ def main() -> None:
             (mutants / f"{kind}_{i:06d}.mid").write_bytes(data)
 
         # `python -m mmm.preprocess` on the mutants: the repository's configs, composed by Hydra.
-        overrides = ["data=folder", f"data.path={mutants.resolve()}", f"data.store={(out / 'store').resolve()}",
-                     f"data.preprocess.num_workers={args.workers}", "data.preprocess.shard_size=64",
-                     f"data.preprocess.file_timeout={args.file_timeout}"]
+        overrides = [
+            "data=folder",
+            f"data.path={mutants.resolve()}",
+            f"data.store={(out / 'store').resolve()}",
+            f"data.preprocess.num_workers={args.workers}",
+            "data.preprocess.shard_size=64",
+            f"data.preprocess.file_timeout={args.file_timeout}",
+        ]
         with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
             cfg = compose("preprocess", overrides=overrides)
         start = time.perf_counter()
@@ -198,11 +209,13 @@ def main() -> None:
     }
     print(json.dumps(result, indent=1))
     reasons_all = sorted({r for c in by_kind.values() for r in c})
-    table = "\n".join([
-        "| mutation | mutants | " + " | ".join(reasons_all) + " |",
-        "|---|---|" + "---|" * len(reasons_all),
-        *(f"| {k} | {made[k]} | " + " | ".join(str(by_kind[k][r]) for r in reasons_all) + " |" for k in KINDS),
-    ])
+    table = "\n".join(
+        [
+            "| mutation | mutants | " + " | ".join(reasons_all) + " |",
+            "|---|---|" + "---|" * len(reasons_all),
+            *(f"| {k} | {made[k]} | " + " | ".join(str(by_kind[k][r]) for r in reasons_all) + " |" for k in KINDS),
+        ]
+    )
     print(table)
     if args.write_readme:
         readme = Path(__file__).with_name("README.md")
@@ -217,8 +230,7 @@ def main() -> None:
             f"- files processed: {report['files']} of {args.count}; kept {report['kept']}, duplicates "
             f"{report['duplicates']}, rejected {report['rejected']}\n"
             f"- crashes (a worker died): {result['crashes']}; hangs (killed at file_timeout="
-            f"{args.file_timeout:g} s): {result['hangs']}"
-            + (f" ({', '.join(faults[:10])})" if faults else "") + "\n"
+            f"{args.file_timeout:g} s): {result['hangs']}" + (f" ({', '.join(faults[:10])})" if faults else "") + "\n"
             f"- rejected by reason: {json.dumps(result['rejected_by_reason'])}\n"
             f"- peak resident memory: worker {result['peak_rss_mb']['worker']} MB, parent "
             f"{result['peak_rss_mb']['parent']} MB; wall time {seconds:.0f} s with {args.workers} workers\n\n"

@@ -33,11 +33,18 @@ def parse_args() -> argparse.Namespace:
     data_dir = Path(os.environ.get("MMM_DATA_DIR", REPO / "data"))
     runs_dir = Path(os.environ.get("MMM_RUNS_DIR", REPO / "runs"))
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", type=Path, default=runs_dir / "demo" / "model",
-                   help="checkpoint folder or .ckpt (default: $MMM_RUNS_DIR/demo/model, trained first when missing)")
+    p.add_argument(
+        "--model",
+        type=Path,
+        default=runs_dir / "demo" / "model",
+        help="checkpoint folder or .ckpt (default: $MMM_RUNS_DIR/demo/model, trained first when missing)",
+    )
     p.add_argument("--data-dir", type=Path, default=data_dir, help="the data folder ($MMM_DATA_DIR)")
-    p.add_argument("--data-name", default="embedded",
-                   help="the model's data source name: inputs come from <data-dir>/<data-name>/store's held-out splits")
+    p.add_argument(
+        "--data-name",
+        default="embedded",
+        help="the model's data source name: inputs come from <data-dir>/<data-name>/store's held-out splits",
+    )
     p.add_argument("--out", type=Path, default=OUT)
     p.add_argument("--bars", type=int, default=6, help="bars per excerpt")
     p.add_argument("--seed", type=int, default=0)
@@ -60,8 +67,10 @@ def held_out_chorales(data_dir: Path, data_name: str) -> list[Path]:
     from symusic import Score
 
     report = json.loads((data_dir / data_name / "store" / "report.json").read_text())
-    kept = sorted((k for k in report["kept_files"] if k["split"] != "train" and k["name"].startswith("bach/")),
-                  key=lambda k: -k["notes"])
+    kept = sorted(
+        (k for k in report["kept_files"] if k["split"] != "train" and k["name"].startswith("bach/")),
+        key=lambda k: -k["notes"],
+    )
     paths = [data_dir / "music21_midi" / k["name"] for k in kept]
     return sorted(paths, key=lambda p: len(Score(str(p)).tracks) != 4)
 
@@ -92,8 +101,9 @@ class Gallery:
             shutil.copy2(wav, self.out / f"{name}.wav")
             return f"{name}.wav"
         # Mono, quality 1 (~45 kbit/s): a 20 s excerpt is about 100 kB.
-        subprocess.run([self.oggenc, "-Q", "--downmix", "-q", "1", "-o", str(self.out / f"{name}.ogg"), str(wav)],
-                       check=True)
+        subprocess.run(
+            [self.oggenc, "-Q", "--downmix", "-q", "1", "-o", str(self.out / f"{name}.ogg"), str(wav)], check=True
+        )
         return f"{name}.ogg"
 
     def roll(self, score, name: str, title: str, regions=()) -> str:
@@ -112,14 +122,24 @@ class Gallery:
                 {"kind": "audio", "file": self.audio(original, f"{item_id}_original"), "label": "Original"},
             ]
         media += [
-            {"kind": "image", "file": self.roll(generated, f"{item_id}_generated", "generated (orange)", regions),
-             "label": "Generated"},
+            {
+                "kind": "image",
+                "file": self.roll(generated, f"{item_id}_generated", "generated (orange)", regions),
+                "label": "Generated",
+            },
             {"kind": "audio", "file": self.audio(generated, f"{item_id}_generated"), "label": "Generated"},
         ]
         generated.dump_midi(str(self.out / f"{item_id}_generated.mid"))
-        self.items.append({"id": item_id, "title": title, "description": description, "command": command,
-                           "media": media,
-                           "tokens_per_s": report.summary()["tokens_per_s"] if report is not None else None})
+        self.items.append(
+            {
+                "id": item_id,
+                "title": title,
+                "description": description,
+                "command": command,
+                "media": media,
+                "tokens_per_s": report.summary()["tokens_per_s"] if report is not None else None,
+            }
+        )
         print(f"{item_id}: {report.summary() if report is not None else ''}", flush=True)
 
 
@@ -143,21 +163,30 @@ def main() -> None:
     first = excerpt(chorales[0], n)
     soprano = _voice(first, "Soprano", default=0)
     out = model.infill(first, track=soprano, bars=(2, 4), seed=seed)
-    gallery.add("infill_soprano", f"Infill: soprano, bars 2–3 of {chorales[0].stem}",
-                f"The first {n} bars of chorale {chorales[0].stem} (held out from training; tracks: "
-                f"{describe_tracks(first)}). The model rewrites bars 2 and 3 of track {soprano}, seeing "
-                "every other bar and voice.",
-                f"model.infill(score, track={soprano}, bars=(2, 4), seed={seed})", first, out)
+    gallery.add(
+        "infill_soprano",
+        f"Infill: soprano, bars 2–3 of {chorales[0].stem}",
+        f"The first {n} bars of chorale {chorales[0].stem} (held out from training; tracks: "
+        f"{describe_tracks(first)}). The model rewrites bars 2 and 3 of track {soprano}, seeing "
+        "every other bar and voice.",
+        f"model.infill(score, track={soprano}, bars=(2, 4), seed={seed})",
+        first,
+        out,
+    )
 
     # 2. Rewrite the bass line of the second half, with a note-density control.
     second = excerpt(chorales[1], n)
     bass = _voice(second, "Bass", default=len(second.tracks) - 1)
     out = model.infill(second, track=bass, bars=(n // 2, n), controls={"note_density": 4}, seed=seed)
-    gallery.add("infill_bass", f"Infill with a control: bass, bars {n // 2}–{n - 1} of {chorales[1].stem}",
-                f"The bass (track {bass}) of the last {n - n // 2} bars is rewritten, asking for 4 notes per bar "
-                "(`controls={'note_density': 4}`).",
-                f"model.infill(score, track={bass}, bars=({n // 2}, {n}), controls={{'note_density': 4}}, seed={seed})",
-                second, out)
+    gallery.add(
+        "infill_bass",
+        f"Infill with a control: bass, bars {n // 2}–{n - 1} of {chorales[1].stem}",
+        f"The bass (track {bass}) of the last {n - n // 2} bars is rewritten, asking for 4 notes per bar "
+        "(`controls={'note_density': 4}`).",
+        f"model.infill(score, track={bass}, bars=({n // 2}, {n}), controls={{'note_density': 4}}, seed={seed})",
+        second,
+        out,
+    )
 
     # 3. A new top voice over the three lower ones.
     third = excerpt(chorales[2], n)
@@ -166,30 +195,43 @@ def main() -> None:
     lower = third.copy()
     lower.tracks = [t for i, t in enumerate(third.tracks) if i != top]
     out = model.add_track(lower, program=program, seed=seed)
-    gallery.add("new_track", f"New track: a melody over the lower voices of {chorales[2].stem}",
-                f"The soprano is removed and the model writes a new track (program {program}) over the alto, "
-                "tenor and bass. The original shown here is the chorale with its own soprano.",
-                f"model.add_track(score_without_soprano, program={program}, seed={seed})", third, out)
+    gallery.add(
+        "new_track",
+        f"New track: a melody over the lower voices of {chorales[2].stem}",
+        f"The soprano is removed and the model writes a new track (program {program}) over the alto, "
+        "tenor and bass. The original shown here is the chorale with its own soprano.",
+        f"model.add_track(score_without_soprano, program={program}, seed={seed})",
+        third,
+        out,
+    )
 
     # 4. From scratch: four string voices, as the chorales were converted.
     programs = [int(t.program) for t in first.tracks if not t.is_drum][:4]
     out = model.generate(programs=programs, num_bars=n, tempo=76.0, seed=seed)
-    gallery.add("from_scratch", "From scratch: a four-voice piece",
-                f"No input: {n} bars of 4/4 at 76 quarter notes per minute, one track per program {programs}, "
-                "each track written after the previous ones.",
-                f"model.generate(programs={programs}, num_bars={n}, tempo=76.0, seed={seed})", None, out)
+    gallery.add(
+        "from_scratch",
+        "From scratch: a four-voice piece",
+        f"No input: {n} bars of 4/4 at 76 quarter notes per minute, one track per program {programs}, "
+        "each track written after the previous ones.",
+        f"model.generate(programs={programs}, num_bars={n}, tempo=76.0, seed={seed})",
+        None,
+        out,
+    )
 
     training = {}
     if (args.model / "config.json").is_file():
         training = json.loads((args.model / "config.json").read_text()).get("training", {})
     experiment = training.get("experiment", "demo")
-    trained = (f", trained {training['global_step']} steps to a validation loss of {training['val_loss']:.3f}"
-               if "global_step" in training and "val_loss" in training else "")
+    trained = (
+        f", trained {training['global_step']} steps to a validation loss of {training['val_loss']:.3f}"
+        if "global_step" in training and "val_loss" in training
+        else ""
+    )
     manifest = {
         "about": f"Made by experiments/gallery/make_gallery.py in {time.perf_counter() - start:.0f} s on a CPU "
-                 f"with the {experiment} model ({model.model.num_parameters():,} parameters{trained}); "
-                 f"seed {seed}, temperature 1.0, top-p 0.95. Inputs: the first {n} bars of chorales held out "
-                 "from training.",
+        f"with the {experiment} model ({model.model.num_parameters():,} parameters{trained}); "
+        f"seed {seed}, temperature 1.0, top-p 0.95. Inputs: the first {n} bars of chorales held out "
+        "from training.",
         "items": gallery.items,
     }
     (args.out / "gallery.json").write_text(json.dumps(manifest, indent=2) + "\n")

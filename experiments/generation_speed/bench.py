@@ -32,26 +32,26 @@ import tempfile
 # An empty Inductor cache, so that the compile time reported is a first compile's.
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="mmm_bench_inductor_"))
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import platform  # noqa: E402
-import re  # noqa: E402
-import statistics  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import json
+import platform
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
 
-import torch  # noqa: E402
-from symusic import Score  # noqa: E402
+import torch
+from symusic import Score
 
-from mmm.generation.api import MMM  # noqa: E402
-from mmm.data.layout import piece_from_score  # noqa: E402
-from mmm.generation.compiled_step import StaticDecoder, enable_compile  # noqa: E402
-from mmm.generation.request import SamplingConfig  # noqa: E402
-from mmm.generation.sampling import generate_ids, make_generator  # noqa: E402
-from mmm.generation.grammar import BarGrammar, BarPlan, GrammarTables  # noqa: E402
-from mmm.model import MMMTransformer, model_config_from_preset  # noqa: E402
-from mmm.model.hf import to_hf_mistral  # noqa: E402
+from mmm.data.layout import piece_from_score
+from mmm.generation.api import MMM
+from mmm.generation.compiled_step import StaticDecoder, enable_compile
+from mmm.generation.grammar import BarGrammar, BarPlan, GrammarTables
+from mmm.generation.request import SamplingConfig
+from mmm.generation.sampling import generate_ids, make_generator
+from mmm.model import MMMTransformer, model_config_from_preset
+from mmm.model.hf import to_hf_mistral
 
 HERE = Path(__file__).resolve().parent
 README = HERE / "README.md"
@@ -100,24 +100,36 @@ class HFDecoder:
         torch.manual_seed(seed)
         self.first.clear()
         with torch.inference_mode():
-            out = self.hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True,
-                                   temperature=self.sampling.temperature, top_p=self.sampling.top_p, top_k=0,
-                                   max_new_tokens=n, min_new_tokens=n, pad_token_id=0, eos_token_id=None,
-                                   use_cache=True, logits_processor=self.processors)
+            out = self.hf.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=True,
+                temperature=self.sampling.temperature,
+                top_p=self.sampling.top_p,
+                top_k=0,
+                max_new_tokens=n,
+                min_new_tokens=n,
+                pad_token_id=0,
+                eos_token_id=None,
+                use_cache=True,
+                logits_processor=self.processors,
+            )
         end = time.perf_counter()
         assert out.shape[1] - len(prompt) == n
         return end - self.first[0]
 
 
-def ours_decode_s(model: MMMTransformer, prompt: list[int], n: int, seed: int, sampling: SamplingConfig,
-                  compile: bool) -> float:
+def ours_decode_s(
+    model: MMMTransformer, prompt: list[int], n: int, seed: int, sampling: SamplingConfig, compile: bool
+) -> float:
     out = generate_ids(model, prompt, n, None, 1, sampling, make_generator(seed, torch.device("cpu")), compile=compile)
     assert out.new_tokens == n
     return out.decode_s
 
 
-def decode_vs_hf(model: MMMTransformer, prompt: list[int], n: int, seeds: int, tries: int,
-                 sampling: SamplingConfig) -> dict:
+def decode_vs_hf(
+    model: MMMTransformer, prompt: list[int], n: int, seeds: int, tries: int, sampling: SamplingConfig
+) -> dict:
     """Decode tokens/s of our eager loop, our compiled loop and transformers, fastest of `tries` per seed."""
     hf = HFDecoder(model, sampling)
     t0 = time.perf_counter()
@@ -135,13 +147,31 @@ def decode_vs_hf(model: MMMTransformer, prompt: list[int], n: int, seeds: int, t
     tps = {k: seeds * n / sum(v) for k, v in best.items()}
     # The first call also prefilled and decoded n tokens: take its best steady-state time off.
     steady = min(best["compiled"])
-    return {"tokens_per_s": tps, "compiled_vs_hf": tps["compiled"] / tps["hf"], "eager_vs_hf": tps["eager"] / tps["hf"],
-            "compiled_vs_eager": tps["compiled"] / tps["eager"], "compile_s": first_call - steady,
-            "new_tokens": n, "prompt_tokens": len(prompt), "params": model.num_parameters()}
+    return {
+        "tokens_per_s": tps,
+        "compiled_vs_hf": tps["compiled"] / tps["hf"],
+        "eager_vs_hf": tps["eager"] / tps["hf"],
+        "compiled_vs_eager": tps["compiled"] / tps["eager"],
+        "compile_s": first_call - steady,
+        "new_tokens": n,
+        "prompt_tokens": len(prompt),
+        "params": model.num_parameters(),
+    }
 
 
-def grammar_and_infill(mmm: MMM, eager_mmm: MMM, score: Score, track: int, bars: tuple[int, int], plan: BarPlan, prompt: list[int],
-                       budget: int, seeds: int, tries: int, sampling: SamplingConfig) -> dict:
+def grammar_and_infill(
+    mmm: MMM,
+    eager_mmm: MMM,
+    score: Score,
+    track: int,
+    bars: tuple[int, int],
+    plan: BarPlan,
+    prompt: list[int],
+    budget: int,
+    seeds: int,
+    tries: int,
+    sampling: SamplingConfig,
+) -> dict:
     """Compiled loop with and without the grammar (same token count per seed); `MMM.infill`
     latency eager and compiled (`eager_mmm`: the same checkpoint loaded again, never compiled:
     `MMM.infill` compiles when its model is compile-enabled)."""
@@ -152,14 +182,24 @@ def grammar_and_infill(mmm: MMM, eager_mmm: MMM, score: Score, track: int, bars:
     for seed in range(1000, 1000 + seeds):
         runs = {k: [] for k in (*decode, *latency)}
         for _ in range(tries):
-            out = generate_ids(model, prompt, budget, [BarGrammar(tables, plan, budget)], 1, sampling,
-                               make_generator(seed, torch.device("cpu")), compile=True)
+            out = generate_ids(
+                model,
+                prompt,
+                budget,
+                [BarGrammar(tables, plan, budget)],
+                1,
+                sampling,
+                make_generator(seed, torch.device("cpu")),
+                compile=True,
+            )
             n = out.new_tokens
             runs["grammar"].append(out.decode_s)
             runs["unconstrained"].append(ours_decode_s(model, prompt, n, seed, sampling, compile=True))
             for key, api in (("eager", eager_mmm), ("compiled", mmm)):
                 t0 = time.perf_counter()
-                api.infill(score, track=track, bars=bars, seed=seed, top_p=sampling.top_p, temperature=sampling.temperature)
+                api.infill(
+                    score, track=track, bars=bars, seed=seed, top_p=sampling.top_p, temperature=sampling.temperature
+                )
                 runs[key].append(time.perf_counter() - t0)
         tokens += n
         for k in decode:
@@ -168,8 +208,12 @@ def grammar_and_infill(mmm: MMM, eager_mmm: MMM, score: Score, track: int, bars:
             latency[k].extend(runs[k])
     overhead = sum(decode["grammar"]) / sum(decode["unconstrained"]) - 1
     pct = {k: {"p50_s": statistics.median(v), "p90_s": sorted(v)[int(0.9 * (len(v) - 1))]} for k, v in latency.items()}
-    return {"grammar_overhead": overhead, "new_tokens": tokens,
-            "decode_tokens_per_s": {k: tokens / sum(v) for k, v in decode.items()}, "infill_latency": pct}
+    return {
+        "grammar_overhead": overhead,
+        "new_tokens": tokens,
+        "decode_tokens_per_s": {k: tokens / sum(v) for k, v in decode.items()},
+        "infill_latency": pct,
+    }
 
 
 def context_curve(lengths: list[int], n: int, window: int, tries: int, sampling: SamplingConfig) -> dict:
@@ -234,8 +278,11 @@ def plot_curve(curve: dict, path: Path) -> None:
 
     xs = [r["context"] for r in curve["rows"]]
     fig, ax = plt.subplots(figsize=(6, 4))
-    for key, label in (("compiled", "ours, compiled"), ("compiled_window", f"ours, compiled, window {curve['window']}"),
-                       ("hf", "transformers generate")):
+    for key, label in (
+        ("compiled", "ours, compiled"),
+        ("compiled_window", f"ours, compiled, window {curve['window']}"),
+        ("hf", "transformers generate"),
+    ):
         ax.plot(xs, [r[key] for r in curve["rows"]], marker="o", label=label)
     ax.set_xscale("log", base=2)
     ax.set_xticks(xs, [str(x) for x in xs])
@@ -253,46 +300,67 @@ def ratios_line(results: dict) -> str:
     d = results["decode"]
     sizes = ", ".join(f"{s} {d[s]['compiled_vs_hf']:.2f}x" for s in d)
     g = results["grammar_infill"]
-    return (f"ratios: decode vs transformers {sizes}, grammar overhead {100 * g['grammar_overhead']:+.1f}%, "
-            f"infill p50 {g['infill_latency']['compiled']['p50_s']:.2f} s compiled "
-            f"({g['infill_latency']['eager']['p50_s']:.2f} s eager)")
+    return (
+        f"ratios: decode vs transformers {sizes}, grammar overhead {100 * g['grammar_overhead']:+.1f}%, "
+        f"infill p50 {g['infill_latency']['compiled']['p50_s']:.2f} s compiled "
+        f"({g['infill_latency']['eager']['p50_s']:.2f} s eager)"
+    )
 
 
 def markdown(results: dict, command: str) -> str:
     s = results["setup"]
-    lines = [f"Command: `{command}`", "",
-             f"Machine: {s['cores']} CPU cores ({s['cpu']}), torch {s['torch']}, transformers {s['transformers']}, "
-             f"{s['threads']} torch thread; load average {s['loadavg_start'][0]:.1f} at the start, "
-             f"{s['loadavg_end'][0]:.1f} at the end (1-minute). Input: {s['input']}, track {s['track']}, "
-             f"bars {s['bars'][0]}-{s['bars'][1]}, prompt {s['prompt_tokens']} ids; {s['seeds']} seeds x {s['tries']} tries; "
-             f"run took {s['wall_s'] / 60:.1f} min.", "",
-             "| model | parameters | new tokens | ours eager tok/s | ours compiled tok/s | transformers tok/s | "
-             "compiled vs transformers | eager vs transformers | compile time (s) |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Command: `{command}`",
+        "",
+        f"Machine: {s['cores']} CPU cores ({s['cpu']}), torch {s['torch']}, transformers {s['transformers']}, "
+        f"{s['threads']} torch thread; load average {s['loadavg_start'][0]:.1f} at the start, "
+        f"{s['loadavg_end'][0]:.1f} at the end (1-minute). Input: {s['input']}, track {s['track']}, "
+        f"bars {s['bars'][0]}-{s['bars'][1]}, prompt {s['prompt_tokens']} ids; {s['seeds']} seeds x {s['tries']} tries; "
+        f"run took {s['wall_s'] / 60:.1f} min.",
+        "",
+        "| model | parameters | new tokens | ours eager tok/s | ours compiled tok/s | transformers tok/s | "
+        "compiled vs transformers | eager vs transformers | compile time (s) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for size, d in results["decode"].items():
         t = d["tokens_per_s"]
-        lines.append(f"| {size} | {d['params'] / 1e6:.1f} M | {d['new_tokens']} | {t['eager']:.0f} | {t['compiled']:.0f} | "
-                     f"{t['hf']:.0f} | **{d['compiled_vs_hf']:.2f}x** | {d['eager_vs_hf']:.2f}x | {d['compile_s']:.0f} |")
+        lines.append(
+            f"| {size} | {d['params'] / 1e6:.1f} M | {d['new_tokens']} | {t['eager']:.0f} | {t['compiled']:.0f} | "
+            f"{t['hf']:.0f} | **{d['compiled_vs_hf']:.2f}x** | {d['eager_vs_hf']:.2f}x | {d['compile_s']:.0f} |"
+        )
     g = results["grammar_infill"]
     lat = g["infill_latency"]
-    lines += ["", "| shipped model (small) | value |", "|---|---|",
-              f"| compiled decode tok/s with grammar / without | {g['decode_tokens_per_s']['grammar']:.0f} / "
-              f"{g['decode_tokens_per_s']['unconstrained']:.0f} ({g['new_tokens']} tokens) |",
-              f"| grammar overhead (decode time) | **{100 * g['grammar_overhead']:+.1f}%** |",
-              f"| `MMM.infill` 4 bars, p50 / p90, compiled | **{lat['compiled']['p50_s']:.2f} s** / {lat['compiled']['p90_s']:.2f} s |",
-              f"| `MMM.infill` 4 bars, p50 / p90, eager | {lat['eager']['p50_s']:.2f} s / {lat['eager']['p90_s']:.2f} s |"]
+    lines += [
+        "",
+        "| shipped model (small) | value |",
+        "|---|---|",
+        f"| compiled decode tok/s with grammar / without | {g['decode_tokens_per_s']['grammar']:.0f} / "
+        f"{g['decode_tokens_per_s']['unconstrained']:.0f} ({g['new_tokens']} tokens) |",
+        f"| grammar overhead (decode time) | **{100 * g['grammar_overhead']:+.1f}%** |",
+        f"| `MMM.infill` 4 bars, p50 / p90, compiled | **{lat['compiled']['p50_s']:.2f} s** / {lat['compiled']['p90_s']:.2f} s |",
+        f"| `MMM.infill` 4 bars, p50 / p90, eager | {lat['eager']['p50_s']:.2f} s / {lat['eager']['p90_s']:.2f} s |",
+    ]
     if "design" in results:
         c = results["design"]
-        lines += [f"| compiled step, batch 1 / batch 4 | {c['step_ms_batch1']:.2f} ms / {c['step_ms_batch4']:.2f} ms |",
-                  f"| first step at a new batch size (a new graph) | {c['first_step_s_batch4']:.0f} s |",
-                  f"| grammar masked_fill outside the graph | {c['mask_us']:.1f} us = {100 * c['mask_share_of_step']:.2f}% of a step |"]
+        lines += [
+            f"| compiled step, batch 1 / batch 4 | {c['step_ms_batch1']:.2f} ms / {c['step_ms_batch4']:.2f} ms |",
+            f"| first step at a new batch size (a new graph) | {c['first_step_s_batch4']:.0f} s |",
+            f"| grammar masked_fill outside the graph | {c['mask_us']:.1f} us = {100 * c['mask_share_of_step']:.2f}% of a step |",
+        ]
     if "curve" in results:
         c = results["curve"]
-        lines += ["", f"![decode tokens/s against context]({PLOT.name})", "",
-                  f"| tokens in the cache | ours compiled tok/s | ours compiled, window {c['window']} | transformers tok/s | ours / transformers |",
-                  "|---|---|---|---|---|"]
+        lines += [
+            "",
+            f"![decode tokens/s against context]({PLOT.name})",
+            "",
+            f"| tokens in the cache | ours compiled tok/s | ours compiled, window {c['window']} | transformers tok/s | ours / transformers |",
+            "|---|---|---|---|---|",
+        ]
         for r in c["rows"]:
-            lines.append(f"| {r['context']} | {r['compiled']:.0f} | {r['compiled_window']:.0f} | {r['hf']:.0f} | "
-                         f"{r['compiled'] / r['hf']:.2f}x |")
+            lines.append(
+                f"| {r['context']} | {r['compiled']:.0f} | {r['compiled_window']:.0f} | {r['hf']:.0f} | "
+                f"{r['compiled'] / r['hf']:.2f}x |"
+            )
     lines += ["", "Last line of the run:", "", f"    {ratios_line(results)}"]
     return "\n".join(lines)
 
@@ -307,15 +375,25 @@ def write_readme(text: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ckpt", default="models/mmm-music21-small", help="checkpoint folder (default: the shipped model)")
-    parser.add_argument("--midi", default=None, help="multi-track MIDI (default: first of $MMM_TEST_MIDI/multitrack, else a Bach chorale)")
-    parser.add_argument("--quick", action="store_true", help="fewer seeds, no context curve: under 3 minutes on 2 idle cores")
+    parser.add_argument(
+        "--ckpt", default="models/mmm-music21-small", help="checkpoint folder (default: the shipped model)"
+    )
+    parser.add_argument(
+        "--midi",
+        default=None,
+        help="multi-track MIDI (default: first of $MMM_TEST_MIDI/multitrack, else a Bach chorale)",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="fewer seeds, no context curve: under 3 minutes on 2 idle cores"
+    )
     parser.add_argument("--seeds", type=int, default=None, help="seeds per measurement (default 5, quick 2)")
     parser.add_argument("--tries", type=int, default=None, help="runs per seed, the fastest kept (default 3, quick 2)")
     parser.add_argument("--new-tokens", type=int, default=128, help="new tokens per decode-speed run")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=None, help="write the results as JSON here")
-    parser.add_argument("--write-readme", action="store_true", help="replace the README's results section (full run only)")
+    parser.add_argument(
+        "--write-readme", action="store_true", help="replace the README's results section (full run only)"
+    )
     args = parser.parse_args()
     if args.write_readme and args.quick:
         parser.error("--write-readme records a full run; drop --quick")
@@ -344,7 +422,9 @@ def main() -> None:
         results["decode"][size] = decode_vs_hf(model, prompt, n, seeds, tries, sampling)
         print(size, json.dumps(results["decode"][size]), flush=True)
     eager_mmm = MMM.from_pretrained(args.ckpt, num_threads=args.threads)
-    results["grammar_infill"] = grammar_and_infill(mmm, eager_mmm, score, track, (a, b), plan, prompt, budget, seeds * 2, tries, sampling)
+    results["grammar_infill"] = grammar_and_infill(
+        mmm, eager_mmm, score, track, (a, b), plan, prompt, budget, seeds * 2, tries, sampling
+    )
     print(json.dumps(results["grammar_infill"]), flush=True)
     if not args.quick:
         results["design"] = design_checks(mmm.model, prompt, len(prompt) + budget, 64)
@@ -355,11 +435,23 @@ def main() -> None:
     import transformers
 
     results["setup"] = {
-        "ckpt": args.ckpt, "input": source, "track": track, "bars": [a, b], "prompt_tokens": len(prompt), "budget": budget,
-        "seeds": seeds, "tries": tries, "threads": args.threads, "torch": torch.__version__,
-        "transformers": transformers.__version__, "cpu": platform.processor() or platform.machine(),
-        "cores": os.cpu_count(), "loadavg_start": load_start, "loadavg_end": os.getloadavg(),
-        "wall_s": time.perf_counter() - wall0, "quick": args.quick,
+        "ckpt": args.ckpt,
+        "input": source,
+        "track": track,
+        "bars": [a, b],
+        "prompt_tokens": len(prompt),
+        "budget": budget,
+        "seeds": seeds,
+        "tries": tries,
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "loadavg_start": load_start,
+        "loadavg_end": os.getloadavg(),
+        "wall_s": time.perf_counter() - wall0,
+        "quick": args.quick,
     }
     command = "python experiments/generation_speed/bench.py " + " ".join(sys.argv[1:])
     print(markdown(results, command.strip()))

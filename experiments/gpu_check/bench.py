@@ -23,8 +23,17 @@ from mmm.model import MMMTransformer, model_config_from_preset
 from mmm.model.transformer import _load_flash_attn
 
 # Dense bf16 tensor-core peaks from the vendors' data sheets (FLOP/s, without sparsity).
-PEAK_BF16 = {"H200": 989.4e12, "H100 SXM": 989.4e12, "H100 80GB HBM3": 989.4e12, "H100 PCIe": 756e12,
-             "H100 NVL": 835e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "L4": 121e12}
+PEAK_BF16 = {
+    "H200": 989.4e12,
+    "H100 SXM": 989.4e12,
+    "H100 80GB HBM3": 989.4e12,
+    "H100 PCIe": 756e12,
+    "H100 NVL": 835e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "A10G": 70e12,
+    "L4": 121e12,
+}
 
 
 def peak_flops(name: str) -> float | None:
@@ -61,7 +70,9 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=16000)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak, if not in the table")
+    parser.add_argument(
+        "--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak, if not in the table"
+    )
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -70,8 +81,15 @@ def main() -> None:
     peak = args.peak_tflops * 1e12 if args.peak_tflops else peak_flops(name)
     torch.manual_seed(0)
     ids = torch.randint(0, args.vocab, (args.batch, args.seq + 1), device="cuda")
-    result = {"gpu": name, "torch": torch.__version__, "batch": args.batch, "seq": args.seq, "vocab": args.vocab,
-              "peak_bf16_tflops": peak / 1e12 if peak else None, "flash_attn_installed": _load_flash_attn() is not None}
+    result = {
+        "gpu": name,
+        "torch": torch.__version__,
+        "batch": args.batch,
+        "seq": args.seq,
+        "vocab": args.vocab,
+        "peak_bf16_tflops": peak / 1e12 if peak else None,
+        "flash_attn_installed": _load_flash_attn() is not None,
+    }
     weights = None
     logits = {}
     for attention in ("flash", "sdpa"):
@@ -88,14 +106,18 @@ def main() -> None:
         torch.cuda.reset_peak_memory_stats()
         tps = bench(model, ids, args.steps, args.warmup)
         mfu = tps * flops_per_token(model, args.seq) / peak if peak else None
-        result[attention] = {"tokens_per_s": round(tps), "mfu": round(mfu, 4) if mfu else None,
-                             "peak_memory_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
+        result[attention] = {
+            "tokens_per_s": round(tps),
+            "mfu": round(mfu, 4) if mfu else None,
+            "peak_memory_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+        }
         print(attention, result[attention], flush=True)
         del model
     if len(logits) == 2:
         diff = (logits["flash"] - logits["sdpa"]).abs()
         result["logits_flash_vs_sdpa"] = {
-            "max_abs_diff": diff.max().item(), "mean_abs_diff": diff.mean().item(),
+            "max_abs_diff": diff.max().item(),
+            "mean_abs_diff": diff.mean().item(),
             "argmax_agreement": (logits["flash"].argmax(-1) == logits["sdpa"].argmax(-1)).float().mean().item(),
             "within_tolerance": bool(torch.allclose(logits["flash"], logits["sdpa"], rtol=2e-2, atol=2e-2)),
         }

@@ -42,16 +42,27 @@ def main() -> None:
             lines.append(f"| {attention} | {r['tokens_per_s']:,} | {mfu} | {r['peak_memory_gb']} |")
     logits = b.get("logits_flash_vs_sdpa")
     if logits:
-        lines += ["", f"Logits, flash-attn vs SDPA (same weights, 4 x 1024): max |diff| {logits['max_abs_diff']:.4f}, "
-                      f"mean {logits['mean_abs_diff']:.5f}, argmax agreement {100 * logits['argmax_agreement']:.2f}%, "
-                      f"within rtol=atol=2e-2: {logits['within_tolerance']}."]
+        lines += [
+            "",
+            f"Logits, flash-attn vs SDPA (same weights, 4 x 1024): max |diff| {logits['max_abs_diff']:.4f}, "
+            f"mean {logits['mean_abs_diff']:.5f}, argmax agreement {100 * logits['argmax_agreement']:.2f}%, "
+            f"within rtol=atol=2e-2: {logits['within_tolerance']}.",
+        ]
     else:
         lines += ["", "flash-attn is not installed: SDPA only."]
-    lines += ["", "Demo corpus, `base`, context 1024 (validation loss in nats/token):", "",
-              "| run | steps | val loss before | val loss after |", "|---|---|---|---|",
-              training(args.work, "flash"), training(args.work, "sdpa"), training(args.work, "deepspeed"), "",
-              f"The DeepSpeed checkpoint was exported to `{args.work}/runs/deepspeed/exported` and infilled "
-              "bars 4-8 of BWV 1.6's second track; the full log is `{args.work}/log.txt`."]
+    lines += [
+        "",
+        "Demo corpus, `base`, context 1024 (validation loss in nats/token):",
+        "",
+        "| run | steps | val loss before | val loss after |",
+        "|---|---|---|---|",
+        training(args.work, "flash"),
+        training(args.work, "sdpa"),
+        training(args.work, "deepspeed"),
+        "",
+        f"The DeepSpeed checkpoint was exported to `{args.work}/runs/deepspeed/exported` and infilled "
+        "bars 4-8 of BWV 1.6's second track; the full log is `{args.work}/log.txt`.",
+    ]
     text = args.readme.read_text()
     head, rest = text.split(START, 1)
     tail = rest.split(END, 1)[1]

@@ -34,10 +34,10 @@ from pathlib import Path
 
 BEGAN = time.perf_counter()  # "took" counts the imports below (tens of seconds on a loaded machine)
 
-from hydra import compose, initialize_config_dir  # noqa: E402
+from hydra import compose, initialize_config_dir
 
-from mmm.data.store_writer import preprocess  # noqa: E402
-from mmm.data.sources import FolderSource, build_source  # noqa: E402
+from mmm.data.sources import FolderSource, build_source
+from mmm.data.store_writer import preprocess
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
@@ -59,12 +59,17 @@ def corpus(midi: Path | None, n: int) -> tuple[Path, list[str], str]:
     else:
         # As `python -m mmm.preprocess data=embedded` builds it (converts once, then reuses the cache).
         source_cfg = config(["data=embedded"]).data.source
-        print(f"no --midi: using the embedded corpus ({source_cfg.corpus}) in {source_cfg.cache_dir} "
-              "(converting it from music21 first if it is not there)", flush=True)
+        print(
+            f"no --midi: using the embedded corpus ({source_cfg.corpus}) in {source_cfg.cache_dir} "
+            "(converting it from music21 first if it is not there)",
+            flush=True,
+        )
         try:
             source = build_source(dict(source_cfg))
         except Exception as e:
-            sys.exit(f"could not build the embedded corpus ({type(e).__name__}: {e}); pass --midi <folder of MIDI files>")
+            sys.exit(
+                f"could not build the embedded corpus ({type(e).__name__}: {e}); pass --midi <folder of MIDI files>"
+            )
         what = f"the embedded corpus (`data=embedded`: music21 {source_cfg.corpus!r}, {len(source)} works)"
     names = [source[i].name for i in range(min(n, len(source)))]
     return source.root, names, what
@@ -81,15 +86,18 @@ def subset(root: Path, names: list[str], folder: Path) -> Path:
 
 def cpu_seconds() -> float:
     """User + system CPU seconds of this process and its reaped children (the workers)."""
-    return sum(r.ru_utime + r.ru_stime for r in (resource.getrusage(resource.RUSAGE_SELF),
-                                                 resource.getrusage(resource.RUSAGE_CHILDREN)))
+    return sum(
+        r.ru_utime + r.ru_stime
+        for r in (resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN))
+    )
 
 
 def run(midi: Path, workers: int, store: Path) -> tuple[float, float, dict]:
     """One run of `python -m mmm.preprocess data=folder data.path=<midi> data.store=<store>
     data.preprocess.num_workers=<workers>`, in this process: (wall seconds, CPU seconds, report)."""
-    cfg = config(["data=folder", f"data.path={midi.resolve()}", f"data.store={store}",
-                  f"data.preprocess.num_workers={workers}"])
+    cfg = config(
+        ["data=folder", f"data.path={midi.resolve()}", f"data.store={store}", f"data.preprocess.num_workers={workers}"]
+    )
     cpu, start = cpu_seconds(), time.perf_counter()
     report = preprocess(cfg.data, cfg.tokenizer)
     return time.perf_counter() - start, cpu_seconds() - cpu, report
@@ -143,8 +151,7 @@ def plot(sizes, seconds, fits, path: Path, title: str) -> None:
         label = f"{w} worker{'s' if w > 1 else ''}"
         for n in sizes:
             ax.scatter([n] * len(seconds[w][n]), seconds[w][n], color=color, s=14)
-        ax.plot([0, max(sizes)], [a, a + b * max(sizes)], color=color,
-                label=f"{label}: {a:.1f} s + {b:.3f} s/file")
+        ax.plot([0, max(sizes)], [a, a + b * max(sizes)], color=color, label=f"{label}: {a:.1f} s + {b:.3f} s/file")
         bx.plot(sizes, [n / statistics.median(seconds[w][n]) for n in sizes], "o-", color=color, label=label)
     ax.set(xlabel="files", ylabel="seconds (each run; line: least squares)", xlim=(0, None), ylim=(0, None))
     bx.set(xlabel="files", ylabel="files/s (median)", xscale="log", ylim=(0, None))
@@ -161,14 +168,21 @@ def plot(sizes, seconds, fits, path: Path, title: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--midi", type=Path, default=None,
-                    help="folder of .mid/.midi/.abc files (default: the embedded Bach chorales, built if absent)")
+    ap.add_argument(
+        "--midi",
+        type=Path,
+        default=None,
+        help="folder of .mid/.midi/.abc files (default: the embedded Bach chorales, built if absent)",
+    )
     ap.add_argument("--sizes", type=int, nargs="+", default=None, help=f"numbers of files (default {SIZES})")
     ap.add_argument("--repeats", type=int, default=None, help="runs per size and worker count (default 2; --quick 1)")
     ap.add_argument("--quick", action="store_true", help=f"sizes {QUICK_SIZES}, 1 repeat")
-    ap.add_argument("--no-fsync", action="store_true",
-                    help="diagnosis only: make os.fsync a no-op (in the workers too: they are forked) to see "
-                         "what the store's flushes to disk cost; never with --write-readme")
+    ap.add_argument(
+        "--no-fsync",
+        action="store_true",
+        help="diagnosis only: make os.fsync a no-op (in the workers too: they are forked) to see "
+        "what the store's flushes to disk cost; never with --write-readme",
+    )
     ap.add_argument("--write-readme", action="store_true", help="write the results into README.md and cost_curve.png")
     args = ap.parse_args()
     if args.no_fsync:
@@ -204,34 +218,47 @@ def main() -> None:
                     seconds[w][n].append(s)
                     cpu[w][n].append(c)
                     loads.append(os.getloadavg()[0])
-                    print(f"repeat {r + 1}/{repeats}: {n} files, {w} worker(s): {s:.1f} s wall, {c:.1f} s CPU, "
-                          f"load {loads[-1]:.1f}", flush=True)
+                    print(
+                        f"repeat {r + 1}/{repeats}: {n} files, {w} worker(s): {s:.1f} s wall, {c:.1f} s CPU, "
+                        f"load {loads[-1]:.1f}",
+                        flush=True,
+                    )
     med = {w: {n: statistics.median(seconds[w][n]) for n in sizes} for w in WORKERS}
     fits = {w: fit(sizes, [med[w][n] for n in sizes]) for w in WORKERS}
     cpu_fits = {w: fit(sizes, [statistics.median(cpu[w][n]) for n in sizes]) for w in WORKERS}
     total = time.perf_counter() - BEGAN
 
-    table = "\n".join([
-        "| files | kept | chunks | 1 worker: s (runs) | 2 workers: s (runs) | 1 worker files/s | 2 workers files/s "
-        "| speed-up 2/1 | CPU s per file (1 / 2 workers) |",
-        "|---|---|---|---|---|---|---|---|---|",
-        *(f"| {n} | {reports[n]['kept']} | {sum(v['chunks'] for v in reports[n]['splits'].values())} "
-          + "".join(f"| {med[w][n]:.1f} ({', '.join(f'{x:.1f}' for x in seconds[w][n])}) " for w in WORKERS)
-          + "".join(f"| {n / med[w][n]:.2f} " for w in WORKERS)
-          + f"| {med[1][n] / med[2][n]:.2f}x "
-          + f"| {statistics.median(cpu[1][n]) / n:.2f} / {statistics.median(cpu[2][n]) / n:.2f} |"
-          for n in sizes),
-    ])
+    table = "\n".join(
+        [
+            "| files | kept | chunks | 1 worker: s (runs) | 2 workers: s (runs) | 1 worker files/s | 2 workers files/s "
+            "| speed-up 2/1 | CPU s per file (1 / 2 workers) |",
+            "|---|---|---|---|---|---|---|---|---|",
+            *(
+                f"| {n} | {reports[n]['kept']} | {sum(v['chunks'] for v in reports[n]['splits'].values())} "
+                + "".join(f"| {med[w][n]:.1f} ({', '.join(f'{x:.1f}' for x in seconds[w][n])}) " for w in WORKERS)
+                + "".join(f"| {n / med[w][n]:.2f} " for w in WORKERS)
+                + f"| {med[1][n] / med[2][n]:.2f}x "
+                + f"| {statistics.median(cpu[1][n]) / n:.2f} / {statistics.median(cpu[2][n]) / n:.2f} |"
+                for n in sizes
+            ),
+        ]
+    )
     fit_lines = "\n".join(
         f"- {w} worker{'s' if w > 1 else ''}: {fits[w][0]:.2f} s + {fits[w][1]:.3f} s per file "
         f"(largest residual {100 * fits[w][2]:.0f}% of a median); CPU time {cpu_fits[w][0]:.2f} s + "
-        f"{cpu_fits[w][1]:.3f} s per file (residual {100 * cpu_fits[w][2]:.0f}%)" for w in WORKERS)
-    load_line = (f"load average (1 min) {load_start[0]:.1f} at the start, {min(loads):.1f}-{max(loads):.1f} after the "
-                 f"runs, {os.getloadavg()[0]:.1f} at the end")
-    summary = (f"ratios: 2 workers / 1 worker {med[1][sizes[-1]] / med[2][sizes[-1]]:.2f}x at {sizes[-1]} files; "
-               f"per-file {fits[1][1]:.3f} s (1 worker), {fits[2][1]:.3f} s (2 workers), CPU {cpu_fits[1][1]:.3f} s; "
-               f"start-up {fits[1][0]:.2f} s / {fits[2][0]:.2f} s (+ imports {imports:.1f} s, first call {warm:.1f} s); "
-               f"2 workers pay {break_even(fits)}; load {statistics.fmean(loads):.1f}; took {total:.0f} s")
+        f"{cpu_fits[w][1]:.3f} s per file (residual {100 * cpu_fits[w][2]:.0f}%)"
+        for w in WORKERS
+    )
+    load_line = (
+        f"load average (1 min) {load_start[0]:.1f} at the start, {min(loads):.1f}-{max(loads):.1f} after the "
+        f"runs, {os.getloadavg()[0]:.1f} at the end"
+    )
+    summary = (
+        f"ratios: 2 workers / 1 worker {med[1][sizes[-1]] / med[2][sizes[-1]]:.2f}x at {sizes[-1]} files; "
+        f"per-file {fits[1][1]:.3f} s (1 worker), {fits[2][1]:.3f} s (2 workers), CPU {cpu_fits[1][1]:.3f} s; "
+        f"start-up {fits[1][0]:.2f} s / {fits[2][0]:.2f} s (+ imports {imports:.1f} s, first call {warm:.1f} s); "
+        f"2 workers pay {break_even(fits)}; load {statistics.fmean(loads):.1f}; took {total:.0f} s"
+    )
     print(table)
     print(fit_lines)
     print(load_line)
@@ -244,8 +271,10 @@ def main() -> None:
         text = readme.read_text()
         head = text.split("<!-- results -->")[0]
         tail = text.split("<!-- /results -->")[1] if "<!-- /results -->" in text else "\n"
-        title = (f"mmm.preprocess on the first N files of {what.replace('`', '')}; "
-                 f"{os.cpu_count()} CPU cores, mean load {statistics.fmean(loads):.1f}")
+        title = (
+            f"mmm.preprocess on the first N files of {what.replace('`', '')}; "
+            f"{os.cpu_count()} CPU cores, mean load {statistics.fmean(loads):.1f}"
+        )
         plot(sizes, seconds, fits, HERE / "cost_curve.png", title)
         readme.write_text(
             f"{head}<!-- results -->\nFiles: the first N of {what}. {repeats} runs per cell, median shown. "

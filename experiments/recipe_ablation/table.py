@@ -26,7 +26,9 @@ def row(name: str, m: dict) -> str:
 
 
 def main(root: str) -> None:
-    print("| model | bits/note | empty beats, uncontrolled infills | bar density Spearman | density exact-or-±1 | polyphony_max exact | fill NLL gain from context | exact bars |")
+    print(
+        "| model | bits/note | empty beats, uncontrolled infills | bar density Spearman | density exact-or-±1 | polyphony_max exact | fill NLL gain from context | exact bars |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for folder in sorted(Path(root).iterdir()):
         metrics = folder / "metrics.json"

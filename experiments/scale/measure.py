@@ -49,11 +49,20 @@ class Clock:
 
 def config(midi: Path, work: Path, vocab_size: int):
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        return compose("train", overrides=[
-            "data=folder", f"data.path={midi}", f"paths.data_dir={work}", "data.preprocess.num_workers=1",
-            "data.max_seq_len=2048", f"tokenizer.vocab_size={vocab_size}", f"run_dir={work}/run",
-            "data.preprocess.chunk_max_tokens=8192", "data.preprocess.chunk_max_track_tokens=3072",  # as gigamidi
-        ])
+        return compose(
+            "train",
+            overrides=[
+                "data=folder",
+                f"data.path={midi}",
+                f"paths.data_dir={work}",
+                "data.preprocess.num_workers=1",
+                "data.max_seq_len=2048",
+                f"tokenizer.vocab_size={vocab_size}",
+                f"run_dir={work}/run",
+                "data.preprocess.chunk_max_tokens=8192",
+                "data.preprocess.chunk_max_track_tokens=3072",  # as gigamidi
+            ],
+        )
 
 
 def measure_preprocessing(cfg) -> dict:
@@ -67,19 +76,38 @@ def measure_preprocessing(cfg) -> dict:
     chunks = sum(s["chunks"] for s in report["splits"].values())
     notes = sum(k["notes"] for k in report["kept_files"])
     midi_bytes = sum(p.stat().st_size for p in Path(cfg.data.path).rglob("*") if p.is_file())
-    return {"files": files, "kept": kept, "chunks": chunks, "notes": notes, "midi_bytes": midi_bytes,
-            "wall_s": round(c.wall, 2), "cpu_s": round(c.cpu, 2),
-            "files_per_cpu_s": round(files / c.cpu, 2), "files_per_wall_s": round(files / c.wall, 2),
-            "notes_per_cpu_s": round(notes / c.cpu), "store_bytes": size, "store_bytes_per_file": round(size / files),
-            "store_bytes_per_note": round(size / notes, 2), "store_bytes_per_midi_byte": round(size / midi_bytes, 2)}
+    return {
+        "files": files,
+        "kept": kept,
+        "chunks": chunks,
+        "notes": notes,
+        "midi_bytes": midi_bytes,
+        "wall_s": round(c.wall, 2),
+        "cpu_s": round(c.cpu, 2),
+        "files_per_cpu_s": round(files / c.cpu, 2),
+        "files_per_wall_s": round(files / c.wall, 2),
+        "notes_per_cpu_s": round(notes / c.cpu),
+        "store_bytes": size,
+        "store_bytes_per_file": round(size / files),
+        "store_bytes_per_note": round(size / notes, 2),
+        "store_bytes_per_midi_byte": round(size / midi_bytes, 2),
+    }
 
 
 def measure_loader(cfg, tokenizer_path: Path, seconds: float) -> dict:
     from mmm.data.datamodule import SequenceDataset, collate
     from mmm.tokenizer import Vocab, load_tokenizer
 
-    ds = SequenceDataset(cfg.data.store, "train", tokenizer_path, cfg.data.sequences, cfg.data.max_seq_len,
-                         seed=0, vary_per_epoch=True, length=10**6)
+    ds = SequenceDataset(
+        cfg.data.store,
+        "train",
+        tokenizer_path,
+        cfg.data.sequences,
+        cfg.data.max_seq_len,
+        seed=0,
+        vary_per_epoch=True,
+        length=10**6,
+    )
     pad = Vocab(load_tokenizer(tokenizer_path)).pad
     ds[0]  # opens the store and the tokenizer (once per worker)
     samples = tokens = 0
@@ -89,9 +117,14 @@ def measure_loader(cfg, tokenizer_path: Path, seconds: float) -> dict:
             collate(batch, pad)
             samples += 16
             tokens += sum(len(b["input_ids"]) for b in batch)
-    return {"samples": samples, "mean_tokens_per_sample": round(tokens / samples), "wall_s": round(c.wall, 2),
-            "cpu_s": round(c.cpu, 2), "samples_per_cpu_s": round(samples / c.cpu, 1),
-            "tokens_per_cpu_s": round(tokens / c.cpu)}
+    return {
+        "samples": samples,
+        "mean_tokens_per_sample": round(tokens / samples),
+        "wall_s": round(c.wall, 2),
+        "cpu_s": round(c.cpu, 2),
+        "samples_per_cpu_s": round(samples / c.cpu, 1),
+        "tokens_per_cpu_s": round(tokens / c.cpu),
+    }
 
 
 def measure_training(vocab_size: int, seq: int, batch: int, steps: int) -> dict:
@@ -127,7 +160,9 @@ def memory_estimates(vocab_size: int, seq: int) -> dict:
     out = {}
     for name, overrides in (("base", {}), ("large_300m", LARGE)):
         with torch.device("meta"):
-            model = MMMTransformer(model_config_from_preset("base", vocab_size=vocab_size, max_seq_len=seq, **overrides))
+            model = MMMTransformer(
+                model_config_from_preset("base", vocab_size=vocab_size, max_seq_len=seq, **overrides)
+            )
         total = model.num_parameters()
         largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
         rows = {}
@@ -135,9 +170,18 @@ def memory_estimates(vocab_size: int, seq: int) -> dict:
             for offload in (False, True):
                 cpu2, gpu2 = estimate_zero2_model_states_mem_needs(total, gpus, 1, offload)
                 cpu3, gpu3, _ = estimate_zero3_model_states_mem_needs(total, largest, gpus, 1, offload, offload)
-                rows[f"{gpus}gpu_offload{int(offload)}"] = {"zero2_gpu_gb": gpu2 / 2**30, "zero2_cpu_gb": cpu2 / 2**30,
-                                                             "zero3_gpu_gb": gpu3 / 2**30, "zero3_cpu_gb": cpu3 / 2**30}
-        out[name] = {"parameters": total, "largest_layer": largest, "config": overrides or "base preset", "per_gpu": rows}
+                rows[f"{gpus}gpu_offload{int(offload)}"] = {
+                    "zero2_gpu_gb": gpu2 / 2**30,
+                    "zero2_cpu_gb": cpu2 / 2**30,
+                    "zero3_gpu_gb": gpu3 / 2**30,
+                    "zero3_cpu_gb": cpu3 / 2**30,
+                }
+        out[name] = {
+            "parameters": total,
+            "largest_layer": largest,
+            "config": overrides or "base preset",
+            "per_gpu": rows,
+        }
     return out
 
 
@@ -146,7 +190,9 @@ def main() -> None:
     parser.add_argument("--midi", type=Path, required=True, help="a folder of real MIDI files")
     parser.add_argument("--work", type=Path, required=True, help="scratch folder (store, tokenizer)")
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--bpe", type=int, default=2000, help="BPE vocabulary learned on the corpus (small corpora: small)")
+    parser.add_argument(
+        "--bpe", type=int, default=2000, help="BPE vocabulary learned on the corpus (small corpora: small)"
+    )
     parser.add_argument("--loader-seconds", type=float, default=40)
     parser.add_argument("--train-steps", type=int, default=3)
     parser.add_argument("--only", nargs="*", default=["preprocess", "loader", "train", "memory"])

@@ -23,8 +23,8 @@ import httpx
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from mmm.model.pretrained import save_pretrained
 from mmm.model import MMMTransformer, model_config_from_preset
+from mmm.model.pretrained import save_pretrained
 from mmm.serve.load import load_test
 from mmm.serve.music import example_midi
 from mmm.tokenizer import Vocab, build_tokenizer
@@ -51,9 +51,20 @@ def main() -> None:
         port = s.getsockname()[1]
         s.close()
         url = f"http://127.0.0.1:{port}"
-        server = subprocess.Popen([sys.executable, "-m", "mmm.serve", f"ckpt={ckpt}", f"port={port}",
-                                   f"queue_size={args.queue_size}", "num_threads=1", "log_level=warning"], cwd=REPO,
-                                  stdout=subprocess.DEVNULL)  # its log (budget warnings) would cut the table
+        server = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "mmm.serve",
+                f"ckpt={ckpt}",
+                f"port={port}",
+                f"queue_size={args.queue_size}",
+                "num_threads=1",
+                "log_level=warning",
+            ],
+            cwd=REPO,
+            stdout=subprocess.DEVNULL,
+        )  # its log (budget warnings) would cut the table
         try:
             for _ in range(600):
                 try:
@@ -64,17 +75,23 @@ def main() -> None:
             midi = example_midi("pop_4_tracks")
             fields = {"track": "0", "bars": args.bars, "seed": "0"}
             load_test(url, midi, 1, 2, fields)  # warm-up
-            print(f"preset {args.preset} ({params / 1e6:.2f}M parameters), context {args.context}, "
-                  f"queue_size {args.queue_size}, infill bars={args.bars} of track 0 of pop_4_tracks\n")
-            print("| clients x requests | 200 | 503 | lost | wall s | p50 s (200s) | p95 s (200s) | p50 s (all) | p95 s (all) | healthy after |")
+            print(
+                f"preset {args.preset} ({params / 1e6:.2f}M parameters), context {args.context}, "
+                f"queue_size {args.queue_size}, infill bars={args.bars} of track 0 of pop_4_tracks\n"
+            )
+            print(
+                "| clients x requests | 200 | 503 | lost | wall s | p50 s (200s) | p95 s (200s) | p50 s (all) | p95 s (all) | healthy after |"
+            )
             print("|---|---:|---:|---:|---:|---:|---:|---:|---:|:-:|")
             for clients, requests in SCENARIOS:
                 r = load_test(url, midi, clients, requests, fields)
                 ok, all_ = r["ok_latency"], r["all_latency"]
-                print(f"| {clients} x {requests} | {r['status'].get(200, 0)} | {r['status'].get(503, 0)} | "
-                      f"{r['sent'] - r['answered'] + r['status'].get(-1, 0)} | {r['wall_s']} | {ok['p50_s']} | {ok['p95_s']} | "
-                      f"{all_['p50_s']} | {all_['p95_s']} | {'yes' if r['health_after']['status'] == 'ok' else 'NO'} |",
-                      flush=True)
+                print(
+                    f"| {clients} x {requests} | {r['status'].get(200, 0)} | {r['status'].get(503, 0)} | "
+                    f"{r['sent'] - r['answered'] + r['status'].get(-1, 0)} | {r['wall_s']} | {ok['p50_s']} | {ok['p95_s']} | "
+                    f"{all_['p50_s']} | {all_['p95_s']} | {'yes' if r['health_after']['status'] == 'ok' else 'NO'} |",
+                    flush=True,
+                )
         finally:
             server.terminate()
             server.wait(timeout=30)

@@ -30,9 +30,13 @@ def main() -> None:
     params = yaml.safe_load(args.tokenizer.read_text())["params"]
     default = {k: v for k, v in params.items() if k != "time_signature_range"}
     tokenizers = {"miditok default": build_tokenizer(default), args.tokenizer.name: build_tokenizer(params)}
-    known = {name: {t.split("_", 1)[1] for t in tok.vocab if t.startswith("TimeSig_")} for name, tok in tokenizers.items()}
+    known = {
+        name: {t.split("_", 1)[1] for t in tok.vocab if t.startswith("TimeSig_")} for name, tok in tokenizers.items()
+    }
 
-    files = sorted(p for folder in args.folders for p in folder.rglob("*") if p.suffix.lower() in (".mid", ".midi", ".abc"))
+    files = sorted(
+        p for folder in args.folders for p in folder.rglob("*") if p.suffix.lower() in (".mid", ".midi", ".abc")
+    )
     ts_files: dict[str, set[str]] = defaultdict(set)
     ts_bars: Counter = Counter()
     differs: dict[str, list[str]] = {name: [] for name in tokenizers}

@@ -1,6 +1,6 @@
 """Loss curves of a training run, from its TensorBoard events, as a PNG.
 
-    python experiments/shipped_model/curves.py runs/music21 models/mmm-music21-small/loss_curves.png
+python experiments/shipped_model/curves.py runs/music21 models/mmm-music21-small/loss_curves.png
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
+import matplotlib.pyplot as plt
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 
 def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
@@ -31,15 +31,26 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("run_dir", type=Path)
     p.add_argument("out", type=Path)
-    p.add_argument("--mark", action="append", default=[], metavar="STEP:LABEL",
-                   help="a vertical line at STEP (e.g. where the recipe changed)")
+    p.add_argument(
+        "--mark",
+        action="append",
+        default=[],
+        metavar="STEP:LABEL",
+        help="a vertical line at STEP (e.g. where the recipe changed)",
+    )
     args = p.parse_args()
     series = scalars(args.run_dir)
     fig, ax = plt.subplots(figsize=(7, 4))
     for tag, label in (("train/loss", "train (per step)"), ("val/loss", "validation")):
         if tag in series:
             steps, values = zip(*series[tag])
-            ax.plot(steps, values, label=label, marker="o" if tag.startswith("val") else None, lw=1 if tag.startswith("train") else 2)
+            ax.plot(
+                steps,
+                values,
+                label=label,
+                marker="o" if tag.startswith("val") else None,
+                lw=1 if tag.startswith("train") else 2,
+            )
     if "val/loss_per_note" in series:  # comparable across encodings: nats per note, not per id
         steps, values = zip(*series["val/loss_per_note"])
         right = ax.twinx()
@@ -60,7 +71,9 @@ def main() -> None:
     fig.savefig(args.out, dpi=110)
     for tag, points in sorted(series.items()):
         if tag.endswith("loss") or "loss" in tag:
-            print(f"{tag}: first {points[0][1]:.3f} at step {points[0][0]}, last {points[-1][1]:.3f} at step {points[-1][0]}")
+            print(
+                f"{tag}: first {points[0][1]:.3f} at step {points[0][0]}, last {points[-1][1]:.3f} at step {points[-1][0]}"
+            )
 
 
 if __name__ == "__main__":

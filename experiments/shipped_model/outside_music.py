@@ -30,7 +30,7 @@ def notes_in(track, start: int, end: int) -> np.ndarray:
 def empty_beats(notes: np.ndarray, start: int, end: int, tpq: int) -> float:
     beats = np.zeros(math.ceil((end - start) / tpq), dtype=bool)
     for t, d, _ in notes:
-        beats[(t - start) // tpq: (min(t + max(d, 1), end) - 1 - start) // tpq + 1] = True
+        beats[(t - start) // tpq : (min(t + max(d, 1), end) - 1 - start) // tpq + 1] = True
     return float(1 - beats.mean()) if len(beats) else math.nan
 
 
@@ -41,7 +41,9 @@ def main() -> None:
     p.add_argument("--bars", type=int, default=4)
     args = p.parse_args()
     model = MMM.from_pretrained(args.model, num_threads=2)
-    print("| file | infilled track | empty beats (original / generated) | notes in range ±3 | exact bars | new track: notes, empty beats |")
+    print(
+        "| file | infilled track | empty beats (original / generated) | notes in range ±3 | exact bars | new track: notes, empty beats |"
+    )
     print("|---|---|---|---|---|---|")
     totals = {"in_range": 0, "notes": 0, "exact": 0, "requests": 0, "gen_empty": [], "real_empty": []}
     for seed, path in enumerate(sorted(args.folder.glob("*.mid"))):
@@ -59,17 +61,24 @@ def main() -> None:
         real, gen = notes_in(score.tracks[t], start, end), notes_in(out.tracks[t], start, end)
         context = score.tracks[t].notes.numpy()["pitch"]
         inside = int(((gen[:, 2] >= context.min() - 3) & (gen[:, 2] <= context.max() + 3)).sum()) if len(gen) else 0
-        exact = all(len(s.tokens[0]) > 0 for s in model.last_report.steps) and \
-            sum(s.bars[1] - s.bars[0] for s in model.last_report.steps) == b - a
+        exact = (
+            all(len(s.tokens[0]) > 0 for s in model.last_report.steps)
+            and sum(s.bars[1] - s.bars[0] for s in model.last_report.steps) == b - a
+        )
         e_real, e_gen = empty_beats(real, start, end, score.tpq), empty_beats(gen, start, end, score.tpq)
         first = grid.starts[max(0, a - 4)]  # the 4 bars before the span and the span, from tick 0
         window = score.clip(first, end, clip_end=True).shift_time(-first)
         added = model.add_track(window, program=int(score.tracks[t].program), seed=seed)
         new = added.tracks[-1].notes.numpy()
-        new_empty = empty_beats(np.stack([new["time"], new["duration"], new["pitch"]], axis=1),
-                                0, end - first, window.tpq) if len(new["time"]) else 1.0
-        print(f"| {path.stem} | {t} ({score.tracks[t].name or '?'}), bars {a}-{b - 1} | {e_real:.0%} / {e_gen:.0%} | "
-              f"{inside}/{len(gen)} | {'yes' if exact else 'NO'} | {len(new['time'])}, {new_empty:.0%} |")
+        new_empty = (
+            empty_beats(np.stack([new["time"], new["duration"], new["pitch"]], axis=1), 0, end - first, window.tpq)
+            if len(new["time"])
+            else 1.0
+        )
+        print(
+            f"| {path.stem} | {t} ({score.tracks[t].name or '?'}), bars {a}-{b - 1} | {e_real:.0%} / {e_gen:.0%} | "
+            f"{inside}/{len(gen)} | {'yes' if exact else 'NO'} | {len(new['time'])}, {new_empty:.0%} |"
+        )
         totals["in_range"] += inside
         totals["notes"] += len(gen)
         totals["exact"] += exact
@@ -77,9 +86,11 @@ def main() -> None:
         totals["gen_empty"].append(e_gen)
         totals["real_empty"].append(e_real)
     print()
-    print(f"{totals['requests']} infills: exact bars {totals['exact']}/{totals['requests']}, generated notes within the "
-          f"track's range ±3: {totals['in_range']}/{totals['notes']}, empty beats generated "
-          f"{np.nanmean(totals['gen_empty']):.1%} vs original {np.nanmean(totals['real_empty']):.1%}")
+    print(
+        f"{totals['requests']} infills: exact bars {totals['exact']}/{totals['requests']}, generated notes within the "
+        f"track's range ±3: {totals['in_range']}/{totals['notes']}, empty beats generated "
+        f"{np.nanmean(totals['gen_empty']):.1%} vs original {np.nanmean(totals['real_empty']):.1%}"
+    )
 
 
 if __name__ == "__main__":

@@ -23,8 +23,8 @@ import random
 
 import numpy as np
 import torch
-
 from draw import has_notes, infill_requests
+
 from mmm import MMM
 from mmm.data.store import Store
 from mmm.generation.grammar import GrammarTables
@@ -50,7 +50,7 @@ def main() -> None:
     rng = random.Random(args.seed)
     rows = []
     requests = infill_requests(store, rng, tok, vocab, args.bars)
-    for done in range(1, args.requests + 1):
+    for _ in range(1, args.requests + 1):
         score, target, (a, b), real = next(requests)
         # The API builds the prompt (a tiny bar budget: only the prompt is used here).
         mmm.infill(score, track=target, bars=(a, b), seed=1, max_bar_tokens=8)
@@ -72,7 +72,9 @@ def main() -> None:
                 real_empty = float(not has_notes(real[k], vocab)) if k < len(real) else float("nan")
                 rows.append((k, q[vocab.fill_end], q[header_only].sum(), empty, real_empty))
     rows = np.array(rows, dtype=float)
-    print(f"{args.ckpt}, {args.split} split, {done} requests of {args.bars} bars (teacher forced on the real bars)")
+    print(
+        f"{args.ckpt}, {args.split} split, {args.requests} requests of {args.bars} bars (teacher forced on the real bars)"
+    )
     print("| boundary | P(FillBar_End) | P(header-only id) | P(empty bar) | real empty |")
     print("|---|---|---|---|---|")
     for k in range(args.bars + 1):

@@ -11,12 +11,13 @@ import argparse
 import random
 from collections import Counter
 
+from omegaconf import OmegaConf
+
 from mmm import MMM
 from mmm.config import plain
 from mmm.data.sequences import SequenceBuilder
 from mmm.data.store import Store
 from mmm.generation.grammar import GrammarTables
-from omegaconf import OmegaConf
 
 
 def main() -> None:
@@ -46,8 +47,13 @@ def main() -> None:
                 counts[which, "header merged with notes", ""] += 1
                 continue
             nxt = ids[j + 1]
-            after = ("an AC" if vocab.is_ac_model[nxt] else
-                     "the next bar (empty)" if tables.opens_bar[nxt] or nxt == vocab.fill_end else "notes")
+            after = (
+                "an AC"
+                if vocab.is_ac_model[nxt]
+                else "the next bar (empty)"
+                if tables.opens_bar[nxt] or nxt == vocab.fill_end
+                else "notes"
+            )
             counts[which, "header-only id", after] += 1
     print(f"fill sections of {args.samples} training samples ({args.ckpt})")
     print("| bar | opening id | followed by | bars |")

@@ -24,14 +24,14 @@ from collections import defaultdict
 
 import numpy as np
 import torch
-
 from draw import has_notes, infill_requests
+
 from mmm import MMM
 from mmm.data.layout import generated_bars
 from mmm.data.store import Store
+from mmm.generation.grammar import PHASES, BarGrammar, BarPlan, GrammarTables
 from mmm.generation.request import SamplingConfig
 from mmm.generation.sampling import make_generator, sample_next
-from mmm.generation.grammar import PHASES, BarGrammar, BarPlan, GrammarTables
 
 
 @torch.inference_mode()
@@ -111,8 +111,18 @@ def main() -> None:
         tsigs = [next(i for i in bar if vocab.token_of[i].startswith("TimeSig")) for bar in t_bars]
         plan = BarPlan(tsigs, [[] for _ in tsigs], vocab.fill_end, score.tracks[target].is_drum)
         nv = args.variations
-        rows, mass = sample_rows(model, prompt, budget, [BarGrammar(tables, plan, budget) for _ in range(nv)],
-                                 nv, sampling, gen, vocab.fill_end, vocab, fights)
+        rows, mass = sample_rows(
+            model,
+            prompt,
+            budget,
+            [BarGrammar(tables, plan, budget) for _ in range(nv)],
+            nv,
+            sampling,
+            gen,
+            vocab.fill_end,
+            vocab,
+            fights,
+        )
         masses += mass
         for row in rows:
             for k, bar in enumerate(generated_bars(vocab.to_base(row), vocab)):
@@ -133,9 +143,18 @@ def main() -> None:
         for k in range(4):
             prefix = prompt + vocab.encode_words(t_bars[:k])
             left = mmm.model.config.max_seq_len - len(prefix)
-            plan1 = BarPlan(tsigs[k:k + 1], [[]], vocab.fill_end, plan.drums)
-            rows1, _ = sample_rows(model, prefix, left, [BarGrammar(tables, plan1, left) for _ in range(nv)],
-                                   nv, sampling, gen, vocab.fill_end, vocab)
+            plan1 = BarPlan(tsigs[k : k + 1], [[]], vocab.fill_end, plan.drums)
+            rows1, _ = sample_rows(
+                model,
+                prefix,
+                left,
+                [BarGrammar(tables, plan1, left) for _ in range(nv)],
+                nv,
+                sampling,
+                gen,
+                vocab.fill_end,
+                vocab,
+            )
             for row in rows1:
                 bar = generated_bars(vocab.to_base(row), vocab)[0]
                 counts["teacher-forced"][0] += not has_notes(bar, vocab)
@@ -148,16 +167,22 @@ def main() -> None:
             by_pos["real", k][0] += not r
             by_pos["real", k][1] += 1
         done += 1
-        print(f"request {done}: track {target} bars {a}-{b} real {real} "
-              + " ".join(f"{w} {c[0]}/{c[1]}" for w, c in counts.items()), file=sys.stderr, flush=True)
+        print(
+            f"request {done}: track {target} bars {a}-{b} real {real} "
+            + " ".join(f"{w} {c[0]}/{c[1]}" for w, c in counts.items()),
+            file=sys.stderr,
+            flush=True,
+        )
     print("| way | empty bars | bar 0 | bar 1 | bar 2 | bar 3 |")
     print("|---|---|---|---|---|---|")
     for w, (e, t) in counts.items():
         cells = [f"{by_pos[w, k][0] / by_pos[w, k][1]:.0%}" if by_pos[w, k][1] else "" for k in range(4)]
         print(f"| {w} | {e}/{t} ({e / t:.0%}) | " + " | ".join(cells) + " |")
     m = np.array(masses)
-    print(f"grammar-blocked probability mass per step: mean {m.mean():.3f}, median {np.median(m):.3f}, "
-          f"steps over 0.1: {(m > 0.1).mean():.1%}, over 0.5: {(m > 0.5).mean():.1%} ({len(m)} steps)")
+    print(
+        f"grammar-blocked probability mass per step: mean {m.mean():.3f}, median {np.median(m):.3f}, "
+        f"steps over 0.1: {(m > 0.1).mean():.1%}, over 0.5: {(m > 0.5).mean():.1%} ({len(m)} steps)"
+    )
     print("where the grammar blocks over half the mass: steps, phase, the model's most likely blocked id")
     for (phase, tokens), count in sorted(fights.items(), key=lambda x: -x[1])[:10]:
         print(f"  {count:5d}  {phase:5s}  {tokens}")
@@ -165,4 +190,3 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-

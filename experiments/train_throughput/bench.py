@@ -23,24 +23,26 @@ from pathlib import Path
 # of the same model would find its kernels cached and compile faster).
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="mmm-bench-inductor-"))
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
+import torch
+import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))  # the slow reference path lives with the tests
 
-from reference import reference_sample  # noqa: E402
+from reference import reference_sample
 
-from mmm.data.datamodule import collate, pack  # noqa: E402
-from mmm.data.sequences import IGNORE_INDEX  # noqa: E402
-from mmm.data.sequences import SequenceBuilder  # noqa: E402
-from mmm.data.store import Store  # noqa: E402
-from mmm.model import MMMTransformer, model_config_from_preset, next_token_nll  # noqa: E402
-from mmm.model.hf import to_hf_mistral  # noqa: E402
-from mmm.tokenizer import Vocab, load_tokenizer  # noqa: E402
-from mmm.data.prepare import train_tokenizer  # noqa: E402
+from mmm.data.datamodule import collate, pack
+from mmm.data.prepare import train_tokenizer
+from mmm.data.sequences import (
+    IGNORE_INDEX,
+    SequenceBuilder,
+)
+from mmm.data.store import Store
+from mmm.model import MMMTransformer, model_config_from_preset, next_token_nll
+from mmm.model.hf import to_hf_mistral
+from mmm.tokenizer import Vocab, load_tokenizer
 
 
 def config(*overrides: str):
@@ -52,8 +54,12 @@ def config(*overrides: str):
 
 def build_data(midi: Path, work: Path, vocab_size: int) -> tuple[Path, Path]:
     """Store and BPE tokenizer of the folder `midi` under `work`, as `python -m mmm.train_tokenizer` makes them."""
-    cfg = config(f"data.path={midi.resolve()}", f"data.store={work / 'store'}",
-                 f"tokenizer.vocab_size={vocab_size}", f"tokenizer.path={work / 'tokenizer.json'}")
+    cfg = config(
+        f"data.path={midi.resolve()}",
+        f"data.store={work / 'store'}",
+        f"tokenizer.vocab_size={vocab_size}",
+        f"tokenizer.path={work / 'tokenizer.json'}",
+    )
     train_tokenizer(cfg.data, cfg.tokenizer)
     return work / "store", work / "tokenizer.json"
 
@@ -70,7 +76,9 @@ def step_time(model, batch, autocast: bool, loss_fn=None) -> float:
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         if loss_fn is None:
             logits = model(batch["input_ids"]).logits
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(), ignore_index=IGNORE_INDEX)
+            loss = F.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(), ignore_index=IGNORE_INDEX
+            )
         else:
             loss = loss_fn(model, batch)
     loss.backward()
@@ -81,8 +89,11 @@ def step_time(model, batch, autocast: bool, loss_fn=None) -> float:
 
 def ours_loss(nll_fn):
     def loss(model, batch):
-        nll = nll_fn(model, batch["input_ids"], batch["labels"], IGNORE_INDEX, reduction="sum", doc_ids=batch.get("doc_ids"))
+        nll = nll_fn(
+            model, batch["input_ids"], batch["labels"], IGNORE_INDEX, reduction="sum", doc_ids=batch.get("doc_ids")
+        )
         return nll / (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+
     return loss
 
 
@@ -91,8 +102,9 @@ def useful_tokens(batch) -> int:
     return int(sum(batch["lengths"]))
 
 
-def bench_models(vocab: Vocab, samples: list[list[dict]], preset: str, seq_len: int, steps: int, autocast: bool,
-                 full: bool) -> dict:
+def bench_models(
+    vocab: Vocab, samples: list[list[dict]], preset: str, seq_len: int, steps: int, autocast: bool, full: bool
+) -> dict:
     """Useful tokens/s of ways to train on the same samples, steps interleaved: transformers'
     Mistral on today's padded batches; ours packed into one row per batch (the loader's `pack`)
     and compiled as `compile=true` compiles; with `full`, also ours on the padded batches, ours
@@ -128,10 +140,14 @@ def bench_models(vocab: Vocab, samples: list[list[dict]], preset: str, seq_len: 
             t = step_time(model, batches[i % len(batches)], autocast, loss_fn)
             times[name].append((t, useful_tokens(batches[i % len(batches)])))
     rate = {name: sum(n for _, n in v) / sum(t for t, _ in v) for name, v in times.items()}
-    compile_s = {name: total - steps_run * statistics.median(t for t, _ in times[name])
-                 for name, (total, steps_run) in compile_s.items()}
+    compile_s = {
+        name: total - steps_run * statistics.median(t for t, _ in times[name])
+        for name, (total, steps_run) in compile_s.items()
+    }
     return {
-        "preset": preset, "params": ours.num_parameters(), "precision": "bf16 autocast" if autocast else "fp32",
+        "preset": preset,
+        "params": ours.num_parameters(),
+        "precision": "bf16 autocast" if autocast else "fp32",
         **{f"{k}_tok_s": v for k, v in rate.items()},
         **{f"ratio_{k}": v / rate["mistral_padded"] for k, v in rate.items()},
         "ratio": rate["ours_packed_compiled"] / rate["mistral_padded"],
@@ -172,11 +188,18 @@ def length_curve(vocab_size: int, preset: str, lengths: list[int], tokens: int, 
         loss_fn = ours_loss(torch.compile(next_token_nll, dynamic=True))
         step_time(ours, batch, True, loss_fn)  # compiles
         times = {"ours": [], "hf": []}
-        for i in range(steps + 1):
+        for _i in range(steps + 1):
             times["ours"].append(step_time(ours, batch, True, loss_fn))
             times["hf"].append(step_time(hf, batch, True))
         med = {k: statistics.median(v[1:]) for k, v in times.items()}
-        out.append({"length": length, "rows": rows, "ours_tok_s": ids.numel() / med["ours"], "hf_tok_s": ids.numel() / med["hf"]})
+        out.append(
+            {
+                "length": length,
+                "rows": rows,
+                "ours_tok_s": ids.numel() / med["ours"],
+                "hf_tok_s": ids.numel() / med["hf"],
+            }
+        )
     return out
 
 
@@ -190,8 +213,12 @@ def plot_curve(curve: list[dict], preset: str, path: Path) -> None:
     x = [r["length"] for r in curve]
     ax.plot(x, [r["ours_tok_s"] for r in curve], "o-", label="ours (packed rows, compiled)")
     ax.plot(x, [r["hf_tok_s"] for r in curve], "s--", label="transformers Mistral")
-    ax.set(xscale="log", xlabel="sequence length (ids per row; 8,192 ids per step)", ylabel="training tokens/s",
-           title=f"{preset}: training tokens/s vs sequence length")
+    ax.set(
+        xscale="log",
+        xlabel="sequence length (ids per row; 8,192 ids per step)",
+        ylabel="training tokens/s",
+        title=f"{preset}: training tokens/s vs sequence length",
+    )
     ax.minorticks_off()  # log-scale minor labels would overprint the lengths
     ax.set_xticks(x, [str(v) for v in x])
     ax.set_ylim(bottom=0)
@@ -214,7 +241,13 @@ def bench_loader(store: Store, tokenizer, vocab: Vocab, seq_len: int, n: int) ->
     slow = [reference_sample(c, s, tokenizer, vocab) for c, s in zip(chunks, specs)]
     slow_s = time.perf_counter() - start
     same = all((a[0] == b[0]).all() and (a[1] == b[1]).all() for a, b in zip(fast, slow))
-    return {"samples": n, "fast_per_s": n / fast_s, "reference_per_s": n / slow_s, "ratio": slow_s / fast_s, "identical": same}
+    return {
+        "samples": n,
+        "fast_per_s": n / fast_s,
+        "reference_per_s": n / slow_s,
+        "ratio": slow_s / fast_s,
+        "identical": same,
+    }
 
 
 def main() -> None:
@@ -229,7 +262,11 @@ def main() -> None:
     ap.add_argument("--curve-preset", default="tiny")
     ap.add_argument("--curve-lengths", default="256,512,1024,2048")
     ap.add_argument("--loader-samples", type=int, default=60)
-    ap.add_argument("--quick", action="store_true", help="small (the shipped model's size) only, Mistral vs ours packed + compiled, 2 steps, no curve (under 3 minutes)")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="small (the shipped model's size) only, Mistral vs ours packed + compiled, 2 steps, no curve (under 3 minutes)",
+    )
     ap.add_argument("--write-readme", action="store_true")
     args = ap.parse_args()
     if args.quick:
@@ -250,8 +287,10 @@ def main() -> None:
                 ids, labels = builder(store[index], rng)
                 items.append({"input_ids": ids, "labels": labels, "num_notes": 0, "index": index})
             samples.append(items)
-        rows = [bench_models(vocab, samples, p, args.seq_len, args.steps, True, full=not args.quick)
-                for p in args.presets.split(",")]
+        rows = [
+            bench_models(vocab, samples, p, args.seq_len, args.steps, True, full=not args.quick)
+            for p in args.presets.split(",")
+        ]
         loader = bench_loader(store, tokenizer, vocab, args.seq_len, args.loader_samples)
     lengths = [int(v) for v in args.curve_lengths.split(",") if v]
     curve = length_curve(vocab.size, args.curve_preset, lengths, 8192, max(2, args.steps // 2)) if lengths else []
@@ -265,10 +304,12 @@ def main() -> None:
         "",
         "| model | params | Mistral, padded | ours, padded | ours, packed | ours, packed + compiled | **ratio** (packed + compiled / Mistral) | ids per step padded → packed | compile (s) |",
         "|---|---|---|---|---|---|---|---|---|",
-        *(f"| {r['preset']} | {r['params']:,} | {r['mistral_padded_tok_s']:,.0f} | {rate_cell(r, 'ours_padded')} | "
-          f"{rate_cell(r, 'ours_packed')} | "
-          f"{r['ours_packed_compiled_tok_s']:,.0f} | **{r['ratio']:.2f}x** | {r['ids_padded']:,.0f} → {r['ids_packed']:,.0f} | {r['compile_s']:.0f} |"
-          for r in rows),
+        *(
+            f"| {r['preset']} | {r['params']:,} | {r['mistral_padded_tok_s']:,.0f} | {rate_cell(r, 'ours_padded')} | "
+            f"{rate_cell(r, 'ours_packed')} | "
+            f"{r['ours_packed_compiled_tok_s']:,.0f} | **{r['ratio']:.2f}x** | {r['ids_padded']:,.0f} → {r['ids_packed']:,.0f} | {r['compile_s']:.0f} |"
+            for r in rows
+        ),
     ]
     if "ours_rows_compiled_tok_s" in rows[0]:
         lines += [
@@ -277,8 +318,11 @@ def main() -> None:
             "",
             "| model | ours, rows of fixed length + compiled | ratio / Mistral | ids per step | compile (s) |",
             "|---|---|---|---|---|",
-            *(f"| {r['preset']} | {r['ours_rows_compiled_tok_s']:,.0f} | {r['ratio_ours_rows_compiled']:.2f}x | "
-              f"{r['ids_rows']:,.0f} | {r['compile_rows_s']:.0f} |" for r in rows),
+            *(
+                f"| {r['preset']} | {r['ours_rows_compiled_tok_s']:,.0f} | {r['ratio_ours_rows_compiled']:.2f}x | "
+                f"{r['ids_rows']:,.0f} | {r['compile_rows_s']:.0f} |"
+                for r in rows
+            ),
         ]
     lines += [
         "",
@@ -289,9 +333,17 @@ def main() -> None:
         f"| **ratio** | **{loader['ratio']:.1f}x** (identical outputs: {loader['identical']}) |",
     ]
     if curve:
-        lines += ["", f"Training tokens/s vs sequence length ({args.curve_preset}, 8,192 ids per batch, bf16 autocast; `length_curve.png`):", "",
-                  "| length | rows | ours (packed, compiled) | Mistral | ratio |", "|---|---|---|---|---|",
-                  *(f"| {c['length']} | {c['rows']} | {c['ours_tok_s']:,.0f} | {c['hf_tok_s']:,.0f} | {c['ours_tok_s'] / c['hf_tok_s']:.2f}x |" for c in curve)]
+        lines += [
+            "",
+            f"Training tokens/s vs sequence length ({args.curve_preset}, 8,192 ids per batch, bf16 autocast; `length_curve.png`):",
+            "",
+            "| length | rows | ours (packed, compiled) | Mistral | ratio |",
+            "|---|---|---|---|---|",
+            *(
+                f"| {c['length']} | {c['rows']} | {c['ours_tok_s']:,.0f} | {c['hf_tok_s']:,.0f} | {c['ours_tok_s'] / c['hf_tok_s']:.2f}x |"
+                for c in curve
+            ),
+        ]
         plot_curve(curve, args.curve_preset, Path(__file__).with_name("length_curve.png"))
     table = "\n".join(lines)
     print(table)
@@ -303,9 +355,14 @@ def main() -> None:
         load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
         machine = f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, load average at the end {load}"
         setup = f"{args.batches} batches of {args.batch} real samples (≤ {args.seq_len} ids), bf16 autocast; {args.steps} timed steps each, interleaved"
-        readme.write_text(f"{head}{marker}\nRun of {time.strftime('%Y-%m-%d')}. Machine: {machine}; {setup}.\n\n{table}\n")
-    print("ratios: " + ", ".join(f"{r['preset']} {r['ratio']:.2f}x (compile {r['compile_s']:.0f} s)" for r in rows)
-          + f"; padding {pad:.1%}; builder {loader['ratio']:.0f}x")
+        readme.write_text(
+            f"{head}{marker}\nRun of {time.strftime('%Y-%m-%d')}. Machine: {machine}; {setup}.\n\n{table}\n"
+        )
+    print(
+        "ratios: "
+        + ", ".join(f"{r['preset']} {r['ratio']:.2f}x (compile {r['compile_s']:.0f} s)" for r in rows)
+        + f"; padding {pad:.1%}; builder {loader['ratio']:.0f}x"
+    )
 
 
 if __name__ == "__main__":

@@ -21,7 +21,9 @@ def _event_ids(tokenizer: MMMTokenizer, events) -> list[int]:
     return [tokenizer.vocab[f"{e.type_}_{e.value}"] for e in events]
 
 
-def track_controls(tokenizer: MMMTokenizer, vocab: Vocab, track: TrackTick, tpq: int, bar_ticks: Sequence[int]) -> list[list[int]]:
+def track_controls(
+    tokenizer: MMMTokenizer, vocab: Vocab, track: TrackTick, tpq: int, bar_ticks: Sequence[int]
+) -> list[list[int]]:
     """Ids of each track-level AC family for `track` (empty list when not computable)."""
     if len(track.notes) == 0:
         return [[] for _ in vocab.track_acs]
@@ -31,7 +33,9 @@ def track_controls(tokenizer: MMMTokenizer, vocab: Vocab, track: TrackTick, tpq:
     ]
 
 
-def bar_controls(tokenizer: MMMTokenizer, vocab: Vocab, track: TrackTick, tpq: int, bar_ticks: Sequence[int]) -> list[list[list[int]]]:
+def bar_controls(
+    tokenizer: MMMTokenizer, vocab: Vocab, track: TrackTick, tpq: int, bar_ticks: Sequence[int]
+) -> list[list[list[int]]]:
     """Per bar, the ids of each bar-level AC family (all empty for an empty bar)."""
     notes = track.notes.numpy()
     onsets = notes["time"]

@@ -20,14 +20,26 @@ from miditok import MMM as MMMTokenizer
 
 from mmm.tokenizer import Vocab
 
-_DURATIONS = {"Whole": "whole", "Half": "half", "Quarter": "quarter", "Eight": "eighth",
-              "Sixteenth": "sixteenth", "ThirtySecond": "thirty_second"}
+_DURATIONS = {
+    "Whole": "whole",
+    "Half": "half",
+    "Quarter": "quarter",
+    "Eight": "eighth",
+    "Sixteenth": "sixteenth",
+    "ThirtySecond": "thirty_second",
+}
 _CONTROL_NAMES = {
-    "ACBarOnsetPolyphonyMin": "polyphony_min", "ACBarOnsetPolyphonyMax": "polyphony_max",
-    "ACBarPitchClass": "pitch_classes", "ACBarNoteDensity": "note_density", "ACBarNoteDuration": "note_durations",
-    "ACTrackOnsetPolyphonyMin": "polyphony_min", "ACTrackOnsetPolyphonyMax": "polyphony_max",
-    "ACTrackNoteDensityMin": "note_density_min", "ACTrackNoteDensityMax": "note_density_max",
-    "ACTrackNoteDuration": "note_durations", "ACTrackRepetition": "repetition",
+    "ACBarOnsetPolyphonyMin": "polyphony_min",
+    "ACBarOnsetPolyphonyMax": "polyphony_max",
+    "ACBarPitchClass": "pitch_classes",
+    "ACBarNoteDensity": "note_density",
+    "ACBarNoteDuration": "note_durations",
+    "ACTrackOnsetPolyphonyMin": "polyphony_min",
+    "ACTrackOnsetPolyphonyMax": "polyphony_max",
+    "ACTrackNoteDensityMin": "note_density_min",
+    "ACTrackNoteDensityMax": "note_density_max",
+    "ACTrackNoteDuration": "note_durations",
+    "ACTrackRepetition": "repetition",
 }
 
 
@@ -80,7 +92,9 @@ class Controls:
                     if duration not in durations:
                         continue  # miditok never computes it: the model never saw it set
                     prefix = type_[: -len(duration)]
-                    ctl = level.setdefault(_CONTROL_NAMES[prefix], _Control(_CONTROL_NAMES[prefix], family, "durations"))
+                    ctl = level.setdefault(
+                        _CONTROL_NAMES[prefix], _Control(_CONTROL_NAMES[prefix], family, "durations")
+                    )
                     ctl.values.setdefault(_DURATIONS[duration], [None, None])[int(value)] = base_id
                     continue
                 name = _CONTROL_NAMES.get(type_)
@@ -101,8 +115,9 @@ class Controls:
         for table in (self.bar, self.track):
             for name, ctl in list(table.items()):
                 top = max(ctl.values) if ctl.kind == "int" else None
-                ctl.values = {k: v for k, v in ctl.values.items()
-                              if all(i in seen for i in (v if isinstance(v, list) else [v]))}  # durations: two ids
+                ctl.values = {
+                    k: v for k, v in ctl.values.items() if all(i in seen for i in (v if isinstance(v, list) else [v]))
+                }  # durations: two ids
                 if not ctl.values:
                     del table[name]
                 ctl.at_least = ctl.at_least and top in ctl.values  # "18 or more" only if 18+ was seen
@@ -112,8 +127,10 @@ class Controls:
         return self.bar if level == "bar" else self.track
 
     def describe(self, level: str) -> str:
-        return "; ".join(c.describe() for c in self.table(level).values()) or \
-            "(none: this tokenizer has no attribute controls)"
+        return (
+            "; ".join(c.describe() for c in self.table(level).values())
+            or "(none: this tokenizer has no attribute controls)"
+        )
 
     # --- values -> ids -----------------------------------------------------------------------
     def _ids(self, level: str, controls: Mapping[str, Any]) -> list[int]:
@@ -125,7 +142,9 @@ class Controls:
         for name, value in controls.items():
             ctl = table.get(name)
             if ctl is None:
-                raise ValueError(f"{arg}: unknown control {name!r}; valid {level}-level controls: {self.describe(level)}")
+                raise ValueError(
+                    f"{arg}: unknown control {name!r}; valid {level}-level controls: {self.describe(level)}"
+                )
             bad = ValueError(f"{arg}: invalid value {value!r} for {ctl.describe()}")
             if ctl.kind == "int":
                 if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or int(value) not in ctl.values:
@@ -140,9 +159,14 @@ class Controls:
                 if isinstance(value, (str, Mapping)) or not isinstance(value, (Sequence, set, frozenset)):
                     raise bad
                 items = list(value)
-                if not items or any(isinstance(x, bool) or not isinstance(x, (int, np.integer)) or int(x) not in ctl.values for x in items):
+                if not items or any(
+                    isinstance(x, bool) or not isinstance(x, (int, np.integer)) or int(x) not in ctl.values
+                    for x in items
+                ):
                     raise bad
-                out.extend((ctl.family, ctl.order, int(x), ctl.values[int(x)]) for x in sorted(set(int(x) for x in items)))
+                out.extend(
+                    (ctl.family, ctl.order, int(x), ctl.values[int(x)]) for x in sorted(set(int(x) for x in items))
+                )
             else:  # durations: emit every family token, 1 for the listed durations
                 if isinstance(value, (str, Mapping)) or not isinstance(value, (Sequence, set, frozenset)):
                     raise bad
@@ -168,7 +192,9 @@ class Controls:
         if per_bar:
             outside = sorted(set(int(k) for k in keys) - set(bars))
             if outside:
-                raise ValueError(f"controls given for bar(s) {outside} that are not generated (generated bars: {list(bars)})")
+                raise ValueError(
+                    f"controls given for bar(s) {outside} that are not generated (generated bars: {list(bars)})"
+                )
             return {int(k): self._ids("bar", v) for k, v in controls.items() if v}
         if any(isinstance(k, (int, np.integer)) for k in keys):
             raise ValueError("controls: give either one mapping of controls, or {bar_index: mapping}, not both")

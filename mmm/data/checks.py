@@ -79,4 +79,7 @@ def check_score(score: Score, limits: Mapping[str, Any] | None = None) -> None:
     events = [e.time for e in score.tempos] + [e.time for e in score.time_signatures]
     quarters = max([t.end() for t in with_notes] + events) / score.tpq
     if quarters > 4 * lim["max_bars"]:
-        raise Rejected("too_long", f"{quarters:.0f} quarter notes (notes, tempos and time signatures) > 4 x max_bars={lim['max_bars']}")
+        raise Rejected(
+            "too_long",
+            f"{quarters:.0f} quarter notes (notes, tempos and time signatures) > 4 x max_bars={lim['max_bars']}",
+        )

@@ -13,8 +13,8 @@ import numpy as np
 from miditok import MMM as MMMTokenizer
 from symusic import Score, Track
 
-from mmm.data.checks import Rejected
 from mmm.controls.measure import bar_controls, track_controls
+from mmm.data.checks import Rejected
 from mmm.data.layout import carry_tempo, tokenize_bars
 from mmm.tokenizer import Vocab
 
@@ -34,7 +34,9 @@ class Chunk:
     num_notes: int = 0
 
 
-def _chunk_bounds(bar_lengths: np.ndarray, max_tokens: int, max_track_tokens: int, min_bars: int) -> list[tuple[int, int]]:
+def _chunk_bounds(
+    bar_lengths: np.ndarray, max_tokens: int, max_track_tokens: int, min_bars: int
+) -> list[tuple[int, int]]:
     """Greedy bar ranges whose summed tokens (all tracks / longest track) stay under the limits."""
     total = bar_lengths.sum(axis=0)
     bounds, start = [], 0

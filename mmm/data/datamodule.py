@@ -53,8 +53,17 @@ class SequenceDataset(Dataset):
     """Item i of epoch e is a sample of chunk i drawn with a seed of (seed, e, i): runs are
     reproducible, every epoch sees new samples, and a resumed run draws what it would have."""
 
-    def __init__(self, store_path: str | Path, split: str, tokenizer_path: str | Path, sequences: SequenceConfig,
-                 max_seq_len: int, seed: int, vary_per_epoch: bool, length: int | None = None) -> None:
+    def __init__(
+        self,
+        store_path: str | Path,
+        split: str,
+        tokenizer_path: str | Path,
+        sequences: SequenceConfig,
+        max_seq_len: int,
+        seed: int,
+        vary_per_epoch: bool,
+        length: int | None = None,
+    ) -> None:
         self.store_path, self.split = Path(store_path), split
         self.tokenizer_path = Path(tokenizer_path)
         self.sequences, self.max_seq_len = sequences, max_seq_len
@@ -120,8 +129,10 @@ def pack(batch: list[dict[str, Any]], pad_id: int, row_len: int | None = None) -
     lengths = [len(b["input_ids"]) for b in batch]
     row_len = sum(lengths) if row_len is None else row_len
     if max(lengths) > row_len:
-        raise ValueError(f"a sample of {max(lengths)} ids does not fit a packed row of {row_len}: "
-                         "data.max_seq_len must bound the samples")
+        raise ValueError(
+            f"a sample of {max(lengths)} ids does not fit a packed row of {row_len}: "
+            "data.max_seq_len must bound the samples"
+        )
     rows: list[list[int]] = []  # sample indices per row
     free: list[int] = []
     for i in sorted(range(len(batch)), key=lambda i: -lengths[i]):
@@ -163,7 +174,9 @@ class ResumableSampler(Sampler[int]):
     N, N+1...: `SequenceDataset` draws those from chunks again with their own random choices,
     so they are new samples, not repeats (torch's DistributedSampler repeats samples instead)."""
 
-    def __init__(self, num_samples: int, seed: int, epoch: int, start: int = 0, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(
+        self, num_samples: int, seed: int, epoch: int, start: int = 0, rank: int = 0, world_size: int = 1
+    ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, {world_size})")
         generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
@@ -192,8 +205,17 @@ class _Collate:
 class MIDIDataModule(L.LightningDataModule):
     """Train/valid/test loaders over a preprocessed store (see `mmm.preprocess`)."""
 
-    def __init__(self, *, store: str, max_seq_len: int, sequences: SequenceConfig | Any, loader: LoaderConfig | Any,
-                 tokenizer_path: str, samples_per_epoch: int | None = None, seed: int = 0) -> None:
+    def __init__(
+        self,
+        *,
+        store: str,
+        max_seq_len: int,
+        sequences: SequenceConfig | Any,
+        loader: LoaderConfig | Any,
+        tokenizer_path: str,
+        samples_per_epoch: int | None = None,
+        seed: int = 0,
+    ) -> None:
         super().__init__()
         self.store = store
         self.max_seq_len = max_seq_len
@@ -212,8 +234,13 @@ class MIDIDataModule(L.LightningDataModule):
         for split in ("train", "valid", "test"):
             if split not in self.datasets:
                 self.datasets[split] = SequenceDataset(
-                    self.store, split, self.tokenizer_path, self.sequences, self.max_seq_len,
-                    seed=self.seed, vary_per_epoch=split == "train",
+                    self.store,
+                    split,
+                    self.tokenizer_path,
+                    self.sequences,
+                    self.max_seq_len,
+                    seed=self.seed,
+                    vary_per_epoch=split == "train",
                     length=self.samples_per_epoch if split == "train" else None,
                 )
         if len(self.datasets["train"]) == 0:
@@ -221,8 +248,15 @@ class MIDIDataModule(L.LightningDataModule):
 
     @classmethod
     def from_config(cls, data: DataConfig, tokenizer_path: str, seed: int) -> MIDIDataModule:
-        return cls(store=data.store, max_seq_len=data.max_seq_len, sequences=data.sequences, loader=data.loader,
-                   tokenizer_path=tokenizer_path, samples_per_epoch=data.samples_per_epoch, seed=seed)
+        return cls(
+            store=data.store,
+            max_seq_len=data.max_seq_len,
+            sequences=data.sequences,
+            loader=data.loader,
+            tokenizer_path=tokenizer_path,
+            samples_per_epoch=data.samples_per_epoch,
+            seed=seed,
+        )
 
     def _loader(self, split: str, sampler: Sampler | None = None) -> DataLoader:
         return DataLoader(
@@ -248,8 +282,12 @@ class MIDIDataModule(L.LightningDataModule):
         dataset = self.datasets["train"]
         dataset.set_epoch(epoch)
         sampler = ResumableSampler(
-            len(dataset), self.seed, epoch, start,
-            rank=trainer.global_rank if trainer else 0, world_size=trainer.world_size if trainer else 1,
+            len(dataset),
+            self.seed,
+            epoch,
+            start,
+            rank=trainer.global_rank if trainer else 0,
+            world_size=trainer.world_size if trainer else 1,
         )
         return self._loader("train", sampler)
 

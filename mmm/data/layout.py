@@ -137,8 +137,16 @@ class Piece:
         return self.bar_ticks[-1] + ticks_per_bar(self.time_sigs[-1], vocab, self.tpq)
 
     def copy(self) -> Piece:
-        return Piece(list(self.programs), [[list(b) for b in t] for t in self.bars], list(self.time_sigs),
-                     list(self.bar_ticks), self.tpq, self.score, list(self.source), list(self.empty))
+        return Piece(
+            list(self.programs),
+            [[list(b) for b in t] for t in self.bars],
+            list(self.time_sigs),
+            list(self.bar_ticks),
+            self.tpq,
+            self.score,
+            list(self.source),
+            list(self.empty),
+        )
 
     def cumlen(self, t: int, vocab: Vocab) -> np.ndarray:
         """Model ids (after BPE) of track t's bars, cumulated: `cumlen[b]` is the length of bars 0..b-1."""
@@ -149,7 +157,7 @@ class Piece:
         return c
 
     def set_bars(self, t: int, start: int, bars: list[list[int]]) -> None:
-        self.bars[t][start:start + len(bars)] = bars
+        self.bars[t][start : start + len(bars)] = bars
         self._lengths.pop(t, None)
 
     def add_track(self, program: int, vocab: Vocab) -> int:
@@ -194,12 +202,20 @@ def tokenize_bars(score: Score, tokenizer: MMMTokenizer, vocab: Vocab, preproces
     longest = max(track_bars, key=len)
     time_sigs = [next(i for i in bar if vocab.is_time_sig[i]) for bar in longest]
     for bars in track_bars:
-        bars.extend(empty_bar(ts, vocab) for ts in time_sigs[len(bars):])
+        bars.extend(empty_bar(ts, vocab) for ts in time_sigs[len(bars) :])
     bar_ticks = list(get_bars_ticks(score, only_notes_onsets=True))[:num_bars]
     if len(bar_ticks) < num_bars:
         raise Rejected("tokenize_failed", f"{num_bars} bars in tokens but {len(bar_ticks)} bar ticks")
-    return Piece(programs, track_bars, time_sigs, [int(t) for t in bar_ticks], int(score.tpq), score,
-                 list(range(len(programs))), [False] * len(programs))
+    return Piece(
+        programs,
+        track_bars,
+        time_sigs,
+        [int(t) for t in bar_ticks],
+        int(score.tpq),
+        score,
+        list(range(len(programs))),
+        [False] * len(programs),
+    )
 
 
 def piece_from_score(score: Score, tokenizer: MMMTokenizer, vocab: Vocab) -> Piece:
@@ -209,8 +225,9 @@ def piece_from_score(score: Score, tokenizer: MMMTokenizer, vocab: Vocab) -> Pie
         tokenized = tokenize_bars(mark_tracks(score), tokenizer, vocab)
     except Rejected as err:
         if err.reason == "no_notes":
-            raise ValueError("the score has no note the tokenizer can represent: "
-                             "use MMM.generate to start from scratch") from None
+            raise ValueError(
+                "the score has no note the tokenizer can represent: use MMM.generate to start from scratch"
+            ) from None
         raise ValueError(f"cannot tokenize the score: {err}") from None
     by_input = {int(track.name): j for j, track in enumerate(tokenized.score.tracks)}
     programs, bars, empty = [], [], []
@@ -224,8 +241,16 @@ def piece_from_score(score: Score, tokenizer: MMMTokenizer, vocab: Vocab) -> Pie
             programs.append(tokenized.programs[j])
             bars.append(tokenized.bars[j])
             empty.append(False)
-    return Piece(programs, bars, tokenized.time_sigs, tokenized.bar_ticks, tokenized.tpq, tokenized.score,
-                 list(range(len(score.tracks))), empty)
+    return Piece(
+        programs,
+        bars,
+        tokenized.time_sigs,
+        tokenized.bar_ticks,
+        tokenized.tpq,
+        tokenized.score,
+        list(range(len(score.tracks))),
+        empty,
+    )
 
 
 class InputTracks(NamedTuple):

@@ -15,10 +15,32 @@ EMBEDDED_CORPORA = ("bach", "all")
 # Multi-part art music in music21's corpus. Folk-tune collections (essenFolksong,
 # ryansMammoth, oneills1850, ...) are left out: they are single melodies.
 _ALL_COMPOSERS = (
-    "bach", "beach", "beethoven", "chopin", "ciconia", "corelli", "cpebach", "handel", "haydn",
-    "johnson_j_r", "joplin", "josquin", "liliuokalani", "luca", "lusitano", "monteverdi", "mozart",
-    "palestrina", "schoenberg", "schubert", "schumann_clara", "schumann_robert", "trecento",
-    "verdi", "weber", "webern",
+    "bach",
+    "beach",
+    "beethoven",
+    "chopin",
+    "ciconia",
+    "corelli",
+    "cpebach",
+    "handel",
+    "haydn",
+    "johnson_j_r",
+    "joplin",
+    "josquin",
+    "liliuokalani",
+    "luca",
+    "lusitano",
+    "monteverdi",
+    "mozart",
+    "palestrina",
+    "schoenberg",
+    "schubert",
+    "schumann_clara",
+    "schumann_robert",
+    "trecento",
+    "verdi",
+    "weber",
+    "webern",
 )
 # Preference when one work is stored in several formats (a few Bach chorales are):
 # MusicXML carries the most detail (part names, tempo), humdrum and ABC less.
@@ -30,10 +52,22 @@ _SCORE_EXTS = (".mxl", ".musicxml", ".xml", ".krn", ".abc")
 # is, while violin/viola/cello/contrabass cover the S/A/T/B ranges and are how these
 # chorales were doubled in performance (colla parte strings).
 _VOICE_PROGRAMS = {
-    "soprano": 40, "cantus": 40, "canto": 40, "superius": 40, "discantus": 40, "treble": 40,
-    "alto": 41, "altus": 41, "contratenor": 41, "countertenor": 41,
-    "tenor": 42, "tenore": 42, "baritone": 42,
-    "bass": 43, "bassus": 43, "basso": 43,
+    "soprano": 40,
+    "cantus": 40,
+    "canto": 40,
+    "superius": 40,
+    "discantus": 40,
+    "treble": 40,
+    "alto": 41,
+    "altus": 41,
+    "contratenor": 41,
+    "countertenor": 41,
+    "tenor": 42,
+    "tenore": 42,
+    "baritone": 42,
+    "bass": 43,
+    "bassus": 43,
+    "basso": 43,
 }
 # Voices whose name tells no range ("Quinto" in Monteverdi, "Quintus" in Renaissance
 # prints): their program follows their register.

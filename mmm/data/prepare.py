@@ -19,10 +19,17 @@ from pathlib import Path
 from mmm.config import plain
 from mmm.data.sequences import SampleSpec, SequenceBuilder
 from mmm.data.store import Store, check_vocab
-from mmm.files.locks import acquire_lock
 from mmm.data.store_writer import preprocess
-from mmm.tokenizer import (Vocab, build_tokenizer, check_tokenizer_cfg, check_tokenizer_file, load_tokenizer,
-                           save_tokenizer, train_bpe)
+from mmm.files.locks import acquire_lock
+from mmm.tokenizer import (
+    Vocab,
+    build_tokenizer,
+    check_tokenizer_cfg,
+    check_tokenizer_file,
+    load_tokenizer,
+    save_tokenizer,
+    train_bpe,
+)
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +76,13 @@ def augmented_bars(store: Store, vocab: Vocab, sequences_cfg: Mapping, seed: int
     for i in range(len(store)):
         chunk = store[i]
         for t, bars in enumerate(chunk["bars"]):
-            spec = SampleSpec(task="track", tracks=[t], target=t,
-                              pitch_shift=rng.choice(builder.feasible_shifts(chunk, [t])),
-                              velocity_shift=rng.randint(-velocity, velocity))
+            spec = SampleSpec(
+                task="track",
+                tracks=[t],
+                target=t,
+                pitch_shift=rng.choice(builder.feasible_shifts(chunk, [t])),
+                velocity_shift=rng.randint(-velocity, velocity),
+            )
             yield from builder.augment_bars(bars, spec, drums=chunk["programs"][t] < 0)
 
 

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import random
 from collections.abc import Mapping, Sequence
-from itertools import accumulate, chain
 from dataclasses import dataclass, field
+from itertools import accumulate, chain
 
 import numpy as np
 from miditok.constants import MIDI_INSTRUMENTS
@@ -102,7 +102,9 @@ def assemble(spec: SampleSpec, parts: Mapping[int, TrackPart], vocab: Vocab) -> 
     return words
 
 
-def encode_sample(words: Sequence[Sequence[int]], vocab: Vocab, context_loss: bool = True) -> tuple[np.ndarray, np.ndarray]:
+def encode_sample(
+    words: Sequence[Sequence[int]], vocab: Vocab, context_loss: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
     """Model ids and labels (prompt-only tokens set to IGNORE_INDEX). With `context_loss=False`
     only the generated part is a target: the FillBar section of an infill, the last track's
     bars of a new-track sample."""
@@ -283,7 +285,11 @@ class SequenceBuilder:
             )
         drop_first = spec.task == "infill" and a > num_bars - b
         sl = slice(1, None) if drop_first else slice(None, -1)
-        chunk = {**chunk, "bars": [bars[sl] for bars in chunk["bars"]], "bar_acs": [bars[sl] for bars in chunk["bar_acs"]]}
+        chunk = {
+            **chunk,
+            "bars": [bars[sl] for bars in chunk["bars"]],
+            "bar_acs": [bars[sl] for bars in chunk["bar_acs"]],
+        }
         if drop_first:
             spec.span = (a - 1, b - 1)
             spec.ac_bars = [x - 1 for x in spec.ac_bars if x > 0]

@@ -239,7 +239,10 @@ class GigaMIDISource:
         self._fingerprint = _files_fingerprint(
             self._root,
             [f.relative_to(self._root).as_posix() for fs in files_by_split.values() for f in fs],
-            "GigaMIDI", version, subset, *splits,
+            "GigaMIDI",
+            version,
+            subset,
+            *splits,
         )
 
         from datasets import load_dataset  # heavy import, only paid by GigaMIDI users
@@ -277,12 +280,15 @@ class GigaMIDISource:
     def _select_files(self) -> tuple[dict[str, list[Path]], list[tuple] | None]:
         root = self._root
         found = sorted(
-            p for p in root.rglob("*.parquet")
+            p
+            for p in root.rglob("*.parquet")
             # Skip hidden trees such as the ".cache/huggingface" folder `--local-dir` leaves behind.
             if not any(part.startswith(".") for part in p.relative_to(root).parts)
         )
         if not found:
-            raise FileNotFoundError(f"GigaMIDI: no parquet file under {root}; download it first (see mmm.data.sources docs)")
+            raise FileNotFoundError(
+                f"GigaMIDI: no parquet file under {root}; download it first (see mmm.data.sources docs)"
+            )
         rels = [p.relative_to(root).as_posix() for p in found]
         filters = None
         if self.subset != "all":
@@ -436,5 +442,7 @@ def build_source(cfg: Mapping[str, Any]) -> Source:
             raise ValueError(f"unknown key {key!r} for source {kind!r}{hint}; allowed keys: {', '.join(allowed)}")
     missing = [p for p, v in params.items() if v.default is inspect.Parameter.empty and p not in kwargs]
     if missing:
-        raise ValueError(f"source {kind!r} needs key(s) {', '.join(map(repr, missing))}; allowed keys: {', '.join(allowed)}")
+        raise ValueError(
+            f"source {kind!r} needs key(s) {', '.join(map(repr, missing))}; allowed keys: {', '.join(allowed)}"
+        )
     return cls(**kwargs)

@@ -24,7 +24,9 @@ from mmm.tokenizer import Vocab
 BAR_QUANTILE = 0.999
 
 
-def generation_stats(store: Store, vocab: Vocab, pitch_shift: int, max_chunks: int = 2000, seed: int = 0) -> dict[str, Any]:
+def generation_stats(
+    store: Store, vocab: Vocab, pitch_shift: int, max_chunks: int = 2000, seed: int = 0
+) -> dict[str, Any]:
     """`{"max_bar_tokens", "bar_tokens_quantile", "controls_seen"}` over (a sample of) `store`."""
     if len(store) == 0:
         raise ValueError(f"the {store.split!r} split of {store.path} is empty: nothing to measure")
@@ -53,5 +55,9 @@ def generation_stats(store: Store, vocab: Vocab, pitch_shift: int, max_chunks: i
     if any_empty and marker is not None:
         seen.add(marker)
     quantile = float(np.quantile(lengths, BAR_QUANTILE))
-    return {"max_bar_tokens": max(8, math.ceil(quantile)), "bar_tokens_quantile": BAR_QUANTILE,
-            "bars_measured": len(lengths), "controls_seen": sorted(int(i) for i in seen)}
+    return {
+        "max_bar_tokens": max(8, math.ceil(quantile)),
+        "bar_tokens_quantile": BAR_QUANTILE,
+        "bars_measured": len(lengths),
+        "controls_seen": sorted(int(i) for i in seen),
+    }

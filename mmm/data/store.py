@@ -105,7 +105,11 @@ def _flat(obj: Any, prefix: str = "") -> dict[str, Any]:
 def setting_changes(old: Any, new: Any, prefix: str = "") -> list[str]:
     """`key: old -> new` for every leaf setting that differs between two JSON-like mappings."""
     a, b = _flat(json.loads(json.dumps(old)), prefix), _flat(json.loads(json.dumps(new)), prefix)
-    return [f"{k}: {a.get(k, '(absent)')} -> {b.get(k, '(absent)')}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    return [
+        f"{k}: {a.get(k, '(absent)')} -> {b.get(k, '(absent)')}"
+        for k in sorted(set(a) | set(b))
+        if a.get(k) != b.get(k)
+    ]
 
 
 def tokenizer_settings(tokenizer: Any) -> dict[str, Any]:

@@ -27,8 +27,7 @@ from typing import Any
 from tqdm import tqdm
 
 from mmm.config import at_least, check_section, interval, plain, within
-from mmm.data.checks import check_midi_header, check_score
-from mmm.data.checks import Rejected
+from mmm.data.checks import Rejected, check_midi_header, check_score
 from mmm.data.chunks import tokenize_score
 from mmm.data.sources import build_source
 from mmm.data.store import (
@@ -47,6 +46,7 @@ from mmm.files.locks import acquire_lock
 from mmm.tokenizer import Vocab, build_tokenizer, vocab_fingerprint
 
 log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class PreprocessConfig:
@@ -81,7 +81,9 @@ class SplitConfig:
 
     def check(self) -> None:
         if self.valid + self.test >= 1:
-            raise ValueError(f"valid={self.valid:g} and test={self.test:g} leave no piece to train on: expected valid + test < 1")
+            raise ValueError(
+                f"valid={self.valid:g} and test={self.test:g} leave no piece to train on: expected valid + test < 1"
+            )
 
 
 # How the work is run, not what the store holds: left out of the manifest.
@@ -109,7 +111,9 @@ def content_hash(chunks) -> str:
     return h.hexdigest()
 
 
-def array_task(task_index: int | None = None, task_count: int | None = None, env: Mapping[str, str] = os.environ) -> tuple[int, int] | None:
+def array_task(
+    task_index: int | None = None, task_count: int | None = None, env: Mapping[str, str] = os.environ
+) -> tuple[int, int] | None:
     """(index, count) of this job-array task from the arguments or else Slurm's variables;
     None for a whole run. Slurm numbers tasks from SLURM_ARRAY_TASK_MIN (`--array=1-4` too);
     the array must be contiguous (no `:step`)."""
@@ -135,8 +139,13 @@ _W: dict[str, Any] = {}
 
 def _set_state(source, tokenizer, settings: dict, split_cfg: dict) -> None:
     _W.clear()
-    _W.update(source=source, tokenizer=tokenizer, vocab=Vocab(tokenizer), settings=SimpleNamespace(**settings),
-              split=split_cfg)
+    _W.update(
+        source=source,
+        tokenizer=tokenizer,
+        vocab=Vocab(tokenizer),
+        settings=SimpleNamespace(**settings),
+        split=split_cfg,
+    )
 
 
 def _init_worker(source_cfg: dict, tokenizer_cfg: dict, settings: dict, split_cfg: dict) -> None:
@@ -223,8 +232,16 @@ def _process_shard(shard: int, indices: range, skip: Mapping[int, dict], startin
         split = item.split or split_of(content, _W["split"]["valid"], _W["split"]["test"])
         for c, chunk in enumerate(chunks):
             rows.append((item.name, i, item.md5, split, c, chunk))
-        kept.append({"name": item.name, "index": i, "split": split, "content": content,
-                     "chunks": len(chunks), "notes": sum(ch.num_notes for ch in chunks)})
+        kept.append(
+            {
+                "name": item.name,
+                "index": i,
+                "split": split,
+                "content": content,
+                "chunks": len(chunks),
+                "notes": sum(ch.num_notes for ch in chunks),
+            }
+        )
     starting(-1)  # writing: no file is at fault if this fails
     _test_pause("writing")
     report = {"files": len(indices), "kept": kept, "rejected": rejected}
@@ -324,8 +341,14 @@ def _signal_name(number: int) -> str:
         return f"signal {number}"
 
 
-def _run_isolated(jobs: list[tuple[int, range]], num_workers: int, timeout: float, init_args: tuple,
-                  store: Path, on_done: Callable[[dict], None]) -> None:
+def _run_isolated(
+    jobs: list[tuple[int, range]],
+    num_workers: int,
+    timeout: float,
+    init_args: tuple,
+    store: Path,
+    on_done: Callable[[dict], None],
+) -> None:
     """Process `jobs` in worker processes, each shard under its lock; survive any single file.
     `_W` must hold this run's state (`_set_state`)."""
     # fork where available: workers start at once with the parent's state (spawn re-imports).
@@ -388,9 +411,13 @@ def _run_isolated(jobs: list[tuple[int, range]], num_workers: int, timeout: floa
                     f"preprocessing workers died {todo.deaths[shard]} times on shard {shard} of {store} while on "
                     f"none of its files (last: {how}), e.g. killed by the out-of-memory killer while building or "
                     "writing the shard: give the run more memory or lower data.preprocess.shard_size or "
-                    "num_workers, then re-run (finished shards are kept)")
-            log.warning("a preprocessing worker died on shard %d while on none of its files (%s); the shard is redone",
-                        shard, how)
+                    "num_workers, then re-run (finished shards are kept)"
+                )
+            log.warning(
+                "a preprocessing worker died on shard %d while on none of its files (%s); the shard is redone",
+                shard,
+                how,
+            )
         todo.pending.appendleft((shard, indices))
         w.lock.__exit__(None, None, None)
         w.job, w.lock = None, None
@@ -437,8 +464,12 @@ def _run_isolated(jobs: list[tuple[int, range]], num_workers: int, timeout: floa
                     # Killed from here: a hang inside C code ignores anything the worker could do itself.
                     w.proc.kill()
                     w.proc.join()
-                    lost(w, "timeout", f"over file_timeout={timeout:g}s of CPU time, or that long without "
-                                       "using any: the worker was killed")
+                    lost(
+                        w,
+                        "timeout",
+                        f"over file_timeout={timeout:g}s of CPU time, or that long without "
+                        "using any: the worker was killed",
+                    )
                 else:
                     continue
                 w.conn.close()
@@ -475,8 +506,12 @@ def _manifest(source, tokenizer, data_cfg: Mapping, shard_size: int) -> dict:
 
 
 # Manifest key -> the setting a user changes.
-_SETTING_NAMES = {"filters": "data.preprocess", "split": "data.split", "tokenizer": "tokenizer.params",
-                  "shard_size": "data.preprocess.shard_size"}
+_SETTING_NAMES = {
+    "filters": "data.preprocess",
+    "split": "data.split",
+    "tokenizer": "tokenizer.params",
+    "shard_size": "data.preprocess.shard_size",
+}
 
 
 def check_manifest(store: Path, manifest: dict) -> None:
@@ -487,9 +522,13 @@ def check_manifest(store: Path, manifest: dict) -> None:
     changes = []
     if previous.get("format") != manifest["format"]:
         changes.append(f"store format {previous.get('format', 1)} -> {manifest['format']} (made by an older mmm)")
-    elif previous.get("source_fingerprint") != manifest["source_fingerprint"] or previous.get("num_files") != manifest["num_files"]:
-        changes.append(f"the source's files (data.source; store made from {previous.get('source')}, "
-                       f"now {manifest['source']})")
+    elif (
+        previous.get("source_fingerprint") != manifest["source_fingerprint"]
+        or previous.get("num_files") != manifest["num_files"]
+    ):
+        changes.append(
+            f"the source's files (data.source; store made from {previous.get('source')}, now {manifest['source']})"
+        )
     for key, name in _SETTING_NAMES.items():
         if previous.get("format") == manifest["format"]:
             changes += setting_changes(previous.get(key), manifest[key], f"{name}." if key != "shard_size" else name)
@@ -536,10 +575,18 @@ def preprocess(data_cfg: Mapping, tokenizer_cfg: Mapping, task: tuple[int, int] 
         if (store / "report.json").is_file() and len(done_shards(store)) == num_shards:
             # Complete and current: read only, so runs sharing the store need no lock.
             log.info("the store at %s is complete and made with these settings: nothing to do", store)
-            return {**json.loads((store / "report.json").read_text()), "store": str(store),
-                    "seconds_this_run": 0.0, "files_processed_this_run": 0}
+            return {
+                **json.loads((store / "report.json").read_text()),
+                "store": str(store),
+                "seconds_this_run": 0.0,
+                "files_processed_this_run": 0,
+            }
     # A whole run owns the store; tasks of an array share it, each locking its shards only.
-    lock = acquire_lock(store, "preprocess") if task is None else acquire_lock(store / "shards", f"task-{task[0]}-of-{task[1]}")
+    lock = (
+        acquire_lock(store, "preprocess")
+        if task is None
+        else acquire_lock(store / "shards", f"task-{task[0]}-of-{task[1]}")
+    )
     with lock:
         if (store / "manifest.json").is_file():
             check_manifest(store, manifest)
@@ -548,31 +595,58 @@ def preprocess(data_cfg: Mapping, tokenizer_cfg: Mapping, task: tuple[int, int] 
         return _build(store, source, tokenizer, settings, data_cfg, params, num_shards, task)
 
 
-def _build(store: Path, source, tokenizer, settings: dict, data_cfg: dict, params: dict, num_shards: int,
-           task: tuple[int, int] | None) -> dict:
+def _build(
+    store: Path,
+    source,
+    tokenizer,
+    settings: dict,
+    data_cfg: dict,
+    params: dict,
+    num_shards: int,
+    task: tuple[int, int] | None,
+) -> dict:
     size = settings["shard_size"]
     files_of = lambda s: range(s * size, min((s + 1) * size, len(source)))  # noqa: E731
     mine = [s for s in range(num_shards) if task is None or s % task[1] == task[0]]
     done = done_shards(store)
     jobs = [(s, files_of(s)) for s in mine if s not in done]
     where = "" if task is None else f" (task {task[0]} of {task[1]}: {len(mine)} shards)"
-    log.info("%s: %d files, %d shards (%d already done)%s", source.description, len(source), num_shards, len(done), where)
+    log.info(
+        "%s: %d files, %d shards (%d already done)%s", source.description, len(source), num_shards, len(done), where
+    )
     start = time.perf_counter()
-    bar = tqdm(total=sum(len(files_of(s)) for s in mine), initial=sum(len(files_of(s)) for s in mine if s in done),
-               desc="preprocess", unit="file")
+    bar = tqdm(
+        total=sum(len(files_of(s)) for s in mine),
+        initial=sum(len(files_of(s)) for s in mine if s in done),
+        desc="preprocess",
+        unit="file",
+    )
     init_args = (data_cfg["source"], params, settings, dict(data_cfg["split"]))
     _set_state(source, tokenizer, settings, dict(data_cfg["split"]))
     if jobs:
-        _run_isolated(jobs, settings["num_workers"], float(settings["file_timeout"]), init_args, store,
-                      lambda report: bar.update(report["files"]))
+        _run_isolated(
+            jobs,
+            settings["num_workers"],
+            float(settings["file_timeout"]),
+            init_args,
+            store,
+            lambda report: bar.update(report["files"]),
+        )
     bar.close()
-    run = {"store": str(store), "seconds_this_run": round(time.perf_counter() - start, 2),
-           "files_processed_this_run": sum(len(j[1]) for j in jobs)}
+    run = {
+        "store": str(store),
+        "seconds_this_run": round(time.perf_counter() - start, 2),
+        "files_processed_this_run": sum(len(j[1]) for j in jobs),
+    }
     missing = num_shards - len(done_shards(store))
     if missing:  # another task's shards are not done yet: the store is not complete
-        log.info("task %d of %d done; %d shards of the store are still to do by other tasks. The last task to "
-                 "finish writes report.json (or re-run without task settings to do what is left and merge)",
-                 task[0], task[1], missing)
+        log.info(
+            "task %d of %d done; %d shards of the store are still to do by other tasks. The last task to "
+            "finish writes report.json (or re-run without task settings to do what is left and merge)",
+            task[0],
+            task[1],
+            missing,
+        )
         return {**run, "complete": False, "shards_missing": missing}
     report = merge_reports(store, num_shards)
     _write_if_changed(store / "report.json", report)
@@ -594,8 +668,11 @@ def merge_reports(store: Path, num_shards: int) -> dict:
     for k in sorted(kept, key=lambda k: (rank[k["split"]], k["index"])):
         first.setdefault(k["content"], k)
     unique = [k for k in kept if first[k["content"]] is k]
-    duplicates = [{"name": k["name"], "index": k["index"], "split": k["split"], "same_as": first[k["content"]]["name"]}
-                  for k in kept if first[k["content"]] is not k]
+    duplicates = [
+        {"name": k["name"], "index": k["index"], "split": k["split"], "same_as": first[k["content"]]["name"]}
+        for k in kept
+        if first[k["content"]] is not k
+    ]
     splits = {s: {"files": 0, "chunks": 0} for s in SPLITS}
     for k in unique:
         splits[k["split"]]["files"] += 1

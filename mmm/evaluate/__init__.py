@@ -36,7 +36,6 @@ import torch
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from mmm.generation.api import MMM
 from mmm.config import at_least, check_section, plain, within
 from mmm.data.datamodule import DataConfig
 from mmm.data.prepare import ensure_store
@@ -45,6 +44,7 @@ from mmm.data.store import Store, setting_changes, tokenizer_settings
 from mmm.evaluate.likelihood import EvalSequence, Pairs, build_sequences, likelihood
 from mmm.evaluate.report import json_safe, plot, report_markdown
 from mmm.evaluate.requests import Requests
+from mmm.generation.api import MMM
 from mmm.generation.request import SamplingConfig
 from mmm.tokenizer import check_tokenizer_cfg, vocab_fingerprint
 
@@ -104,9 +104,14 @@ def open_store(cfg: DictConfig, tokenizer) -> Store:
     store = Store(path, cfg.split)
     ours, theirs = vocab_fingerprint(tokenizer), store.manifest.get("vocab_fingerprint")
     if ours != theirs:
-        changes = setting_changes(store.manifest.get("tokenizer", {}), tokenizer_settings(tokenizer), "tokenizer.params.")
-        what = (f"settings that differ (store -> checkpoint): {'; '.join(changes)}" if changes
-                else "same settings, another miditok version?")
+        changes = setting_changes(
+            store.manifest.get("tokenizer", {}), tokenizer_settings(tokenizer), "tokenizer.params."
+        )
+        what = (
+            f"settings that differ (store -> checkpoint): {'; '.join(changes)}"
+            if changes
+            else "same settings, another miditok version?"
+        )
         raise ValueError(
             f"vocabulary mismatch: the store at {path} was tokenized with base vocabulary {theirs}, but the "
             f"checkpoint {cfg.ckpt} has base vocabulary {ours} ({what}). Evaluate on a store made with the checkpoint's "
@@ -123,6 +128,7 @@ def _subset(n: int, limit: int | None, seed: str) -> list[int]:
     if limit is None or limit >= n:
         return list(range(n))
     return sorted(random.Random(seed).sample(range(n), limit))
+
 
 # --- entry point ------------------------------------------------------------------------------
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
@@ -151,8 +157,11 @@ def _evaluate(cfg: DictConfig) -> dict[str, Any]:
     # measured on the training augmentation (what the model was trained on).
     train_cfg = dict(plain(cfg.data.sequences))
     augmenting = SequenceBuilder(vocab, train_cfg, max_seq_len)
-    builder = augmenting if cfg.augment else SequenceBuilder(
-        vocab, {**train_cfg, "pitch_shift": 0, "velocity_shift": 0}, max_seq_len)
+    builder = (
+        augmenting
+        if cfg.augment
+        else SequenceBuilder(vocab, {**train_cfg, "pitch_shift": 0, "velocity_shift": 0}, max_seq_len)
+    )
     chunks = _subset(len(store), cfg.max_chunks, f"{cfg.seed}-chunks")
     train_store = Store(store.path, "train")
     if len(train_store) == 0:
@@ -162,8 +171,9 @@ def _evaluate(cfg: DictConfig) -> dict[str, Any]:
 
     def sequences(b: SequenceBuilder, what: str) -> tuple[list[EvalSequence], Pairs]:
         test = build_sequences(store, chunks, b, cfg.samples_per_chunk, test_seed, b is builder, f"{cfg.split} {what}")
-        train = build_sequences(train_store, train_chunks, b, cfg.baseline_samples_per_chunk, train_seed, False,
-                                f"train {what}")
+        train = build_sequences(
+            train_store, train_chunks, b, cfg.baseline_samples_per_chunk, train_seed, False, f"train {what}"
+        )
         return test, [(s.ids, s.labels) for s in train]
 
     test, train = sequences(builder, "sequences")
@@ -181,15 +191,25 @@ def _evaluate(cfg: DictConfig) -> dict[str, Any]:
     metrics: dict[str, Any] = {
         "checkpoint": str(cfg.ckpt),
         "model": {"parameters": model.num_parameters(), "vocab_size": vocab.size, "max_seq_len": context},
-        "data": {"store": str(store.path), "split": cfg.split, "chunks": len(chunks), "sequences": len(test),
-                 "vocab_fingerprint": store.manifest.get("vocab_fingerprint")},
+        "data": {
+            "store": str(store.path),
+            "split": cfg.split,
+            "chunks": len(chunks),
+            "sequences": len(test),
+            "vocab_fingerprint": store.manifest.get("vocab_fingerprint"),
+        },
         "likelihood": lik,
         **generated,
-        "settings": {k: plain(cfg[k]) for k in sorted(f.name for f in fields(EvalConfig)) if k not in ("ckpt", "out_dir")},
+        "settings": {
+            k: plain(cfg[k]) for k in sorted(f.name for f in fields(EvalConfig)) if k not in ("ckpt", "out_dir")
+        },
     }
     gen = requests.generation
     metrics["timings"] = {
-        "likelihood_s": t_lik, "generation_s": t_gen, "api_calls": gen["calls"], "generated_tokens": gen["new_tokens"],
+        "likelihood_s": t_lik,
+        "generation_s": t_gen,
+        "api_calls": gen["calls"],
+        "generated_tokens": gen["new_tokens"],
         "tokens_per_s": gen["new_tokens"] / gen["decode_s"] if gen["decode_s"] > 0 else math.nan,
     }
     out_dir = Path(cfg.out_dir)
@@ -202,4 +222,3 @@ def _evaluate(cfg: DictConfig) -> dict[str, Any]:
     (out_dir / REPORT_FILE).write_text(report_markdown(metrics, plots))
     log.info("wrote %s, %s and %d plots to %s", METRICS_FILE, REPORT_FILE, len(plots), out_dir)
     return metrics
-

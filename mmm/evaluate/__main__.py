@@ -17,8 +17,14 @@ def main() -> None:
     def _run(cfg: DictConfig) -> None:
         metrics = evaluate(cfg)
         lik = metrics["likelihood"]
-        print(json.dumps({name: {k: lik[name][k] for k in ("bits_per_token", "bits_per_note")}
-                          for name in ("model", "bigram", "unigram")}))
+        print(
+            json.dumps(
+                {
+                    name: {k: lik[name][k] for k in ("bits_per_token", "bits_per_note")}
+                    for name in ("model", "bigram", "unigram")
+                }
+            )
+        )
         print(json.dumps({k: v for k, v in metrics["structure"]["all"].items()}))
         print(f"report: {Path(cfg.out_dir) / REPORT_FILE}")
 

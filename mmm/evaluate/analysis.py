@@ -22,7 +22,7 @@ def window_score(chunk: Mapping, first: int, num_bars: int, tokenizer, vocab: Vo
     in the window are left out. Returns the score and the chunk track of each score track."""
     ids, kept = [], []
     for t, program in enumerate(chunk["programs"]):
-        bars = [list(b) for b in chunk["bars"][t][first:first + num_bars]]
+        bars = [list(b) for b in chunk["bars"][t][first : first + num_bars]]
         if not any(vocab.is_note_start[i] for bar in bars for i in bar):
             continue
         if first > 0:
@@ -58,8 +58,16 @@ def pitch_in_range(real: Track | None, generated: Track | None, start: int, end:
     return int(((pitches >= outside.min() - 3) & (pitches <= outside.max() + 3)).sum()), len(pitches)
 
 
-def span_stats(track: Track | None, is_drum: bool, start: int, end: int, tpq: int, ticks_per_bar: int) -> dict[str, float]:
+def span_stats(
+    track: Track | None, is_drum: bool, start: int, end: int, tpq: int, ticks_per_bar: int
+) -> dict[str, float]:
     notes = _span_notes(track, start, end)
-    return musical_stats(notes["time"] - start, notes["duration"], notes["pitch"], [is_drum] * len(notes["time"]),
-                         end - start, tpq, ticks_per_bar)
-
+    return musical_stats(
+        notes["time"] - start,
+        notes["duration"],
+        notes["pitch"],
+        [is_drum] * len(notes["time"]),
+        end - start,
+        tpq,
+        ticks_per_bar,
+    )

@@ -39,8 +39,15 @@ def _fill_start(ids: np.ndarray, vocab: Vocab) -> int:
     return int(np.flatnonzero(ids == vocab.fill_start)[0])
 
 
-def build_sequences(store: Store, chunks: Sequence[int], builder: SequenceBuilder, per_chunk: int, seed: str,
-                    pair_alone: bool, desc: str) -> list[EvalSequence]:
+def build_sequences(
+    store: Store,
+    chunks: Sequence[int],
+    builder: SequenceBuilder,
+    per_chunk: int,
+    seed: str,
+    pair_alone: bool,
+    desc: str,
+) -> list[EvalSequence]:
     """`per_chunk` samples of each chunk, each from its own seeded RNG. With `pair_alone`, an
     infill sample with context tracks also gets its twin without them (same span, ACs, shifts)."""
     vocab = builder.vocab
@@ -61,7 +68,7 @@ def build_sequences(store: Store, chunks: Sequence[int], builder: SequenceBuilde
                     alone.tracks = [spec.target]
                     a_ids, a_labels = builder.build(chunk, alone, random.Random(0))
                     start = _fill_start(a_ids, vocab)
-                    if np.array_equal(a_ids[start:], ids[seq.fill_start:]):
+                    if np.array_equal(a_ids[start:], ids[seq.fill_start :]):
                         seq.alone = (a_ids, a_labels)
             out.append(seq)
     return out
@@ -75,23 +82,30 @@ def model_nll(model, sequences: Pairs, batch_size: int, pad_id: int, desc: str) 
     order = sorted(range(len(sequences)), key=lambda i: (len(sequences[i][0]), i))
     out: list[np.ndarray | None] = [None] * len(sequences)
     for s in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False):
-        rows = order[s:s + batch_size]
-        batch = collate([{"input_ids": sequences[i][0], "labels": sequences[i][1], "num_notes": 0, "index": i}
-                         for i in rows], pad_id)
-        nll = next_token_nll(model, batch["input_ids"].to(device), batch["labels"].to(device),
-                             IGNORE_INDEX).cpu().numpy()
+        rows = order[s : s + batch_size]
+        batch = collate(
+            [{"input_ids": sequences[i][0], "labels": sequences[i][1], "num_notes": 0, "index": i} for i in rows],
+            pad_id,
+        )
+        nll = (
+            next_token_nll(model, batch["input_ids"].to(device), batch["labels"].to(device), IGNORE_INDEX).cpu().numpy()
+        )
         for r, i in enumerate(rows):
             mask = sequences[i][1][1:] != IGNORE_INDEX
-            out[i] = nll[r, :len(mask)][mask].astype(np.float64)
+            out[i] = nll[r, : len(mask)][mask].astype(np.float64)
     return out  # type: ignore[return-value]
 
 
 def _rates(nats: float, tokens: int, notes: int, bars: int) -> dict[str, float]:
     bits = nats / LOG2
     return {
-        "nats_per_token": nats / max(tokens, 1), "bits_per_token": bits / max(tokens, 1),
-        "bits_per_note": bits / notes if notes else math.nan, "bits_per_bar": bits / bars if bars else math.nan,
-        "tokens": tokens, "notes": notes, "bars": bars,
+        "nats_per_token": nats / max(tokens, 1),
+        "bits_per_token": bits / max(tokens, 1),
+        "bits_per_note": bits / notes if notes else math.nan,
+        "bits_per_bar": bits / bars if bars else math.nan,
+        "tokens": tokens,
+        "notes": notes,
+        "bars": bars,
     }
 
 
@@ -106,8 +120,9 @@ class TargetCounts:
         return float(nats.sum()), len(tgt), int(self.notes[tgt].sum()), int(self.bars[tgt].sum())
 
 
-def _score_set(model, vocab: Vocab, test: list[EvalSequence], unigram: UnigramLM, bigram: BigramKN,
-               batch_size: int, desc: str) -> tuple[dict[str, Any], list[np.ndarray]]:
+def _score_set(
+    model, vocab: Vocab, test: list[EvalSequence], unigram: UnigramLM, bigram: BigramKN, batch_size: int, desc: str
+) -> tuple[dict[str, Any], list[np.ndarray]]:
     """Rates of the model and both baselines on `test`, and the model's per-target NLL."""
     counter = TargetCounts(vocab)
     pairs = [(s.ids, s.labels) for s in test]
@@ -131,15 +146,21 @@ def _score_set(model, vocab: Vocab, test: list[EvalSequence], unigram: UnigramLM
     return out, nll
 
 
-def fit_baselines(train: Pairs, vocab_size: int, kn_discount: float,
-                  desc: str = "") -> tuple[UnigramLM, BigramKN]:
+def fit_baselines(train: Pairs, vocab_size: int, kn_discount: float, desc: str = "") -> tuple[UnigramLM, BigramKN]:
     unigram = UnigramLM(vocab_size).fit(tqdm(train, desc=f"fit unigram{desc}", leave=False))
     bigram = BigramKN(vocab_size, kn_discount).fit(tqdm(train, desc=f"fit bigram{desc}", leave=False))
     return unigram, bigram
 
 
-def likelihood(model, vocab: Vocab, test: list[EvalSequence], train: Pairs, batch_size: int, kn_discount: float,
-               augmented: tuple[list[EvalSequence], Pairs] | None = None) -> dict[str, Any]:
+def likelihood(
+    model,
+    vocab: Vocab,
+    test: list[EvalSequence],
+    train: Pairs,
+    batch_size: int,
+    kn_discount: float,
+    augmented: tuple[list[EvalSequence], Pairs] | None = None,
+) -> dict[str, Any]:
     """Model and n-gram rates on `test`, the baselines fitted on `train` (sequences of the same
     builder); the same on `augmented` (test, train) sequences when given; and the fill-section
     NLL of the infill samples with and without the other tracks."""
@@ -170,17 +191,19 @@ def likelihood(model, vocab: Vocab, test: list[EvalSequence], train: Pairs, batc
     }
     ic = out["infill_context"]
     ic["context_gain_bits_per_note"] = ic["without_context"]["bits_per_note"] - ic["with_context"]["bits_per_note"]
-    out["baselines"] = {"unigram": "add-one (Laplace) over the model vocabulary",
-                        "bigram": f"interpolated Kneser-Ney, discount {kn_discount}, add-one continuation unigram",
-                        "train_sequences": len(train),
-                        "train_targets": int(unigram.counts.sum())}
+    out["baselines"] = {
+        "unigram": "add-one (Laplace) over the model vocabulary",
+        "bigram": f"interpolated Kneser-Ney, discount {kn_discount}, add-one continuation unigram",
+        "train_sequences": len(train),
+        "train_targets": int(unigram.counts.sum()),
+    }
     return out
 
 
-def _fill_totals(counter: TargetCounts, ids: np.ndarray, labels: np.ndarray, nats: np.ndarray,
-                 fill_start: int) -> np.ndarray:
+def _fill_totals(
+    counter: TargetCounts, ids: np.ndarray, labels: np.ndarray, nats: np.ndarray, fill_start: int
+) -> np.ndarray:
     _, tgt, mask = targets(ids, labels)
     positions = np.flatnonzero(mask) + 1  # index in ids of each target
     inside = positions > fill_start
     return np.array(counter.totals(nats[inside], tgt[inside]))
-

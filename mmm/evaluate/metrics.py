@@ -113,15 +113,28 @@ class BigramKN:
 
 
 # --- musical statistics of a span -------------------------------------------------------------
-MUSICAL_STATS = ("pitch_class_entropy", "scale_consistency", "polyphony", "pitch_range",
-                 "empty_beat_rate", "groove_consistency")
+MUSICAL_STATS = (
+    "pitch_class_entropy",
+    "scale_consistency",
+    "polyphony",
+    "pitch_range",
+    "empty_beat_rate",
+    "groove_consistency",
+)
 _MAJOR = np.array([1, 0, 1, 0, 1, 1, 0, 1, 0, 1, 0, 1], bool)
 _MINOR = np.array([1, 0, 1, 1, 0, 1, 0, 1, 1, 0, 1, 0], bool)
 _SCALES = np.array([np.roll(s, root) for s in (_MAJOR, _MINOR) for root in range(12)])
 
 
-def musical_stats(time: Sequence[int], duration: Sequence[int], pitch: Sequence[int], is_drum: Sequence[bool],
-                  length: int, ticks_per_beat: int, ticks_per_bar: int) -> dict[str, float]:
+def musical_stats(
+    time: Sequence[int],
+    duration: Sequence[int],
+    pitch: Sequence[int],
+    is_drum: Sequence[bool],
+    length: int,
+    ticks_per_beat: int,
+    ticks_per_bar: int,
+) -> dict[str, float]:
     """The six statistics of the notes of a span `[0, length)` (times relative to its start).
 
     NaN where undefined: pitch statistics without pitched notes, groove with fewer than 2 bars.
@@ -156,7 +169,7 @@ def musical_stats(time: Sequence[int], duration: Sequence[int], pitch: Sequence[
     busy = np.zeros(num_beats, dtype=bool)
     for t, e in zip(time, np.minimum(end, length)):
         if t < length:
-            busy[t // ticks_per_beat:(e - 1) // ticks_per_beat + 1] = True
+            busy[t // ticks_per_beat : (e - 1) // ticks_per_beat + 1] = True
     out["empty_beat_rate"] = float(1 - busy.mean())
     num_bars = -(-length // ticks_per_bar)
     if num_bars >= 2:
@@ -206,12 +219,13 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float:
         return math.nan
     rx, ry = _ranks(x), _ranks(y)
     rx, ry = rx - rx.mean(), ry - ry.mean()
-    denominator = math.sqrt(float((rx ** 2).sum() * (ry ** 2).sum()))
+    denominator = math.sqrt(float((rx**2).sum() * (ry**2).sum()))
     return float((rx * ry).sum() / denominator) if denominator > 0 else math.nan
 
 
-def adherence(requested: Sequence[Any], achieved: Sequence[Any], kind: str,
-              bins: Sequence[float] | None = None) -> dict[str, Any]:
+def adherence(
+    requested: Sequence[Any], achieved: Sequence[Any], kind: str, bins: Sequence[float] | None = None
+) -> dict[str, Any]:
     """Scores of achieved vs requested control values.
 
     `kind` as in `mmm.controls.table.Controls`: "int" (ordinal bins), "float" (snapped to `bins`),
@@ -226,12 +240,14 @@ def adherence(requested: Sequence[Any], achieved: Sequence[Any], kind: str,
     if n == 0:
         return {**out, "exact": math.nan}
     if kind in ("int", "float"):
+
         def index(v: Any) -> float:
             if v is None:
                 return math.nan
             if kind == "int":
                 return float(v)
             return float(np.argmin([abs(b - v) for b in bins]))  # bin index
+
         req = np.array([index(v) for v in requested])
         ach = np.array([index(v) for v in achieved])
         defined = ~np.isnan(ach)

@@ -55,7 +55,9 @@ def plot(metrics: dict, stats_values: Mapping[str, Mapping[str, list[float]]], o
     plt.close(fig)
     files.append("likelihood.png")
 
-    controls = [(level, name, c) for level in ("bar", "track") for name, c in metrics["controls"].get(level, {}).items()]
+    controls = [
+        (level, name, c) for level in ("bar", "track") for name, c in metrics["controls"].get(level, {}).items()
+    ]
     if controls:
         fig, ax = plt.subplots(figsize=(max(6, 0.8 * len(controls)), 3.5))
         x = np.arange(len(controls))
@@ -85,7 +87,7 @@ def plot(metrics: dict, stats_values: Mapping[str, Mapping[str, list[float]]], o
                 ax.set_title(f"{lv} {n}", fontsize=9)
                 ax.set_xlabel("requested", fontsize=8)
                 ax.set_ylabel("achieved", fontsize=8)
-            for ax in list(axes.flat)[len(ordinal):]:
+            for ax in list(axes.flat)[len(ordinal) :]:
                 ax.axis("off")
             axes.flat[0].legend(fontsize=7)
             fig.tight_layout()
@@ -123,14 +125,19 @@ def summary_lines(metrics: dict) -> list[str]:
     best = min(("bigram", "unigram"), key=lambda n: lik[n]["bits_per_note"] or math.inf)
     beats = model is not None and lik[best]["bits_per_note"] is not None and model < lik[best]["bits_per_note"]
     rates = [st[k] for k in ("decoded", "exact_bars", "untouched")]
-    lines = [f"- bits/note: model {_fmt(model)} vs {best} {_fmt(lik[best]['bits_per_note'])}: "
-             f"{'beats' if beats else 'does NOT beat'} both n-gram baselines."]
+    lines = [
+        f"- bits/note: model {_fmt(model)} vs {best} {_fmt(lik[best]['bits_per_note'])}: "
+        f"{'beats' if beats else 'does NOT beat'} both n-gram baselines."
+    ]
     if st["outputs"] == 0:
         return [*lines, "- structure: no API request (num_requests=0)."]
     ok = all(r == 1.0 for r in rates)
-    return [*lines, f"- structure over {st['outputs']} API outputs: decode {_fmt(rates[0])}, exact bar count "
-                    f"{_fmt(rates[1])}, untouched outside the span {_fmt(rates[2])}"
-                    + (" (all 100%)." if ok else " (NOT all 100%: see below).")]
+    return [
+        *lines,
+        f"- structure over {st['outputs']} API outputs: decode {_fmt(rates[0])}, exact bar count "
+        f"{_fmt(rates[1])}, untouched outside the span {_fmt(rates[2])}"
+        + (" (all 100%)." if ok else " (NOT all 100%: see below)."),
+    ]
 
 
 RATES = ("bits_per_token", "bits_per_note", "bits_per_bar")
@@ -199,8 +206,9 @@ def report_markdown(metrics: dict, plots: list[str]) -> str:
     for task, s in st.items():
         if task == "failures":
             continue
-        lines.append(f"| {task} | {s['outputs']} | {_fmt(s['decoded'])} | {_fmt(s['exact_bars'])} | "
-                     f"{_fmt(s['untouched'])} |")
+        lines.append(
+            f"| {task} | {s['outputs']} | {_fmt(s['decoded'])} | {_fmt(s['exact_bars'])} | {_fmt(s['untouched'])} |"
+        )
     if st["failures"]:
         lines += ["", "Failures:", *[f"- `{f}`" for f in st["failures"]]]
     lines += [
@@ -222,7 +230,8 @@ def report_markdown(metrics: dict, plots: list[str]) -> str:
                 f"| {level} | {name} | {w['n']} | {_fmt(w['exact'])} / {_fmt(wo['exact'])} | "
                 f"{_fmt(w.get('within_1'))} / {_fmt(wo.get('within_1'))} | "
                 f"{_fmt(w.get('spearman'))} / {_fmt(wo.get('spearman'))} | "
-                f"{_fmt(w.get('jaccard'))} / {_fmt(wo.get('jaccard'))} |")
+                f"{_fmt(w.get('jaccard'))} / {_fmt(wo.get('jaccard'))} |"
+            )
     lines += [
         "",
         "## Musical statistics: generated vs real bars (uncontrolled infills)",
@@ -231,14 +240,25 @@ def report_markdown(metrics: dict, plots: list[str]) -> str:
         "|---|---|---|---|---|---|",
     ]
     for name, s in metrics["musical_stats"].items():
-        lines.append(f"| {name} | {_fmt(s['real_mean'])} | {_fmt(s['generated_mean'])} | {_fmt(s['abs_diff'])} | "
-                     f"{_fmt(s['overlap'])} | {s['n_real']} / {s['n_generated']} |")
+        lines.append(
+            f"| {name} | {_fmt(s['real_mean'])} | {_fmt(s['generated_mean'])} | {_fmt(s['abs_diff'])} | "
+            f"{_fmt(s['overlap'])} | {s['n_real']} / {s['n_generated']} |"
+        )
     r = metrics["pitch_in_context_range"]
-    lines += ["", f"Generated notes of uncontrolled infills within the target track's pitch range around the span "
-                  f"(+-3 semitones): {_fmt(r['within_3_semitones'])} of {r['generated_notes']}."]
+    lines += [
+        "",
+        f"Generated notes of uncontrolled infills within the target track's pitch range around the span "
+        f"(+-3 semitones): {_fmt(r['within_3_semitones'])} of {r['generated_notes']}.",
+    ]
     g = metrics["timings"]
-    lines += ["", "## Plots", "", *[f"![{p}]({p})" for p in plots], "",
-              f"Run time {g['total_s']:.0f} s (likelihood {g['likelihood_s']:.0f} s, generation {g['generation_s']:.0f} s, "
-              f"{g['generated_tokens']} tokens generated at {_fmt(g['tokens_per_s'], 0)} tokens/s).", ""]
+    lines += [
+        "",
+        "## Plots",
+        "",
+        *[f"![{p}]({p})" for p in plots],
+        "",
+        f"Run time {g['total_s']:.0f} s (likelihood {g['likelihood_s']:.0f} s, generation {g['generation_s']:.0f} s, "
+        f"{g['generated_tokens']} tokens generated at {_fmt(g['tokens_per_s'], 0)} tokens/s).",
+        "",
+    ]
     return "\n".join(lines)
-

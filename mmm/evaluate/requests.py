@@ -20,14 +20,14 @@ import numpy as np
 from omegaconf import DictConfig
 from symusic import Score
 
-from mmm.generation.request import Request, SamplingConfig
-from mmm.generation.scores import count_bars
 from mmm.config import plain
 from mmm.controls.measure import bar_controls, track_controls
-from mmm.data.store import Store
 from mmm.data.layout import InputTracks, bar_ticks_of, input_tracks
+from mmm.data.store import Store
 from mmm.evaluate.analysis import note_arrays, pitch_in_range, span_stats, window_score
 from mmm.evaluate.metrics import MUSICAL_STATS, adherence, histogram_overlap, summarize
+from mmm.generation.request import Request, SamplingConfig
+from mmm.generation.scores import count_bars
 from mmm.tokenizer import Vocab
 
 
@@ -36,8 +36,17 @@ def _jsonable(value: Any) -> Any:
         return sorted(value)
     return value
 
-def structure(inp: Score, out: Any, report, tokenizer, vocab: Vocab, expected_bars: int,
-              keep: Callable[[int, dict], np.ndarray], num_tracks: int) -> dict[str, bool]:
+
+def structure(
+    inp: Score,
+    out: Any,
+    report,
+    tokenizer,
+    vocab: Vocab,
+    expected_bars: int,
+    keep: Callable[[int, dict], np.ndarray],
+    num_tracks: int,
+) -> dict[str, bool]:
     """Checks of one API output: it decodes (and survives a MIDI round trip); exactly
     `expected_bars` bars were generated and the output has no bar beyond the input's; the
     input notes that `keep(track, notes)` selects, the tempos and time signatures are
@@ -53,8 +62,11 @@ def structure(inp: Score, out: Any, report, tokenizer, vocab: Vocab, expected_ba
         return {"decoded": False, "exact_bars": False, "untouched": False}
     bars = sum(sum(1 for i in step.tokens[0] if i == vocab.bar) for step in report.steps)
     exact = bars == expected_bars and count_bars(out, tokenizer) <= max(count_bars(inp, tokenizer), expected_bars)
-    untouched = len(out.tracks) == num_tracks and list(out.time_signatures) == list(inp.time_signatures) \
+    untouched = (
+        len(out.tracks) == num_tracks
+        and list(out.time_signatures) == list(inp.time_signatures)
         and list(out.tempos) == list(inp.tempos)
+    )
     for k, track in enumerate(inp.tracks):
         if not untouched:
             break
@@ -99,8 +111,9 @@ class Requests:
     def _call(self, task: str, score: Score, **kwargs) -> tuple[Any, Any]:
         """Run one request; (output score, report), or (None, None) when it failed (recorded)."""
         try:
-            generation = self.mmm.run(Request(task, sampling=self.sampling, max_bar_tokens=self.max_bar_tokens, **kwargs),
-                                      score)
+            generation = self.mmm.run(
+                Request(task, sampling=self.sampling, max_bar_tokens=self.max_bar_tokens, **kwargs), score
+            )
         except Exception as err:  # noqa: BLE001 - a failed generation is a structure failure, reported
             self.failures.append(f"{task}: {type(err).__name__}: {err}")
             return None, None
@@ -112,13 +125,22 @@ class Requests:
         self.generation["prefill_s"] += summary["prefill_s"]
         return out, report
 
-    def _check(self, task: str, inp: Score, out: Any, report: Any, expected_bars: int,
-               keep: Callable[[int, dict], np.ndarray], num_tracks: int) -> None:
+    def _check(
+        self,
+        task: str,
+        inp: Score,
+        out: Any,
+        report: Any,
+        expected_bars: int,
+        keep: Callable[[int, dict], np.ndarray],
+        num_tracks: int,
+    ) -> None:
         if out is None:
             self.structure[task].append({"decoded": False, "exact_bars": False, "untouched": False})
             return
-        self.structure[task].append(structure(inp, out, report, self.tokenizer, self.vocab, expected_bars, keep,
-                                                num_tracks))
+        self.structure[task].append(
+            structure(inp, out, report, self.tokenizer, self.vocab, expected_bars, keep, num_tracks)
+        )
 
     def _window(self, kind: str, r: int, max_bars: int):
         """Request r's seeded rng, test chunk and window of at most `max_bars` bars as a Score."""
@@ -141,8 +163,11 @@ class Requests:
         for _ in range(20):  # a span where some track has notes
             a = rng.randrange(0, n - k + 1)
             b = a + k
-            candidates = [j for j, t in enumerate(kept)
-                          if any(vocab.is_note_start[i] for bar in chunk["bars"][t][first + a:first + b] for i in bar)]
+            candidates = [
+                j
+                for j, t in enumerate(kept)
+                if any(vocab.is_note_start[i] for bar in chunk["bars"][t][first + a : first + b] for i in bar)
+            ]
             if candidates:
                 break
         else:
@@ -195,10 +220,16 @@ class Requests:
             record = self.adherence["bar", name]
             for j, bar in enumerate(range(a, b)):
                 record["requested"].append(requested[bar])
-                record["with"].append(achieved[j].get(name, self.controls.empty_value("bar", name)) if achieved else None)
-                record["without"].append(without[j].get(name, self.controls.empty_value("bar", name)) if without else None)
+                record["with"].append(
+                    achieved[j].get(name, self.controls.empty_value("bar", name)) if achieved else None
+                )
+                record["without"].append(
+                    without[j].get(name, self.controls.empty_value("bar", name)) if without else None
+                )
 
-    def _bar_values(self, result: InputTracks | None, target: int, ticks: list[int], a: int, b: int) -> list[dict] | None:
+    def _bar_values(
+        self, result: InputTracks | None, target: int, ticks: list[int], a: int, b: int
+    ) -> list[dict] | None:
         if result is None:
             return None
         track = result.tracks.get(target)
@@ -259,9 +290,13 @@ class Requests:
         structure_out: dict[str, Any] = {}
         everything = [c for checks in self.structure.values() for c in checks]
         for task, checks in [("all", everything), *sorted(self.structure.items())]:
-            structure_out[task] = {"outputs": len(checks), **{
-                key: (float(np.mean([c[key] for c in checks])) if checks else math.nan)
-                for key in ("decoded", "exact_bars", "untouched")}}
+            structure_out[task] = {
+                "outputs": len(checks),
+                **{
+                    key: (float(np.mean([c[key] for c in checks])) if checks else math.nan)
+                    for key in ("decoded", "exact_bars", "untouched")
+                },
+            }
         structure_out["failures"] = self.failures[:max_failures]
         controls: dict[str, Any] = {"bar": {}, "track": {}}
         for (level, name), record in sorted(self.adherence.items()):
@@ -271,19 +306,27 @@ class Requests:
                 "kind": kind,
                 "with_control": adherence(record["requested"], record["with"], kind, bins),
                 "without_control": adherence(record["requested"], record["without"], kind, bins),
-                "pairs": [[_jsonable(r), _jsonable(w), _jsonable(wo)]
-                          for r, w, wo in zip(record["requested"], record["with"], record["without"])],
+                "pairs": [
+                    [_jsonable(r), _jsonable(w), _jsonable(wo)]
+                    for r, w, wo in zip(record["requested"], record["with"], record["without"])
+                ],
             }
         stats: dict[str, Any] = {}
         real, gen = summarize(self.stats["real"]), summarize(self.stats["generated"])
         for m in MUSICAL_STATS:
-            stats[m] = {"real_mean": real.get(m, math.nan), "generated_mean": gen.get(m, math.nan),
-                        "abs_diff": abs(real.get(m, math.nan) - gen.get(m, math.nan)),
-                        "overlap": histogram_overlap(self.stats["real"][m], self.stats["generated"][m]),
-                        "n_real": int(sum(not math.isnan(x) for x in self.stats["real"][m])),
-                        "n_generated": int(sum(not math.isnan(x) for x in self.stats["generated"][m]))}
+            stats[m] = {
+                "real_mean": real.get(m, math.nan),
+                "generated_mean": gen.get(m, math.nan),
+                "abs_diff": abs(real.get(m, math.nan) - gen.get(m, math.nan)),
+                "overlap": histogram_overlap(self.stats["real"][m], self.stats["generated"][m]),
+                "n_real": int(sum(not math.isnan(x) for x in self.stats["real"][m])),
+                "n_generated": int(sum(not math.isnan(x) for x in self.stats["generated"][m])),
+            }
         inside, total = self.in_range
         in_range = {"generated_notes": total, "within_3_semitones": inside / total if total else math.nan}
-        return {"structure": structure_out, "controls": controls, "musical_stats": stats,
-                "pitch_in_context_range": in_range}
-
+        return {
+            "structure": structure_out,
+            "controls": controls,
+            "musical_stats": stats,
+            "pitch_in_context_range": in_range,
+        }

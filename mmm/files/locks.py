@@ -68,8 +68,10 @@ class LockHeld(RuntimeError):
 
 def describe(holder: dict[str, Any]) -> str:
     job, ranks = holder.get("job", ""), holder.get("ranks") or {}
-    rank = next((f"rank {ranks[k]}" for k in ("RANK", "SLURM_PROCID") if k in ranks),
-                f"local rank {ranks['LOCAL_RANK']}" if "LOCAL_RANK" in ranks else "")
+    rank = next(
+        (f"rank {ranks[k]}" for k in ("RANK", "SLURM_PROCID") if k in ranks),
+        f"local rank {ranks['LOCAL_RANK']}" if "LOCAL_RANK" in ranks else "",
+    )
     return (
         f"pid {holder.get('pid')} on host {holder.get('host')}, started {holder.get('started')}"
         + (f", Slurm job {job.split(':')[1]}" if job.startswith("slurm:") else "")
@@ -212,15 +214,23 @@ class Lock:
 def _heartbeat(lock: Lock, interval: float, stop: threading.Event) -> None:
     while not stop.wait(interval):
         if (_record(lock.path) or {}).get("token") != lock.record["token"]:
-            log.error("%s: this run's lock was taken over by another run (%s)", lock.path, describe(_record(lock.path) or {}))
+            log.error(
+                "%s: this run's lock was taken over by another run (%s)", lock.path, describe(_record(lock.path) or {})
+            )
             return
         with contextlib.suppress(FileNotFoundError):
             os.utime(lock.path)
 
 
 @contextlib.contextmanager
-def acquire_lock(folder: str | Path, name: str = "run", *, stale_after: float = DEFAULT_STALE_AFTER,
-                 wait: float | None = 0.0, shared_by_job: bool = False) -> Iterator[Lock]:
+def acquire_lock(
+    folder: str | Path,
+    name: str = "run",
+    *,
+    stale_after: float = DEFAULT_STALE_AFTER,
+    wait: float | None = 0.0,
+    shared_by_job: bool = False,
+) -> Iterator[Lock]:
     """Hold `folder/<name>.lock` for the duration of the `with` block (see the module doc).
 
     Raises `LockHeld` naming the holder when another live process holds it, at once by default;
@@ -264,7 +274,11 @@ def acquire_lock(folder: str | Path, name: str = "run", *, stale_after: float = 
                 who = "another process of this job" if holder.get("job") == record["job"] else "another run"
                 log.warning("%s: waiting for %s to finish (%s)", path, who, describe(holder))
                 waited = True
-            while _record(path) == holder and not _stale(path, holder, stale_after) and (deadline is None or time.monotonic() < deadline):
+            while (
+                _record(path) == holder
+                and not _stale(path, holder, stale_after)
+                and (deadline is None or time.monotonic() < deadline)
+            ):
                 time.sleep(0.5)
         else:
             raise LockHeld(path, holder)
@@ -276,7 +290,9 @@ def acquire_lock(folder: str | Path, name: str = "run", *, stale_after: float = 
         os.environ[_JOB_ENV] = record["job"].removeprefix("local:")
     stop = threading.Event()
     if lock.owner:
-        beat = threading.Thread(target=_heartbeat, args=(lock, stale_after / 10, stop), daemon=True, name="mmm-lock-heartbeat")
+        beat = threading.Thread(
+            target=_heartbeat, args=(lock, stale_after / 10, stop), daemon=True, name="mmm-lock-heartbeat"
+        )
         beat.start()
     try:
         yield lock

@@ -36,17 +36,25 @@ from miditok import MMM as MMMTokenizer
 from miditok.constants import MIDI_INSTRUMENTS
 from symusic import Note, Score, Tempo, TimeSignature, Track
 
-from mmm.model.pretrained import checkpoint_location, generation_settings, load_pretrained, save_pretrained
 from mmm.controls.table import Controls
-from mmm.data.layout import (TRACK_FRAME, Piece, carry_tempo, generated_bars, piece_from_score, ticks_per_bar, time_signature_of,
-                              track_ids)
+from mmm.data.layout import (
+    TRACK_FRAME,
+    Piece,
+    carry_tempo,
+    generated_bars,
+    piece_from_score,
+    ticks_per_bar,
+    time_signature_of,
+    track_ids,
+)
 from mmm.data.sequences import SampleSpec, TrackPart, assemble
 from mmm.generation.compiled_step import enable_compile
-from mmm.generation.sampling import generate_ids, make_generator
 from mmm.generation.grammar import BarGrammar, BarPlan, GrammarTables
-from mmm.model import MMMTransformer
 from mmm.generation.request import Plan, Request, RequestError, SamplingConfig, check_request, check_tracks
+from mmm.generation.sampling import generate_ids, make_generator
 from mmm.generation.scores import BarGrid, bar_grid, read_score, to_ticks
+from mmm.model import MMMTransformer
+from mmm.model.pretrained import checkpoint_location, generation_settings, load_pretrained, save_pretrained
 from mmm.tokenizer import Vocab
 
 # Per-bar generation budget (model ids) when the checkpoint does not carry one measured on its
@@ -88,9 +96,14 @@ class GenerationReport:
         decode = sum(s.timings["decode_s"] for s in self.steps)
         tokens = sum(s.timings["new_tokens"] for s in self.steps)
         starved = sorted({(s.track, b) for s in self.steps for bars in s.starved_bars for b in bars})
-        return {"generations": len(self.steps), "prefill_s": round(prefill, 4), "decode_s": round(decode, 4),
-                "new_tokens": tokens, "tokens_per_s": round(tokens / decode, 1) if decode > 0 else None,
-                "starved_bars": [list(x) for x in starved]}
+        return {
+            "generations": len(self.steps),
+            "prefill_s": round(prefill, 4),
+            "decode_s": round(decode, 4),
+            "new_tokens": tokens,
+            "tokens_per_s": round(tokens / decode, 1) if decode > 0 else None,
+            "starved_bars": [list(x) for x in starved],
+        }
 
 
 @dataclass
@@ -116,9 +129,16 @@ OnStep = Callable[[Sequence[BarGrammar]], None]
 class MMM:
     """A trained MMM model with its tokenizer, ready to generate."""
 
-    def __init__(self, model: MMMTransformer, tokenizer: MMMTokenizer, device: str | torch.device | None = None,
-                 max_bar_tokens: int = DEFAULT_MAX_BAR_TOKENS, num_threads: int | None = None,
-                 controls_seen: Sequence[int] | None = None, compile: bool = False) -> None:
+    def __init__(
+        self,
+        model: MMMTransformer,
+        tokenizer: MMMTokenizer,
+        device: str | torch.device | None = None,
+        max_bar_tokens: int = DEFAULT_MAX_BAR_TOKENS,
+        num_threads: int | None = None,
+        controls_seen: Sequence[int] | None = None,
+        compile: bool = False,
+    ) -> None:
         """`max_bar_tokens`: generation budget per bar (model ids) from which spans are sized; a
         generation may use all the context left after its prompt. `num_threads`: torch CPU
         threads while sampling (None: torch's setting). `controls_seen`: AC base ids seen in
@@ -147,9 +167,16 @@ class MMM:
 
     # -- loading / saving ------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, path_or_hub_id: str | Path, device: str | torch.device | None = None,
-                        revision: str | None = None, cache_dir: str | Path | None = None,
-                        token: str | None = None, trusted: bool = False, **kwargs: Any) -> MMM:
+    def from_pretrained(
+        cls,
+        path_or_hub_id: str | Path,
+        device: str | torch.device | None = None,
+        revision: str | None = None,
+        cache_dir: str | Path | None = None,
+        token: str | None = None,
+        trusted: bool = False,
+        **kwargs: Any,
+    ) -> MMM:
         """From a checkpoint folder, a Lightning `.ckpt`, a DeepSpeed dir, or a Hugging Face hub
         repo id (downloaded with `huggingface_hub.snapshot_download`). A `.ckpt` holding anything
         but plain data is refused (unpickling it could run code) unless `trusted=True`."""
@@ -169,8 +196,13 @@ class MMM:
             generation["controls_seen"] = self.controls_seen
         return save_pretrained(self.model, self.tokenizer, folder, extra={"generation": generation})
 
-    def push_to_hub(self, repo_id: str, private: bool | None = None, token: str | None = None,
-                    commit_message: str = "Upload MMM model") -> str:
+    def push_to_hub(
+        self,
+        repo_id: str,
+        private: bool | None = None,
+        token: str | None = None,
+        commit_message: str = "Upload MMM model",
+    ) -> str:
         """Upload the checkpoint folder to the Hugging Face hub; returns the commit URL."""
         from huggingface_hub import HfApi
 
@@ -181,51 +213,116 @@ class MMM:
             return str(api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message))
 
     # -- public tasks ----------------------------------------------------------------------
-    def infill(self, score: Score | str | Path, track: int | Sequence[int], bars: Sequence,
-               controls: Mapping | Sequence[Mapping] | None = None,
-               track_controls: Mapping | Sequence[Mapping] | None = None, *,
-               temperature: float = SamplingConfig.temperature, top_k: int | None = SamplingConfig.top_k,
-               top_p: float | None = SamplingConfig.top_p, seed: int | None = None, num_variations: int = 1, bars_before: int | None = None,
-               bars_after: int | None = None, max_bar_tokens: int | None = None,
-               clip_notes: bool = True) -> Score | list[Score]:
+    def infill(
+        self,
+        score: Score | str | Path,
+        track: int | Sequence[int],
+        bars: Sequence,
+        controls: Mapping | Sequence[Mapping] | None = None,
+        track_controls: Mapping | Sequence[Mapping] | None = None,
+        *,
+        temperature: float = SamplingConfig.temperature,
+        top_k: int | None = SamplingConfig.top_k,
+        top_p: float | None = SamplingConfig.top_p,
+        seed: int | None = None,
+        num_variations: int = 1,
+        bars_before: int | None = None,
+        bars_after: int | None = None,
+        max_bar_tokens: int | None = None,
+        clip_notes: bool = True,
+    ) -> Score | list[Score]:
         """Rewrite bars `bars` (`(start, end)`, end excluded, or a list of spans) of track(s)
         `track` (index into `score.tracks`). Several tracks/spans are generated one after the
         other, each seeing the previous results. `controls` / `track_controls` may be a list
         with one entry per track. Generated notes end at the end of their span (they would
         otherwise sound over the kept bars after it) unless `clip_notes=False`."""
-        return self.run(Request("infill", track=track, bars=bars, controls=controls, track_controls=track_controls,
-                                bars_before=bars_before, bars_after=bars_after, num_variations=num_variations,
-                                seed=seed, sampling=SamplingConfig(temperature, top_k, top_p),
-                                max_bar_tokens=max_bar_tokens, clip_notes=clip_notes), score).output
+        return self.run(
+            Request(
+                "infill",
+                track=track,
+                bars=bars,
+                controls=controls,
+                track_controls=track_controls,
+                bars_before=bars_before,
+                bars_after=bars_after,
+                num_variations=num_variations,
+                seed=seed,
+                sampling=SamplingConfig(temperature, top_k, top_p),
+                max_bar_tokens=max_bar_tokens,
+                clip_notes=clip_notes,
+            ),
+            score,
+        ).output
 
-    def add_track(self, score: Score | str | Path, program: int,
-                  controls: Mapping | None = None, track_controls: Mapping | None = None, *,
-                  temperature: float = SamplingConfig.temperature, top_k: int | None = SamplingConfig.top_k,
-                  top_p: float | None = SamplingConfig.top_p,
-                  seed: int | None = None, num_variations: int = 1,
-                  max_bar_tokens: int | None = None) -> Score | list[Score]:
+    def add_track(
+        self,
+        score: Score | str | Path,
+        program: int,
+        controls: Mapping | None = None,
+        track_controls: Mapping | None = None,
+        *,
+        temperature: float = SamplingConfig.temperature,
+        top_k: int | None = SamplingConfig.top_k,
+        top_p: float | None = SamplingConfig.top_p,
+        seed: int | None = None,
+        num_variations: int = 1,
+        max_bar_tokens: int | None = None,
+    ) -> Score | list[Score]:
         """Write a new track (`program`, -1 = drums) over every bar of `score`; it is appended
         as the last track of the output."""
-        return self.run(Request("add_track", program=program, controls=controls, track_controls=track_controls,
-                                num_variations=num_variations, seed=seed, sampling=SamplingConfig(temperature, top_k, top_p),
-                                max_bar_tokens=max_bar_tokens), score).output
+        return self.run(
+            Request(
+                "add_track",
+                program=program,
+                controls=controls,
+                track_controls=track_controls,
+                num_variations=num_variations,
+                seed=seed,
+                sampling=SamplingConfig(temperature, top_k, top_p),
+                max_bar_tokens=max_bar_tokens,
+            ),
+            score,
+        ).output
 
-    def generate(self, programs: Sequence[int], num_bars: int,
-                 controls: Mapping | Sequence[Mapping] | None = None,
-                 track_controls: Mapping | Sequence[Mapping] | None = None, *,
-                 time_signature: str | tuple[int, int] = (4, 4), tempo: float = 120.0, tpq: int = 480,
-                 temperature: float = SamplingConfig.temperature, top_k: int | None = SamplingConfig.top_k,
-                  top_p: float | None = SamplingConfig.top_p,
-                 seed: int | None = None, num_variations: int = 1,
-                 max_bar_tokens: int | None = None) -> Score | list[Score]:
+    def generate(
+        self,
+        programs: Sequence[int],
+        num_bars: int,
+        controls: Mapping | Sequence[Mapping] | None = None,
+        track_controls: Mapping | Sequence[Mapping] | None = None,
+        *,
+        time_signature: str | tuple[int, int] = (4, 4),
+        tempo: float = 120.0,
+        tpq: int = 480,
+        temperature: float = SamplingConfig.temperature,
+        top_k: int | None = SamplingConfig.top_k,
+        top_p: float | None = SamplingConfig.top_p,
+        seed: int | None = None,
+        num_variations: int = 1,
+        max_bar_tokens: int | None = None,
+    ) -> Score | list[Score]:
         """Write a piece from scratch: one track per program (-1 = drums), in order, each seeing
         the previous ones; `num_bars` bars in `time_signature` at `tempo`."""
-        return self.run(Request("generate", programs=programs, num_bars=num_bars, controls=controls,
-                                track_controls=track_controls, time_signature=time_signature, tempo=tempo, tpq=tpq,
-                                num_variations=num_variations, seed=seed, sampling=SamplingConfig(temperature, top_k, top_p),
-                                max_bar_tokens=max_bar_tokens)).output
+        return self.run(
+            Request(
+                "generate",
+                programs=programs,
+                num_bars=num_bars,
+                controls=controls,
+                track_controls=track_controls,
+                time_signature=time_signature,
+                tempo=tempo,
+                tpq=tpq,
+                num_variations=num_variations,
+                seed=seed,
+                sampling=SamplingConfig(temperature, top_k, top_p),
+                max_bar_tokens=max_bar_tokens,
+            )
+        ).output
 
-    def check(self, request: Request, score: Score | str | Path | None = None) -> tuple[Plan, Score | None, Piece | None]:
+    def check(
+        self, request: Request, score: Score | str | Path | None = None
+    ) -> tuple[Plan, Score | None, Piece | None]:
         """`request` checked against this model (and the input score): its plan, or a `RequestError`."""
         if request.task == "generate":
             return check_request(request, self.tokenizer, self.controls), None, None
@@ -237,7 +334,9 @@ class MMM:
         piece = piece_from_score(score, self.tokenizer, self.vocab)
         return check_request(request, self.tokenizer, self.controls, score, piece.num_bars), score, piece
 
-    def run(self, request: Request, score: Score | str | Path | None = None, on_step: OnStep | None = None) -> Generation:
+    def run(
+        self, request: Request, score: Score | str | Path | None = None, on_step: OnStep | None = None
+    ) -> Generation:
         """Run a `Request` (what `infill`, `add_track` and `generate` build): the output scores
         (one per variation) with the report of this call (prompts, tokens, timings, starved bars,
         bar-grid warning). `on_step(grammars)` is called after every sampled token."""
@@ -260,8 +359,16 @@ class MMM:
         if request.task == "infill":
             for k, t in enumerate(plan.tracks):
                 for a, e in plan.spans:
-                    run.infill(t, a, e, plan.bar_acs[k], plan.track_acs[k], request.bars_before, request.bars_after,
-                               request.clip_notes)
+                    run.infill(
+                        t,
+                        a,
+                        e,
+                        plan.bar_acs[k],
+                        plan.track_acs[k],
+                        request.bars_before,
+                        request.bars_after,
+                        request.clip_notes,
+                    )
         else:
             for program, acs, tacs in zip(plan.programs, plan.bar_acs, plan.track_acs):
                 run.new_track(program, acs, tacs)
@@ -276,15 +383,32 @@ class MMM:
     def _run(self, score: Score, piece: Piece, request: Request, on_step: OnStep | None) -> _Run:
         bar_tokens = self.max_bar_tokens if request.max_bar_tokens is None else int(request.max_bar_tokens)
         device = self.model.embed_tokens.weight.device
-        return _Run(self, score, piece, request.sampling, make_generator(request.seed, device),
-                    int(request.num_variations), bar_tokens, on_step)
+        return _Run(
+            self,
+            score,
+            piece,
+            request.sampling,
+            make_generator(request.seed, device),
+            int(request.num_variations),
+            bar_tokens,
+            on_step,
+        )
 
 
 class _Run:
     """One API call: per-variation pieces and output scores, updated after each generation."""
 
-    def __init__(self, mmm: MMM, score: Score, piece: Piece, sampling: SamplingConfig,
-                 generator: torch.Generator, num_variations: int, max_bar_tokens: int, on_step: OnStep | None) -> None:
+    def __init__(
+        self,
+        mmm: MMM,
+        score: Score,
+        piece: Piece,
+        sampling: SamplingConfig,
+        generator: torch.Generator,
+        num_variations: int,
+        max_bar_tokens: int,
+        on_step: OnStep | None,
+    ) -> None:
         self.mmm, self.vocab, self.tables = mmm, mmm.vocab, mmm.tables
         self.on_step = on_step
         self.max_len = mmm.model.config.max_seq_len
@@ -309,12 +433,22 @@ class _Run:
         return min(want, self.max_len - min_prompt)
 
     # -- tasks -----------------------------------------------------------------------------
-    def infill(self, t: int, a: int, b: int, acs: dict[int, list[int]], tacs: list[int],
-               bars_before: int | None, bars_after: int | None, clip_notes: bool = True) -> None:
+    def infill(
+        self,
+        t: int,
+        a: int,
+        b: int,
+        acs: dict[int, list[int]],
+        tacs: list[int],
+        bars_before: int | None,
+        bars_after: int | None,
+        clip_notes: bool = True,
+    ) -> None:
         step = self.max_span()
         for s in range(a, b, step):
-            self._generate("infill", t, s, min(b, s + step), acs, tacs, bars_before, bars_after,
-                           clip_at=b if clip_notes else None)
+            self._generate(
+                "infill", t, s, min(b, s + step), acs, tacs, bars_before, bars_after, clip_at=b if clip_notes else None
+            )
 
     def new_track(self, program: int, acs: dict[int, list[int]], tacs: list[int]) -> None:
         for v in range(self.n):
@@ -332,8 +466,18 @@ class _Run:
             self._generate("infill", t, s, min(nb, s + step), acs, tacs, None, 0)
 
     # -- one generation (batched over variations while their prompts are equal) -------------
-    def _generate(self, task: str, t: int, a: int, b: int, acs: dict[int, list[int]], tacs: list[int],
-                  bars_before: int | None, bars_after: int | None, clip_at: int | None = None) -> None:
+    def _generate(
+        self,
+        task: str,
+        t: int,
+        a: int,
+        b: int,
+        acs: dict[int, list[int]],
+        tacs: list[int],
+        bars_before: int | None,
+        bars_after: int | None,
+        clip_at: int | None = None,
+    ) -> None:
         """Generate bars [a, b) of track t; with `clip_at`, generated notes end at the start of
         that bar at the latest (the end of the user's span: they must not overlap kept notes)."""
         groups = [list(range(self.n))] if not self.diverged else [[v] for v in range(self.n)]
@@ -341,32 +485,73 @@ class _Run:
             piece = self.pieces[group[0]]
             bar_acs = [[self.tables.model_id(i) for i in acs.get(bar, [])] for bar in range(a, b)]
             n_acs = sum(len(x) for x in bar_acs)
-            header = 1 + TRACK_FRAME + len(tacs) + (b - a + 1 if task == "infill" else 0)  # BOS, frame, ACs, Infill_Bars + FillBar_Start
+            header = (
+                1 + TRACK_FRAME + len(tacs) + (b - a + 1 if task == "infill" else 0)
+            )  # BOS, frame, ACs, Infill_Bars + FillBar_Start
             reserve = self.reserve(b - a, n_acs, header)
-            prompt, window, context = self._prompt(task, piece, t, a, b, tacs, self.max_len - reserve,
-                                                   bars_before, bars_after)
+            prompt, window, context = self._prompt(
+                task, piece, t, a, b, tacs, self.max_len - reserve, bars_before, bars_after
+            )
             budget = self.max_len - len(prompt)
             end_id = self.vocab.fill_end if task == "infill" else self.vocab.track_end
             plan = BarPlan(piece.time_sigs[a:b], bar_acs, end_id, piece.programs[t] < 0)
             grammars = [BarGrammar(GrammarTables.of(self.vocab), plan, budget) for _ in group]
-            out = generate_ids(self.mmm.model, prompt, budget, grammars, len(group), self.sampling, self.generator,
-                               num_threads=self.mmm.num_threads, on_step=self.on_step)
+            out = generate_ids(
+                self.mmm.model,
+                prompt,
+                budget,
+                grammars,
+                len(group),
+                self.sampling,
+                self.generator,
+                num_threads=self.mmm.num_threads,
+                on_step=self.on_step,
+            )
             tokens = out.base_ids(self.vocab)
             for v, base in zip(group, tokens):
                 self._apply(v, t, a, b, base, clip_at)
             starved = [[a + k for k in g.starved_bars()] for g in grammars]
             if any(starved):
-                log.warning("track %d, bars %s: the token budget (%d ids after a %d-id prompt) ran out, "
-                            "so these bars may be cut short; raise max_bar_tokens or shorten the context",
-                            piece.source[t], sorted({b_ for s_ in starved for b_ in s_}), budget, len(prompt))
-            self.report.steps.append(GenerationStep(
-                task, piece.source[t], (a, b), piece.programs[t], group, len(prompt), budget,
-                window, [piece.source[k] for k in context], tokens, out.timings(), prompt, starved))
+                log.warning(
+                    "track %d, bars %s: the token budget (%d ids after a %d-id prompt) ran out, "
+                    "so these bars may be cut short; raise max_bar_tokens or shorten the context",
+                    piece.source[t],
+                    sorted({b_ for s_ in starved for b_ in s_}),
+                    budget,
+                    len(prompt),
+                )
+            self.report.steps.append(
+                GenerationStep(
+                    task,
+                    piece.source[t],
+                    (a, b),
+                    piece.programs[t],
+                    group,
+                    len(prompt),
+                    budget,
+                    window,
+                    [piece.source[k] for k in context],
+                    tokens,
+                    out.timings(),
+                    prompt,
+                    starved,
+                )
+            )
         if self.n > 1:
             self.diverged = True
 
-    def _prompt(self, task: str, piece: Piece, t: int, a: int, b: int, tacs: list[int], limit: int,
-                bars_before: int | None, bars_after: int | None) -> tuple[list[int], tuple[int, int], list[int]]:
+    def _prompt(
+        self,
+        task: str,
+        piece: Piece,
+        t: int,
+        a: int,
+        b: int,
+        tacs: list[int],
+        limit: int,
+        bars_before: int | None,
+        bars_after: int | None,
+    ) -> tuple[list[int], tuple[int, int], list[int]]:
         """Model ids of the prompt, fitted under `limit` (window of bars, then fewer tracks)."""
         vocab = self.vocab
         nb = piece.num_bars
@@ -410,8 +595,9 @@ class _Run:
                     f"({self.max_len} tokens) even without context: lower max_bar_tokens"
                 )
 
-    def _words(self, task: str, piece: Piece, t: int, a: int, b: int, lo: int, hi: int,
-               context: list[int], tacs: list[int]) -> list[list[int]]:
+    def _words(
+        self, task: str, piece: Piece, t: int, a: int, b: int, lo: int, hi: int, context: list[int], tacs: list[int]
+    ) -> list[list[int]]:
         def window(k: int) -> list[list[int]]:
             bars = [list(bar) for bar in piece.bars[k][lo:hi]]
             if lo > 0 and bars:
@@ -419,8 +605,10 @@ class _Run:
             return bars
 
         order = sorted(context + [t]) if task == "infill" else sorted(context) + [t]
-        parts = {k: TrackPart(program=piece.programs[k], bars=window(k) if (k != t or task == "infill") else [])
-                 for k in order}
+        parts = {
+            k: TrackPart(program=piece.programs[k], bars=window(k) if (k != t or task == "infill") else [])
+            for k in order
+        }
         parts[t].track_acs = list(tacs)
         spec = SampleSpec(task=task, tracks=order, target=t, span=(a - lo, b - lo))
         words = assemble(spec, parts, self.vocab)
@@ -451,8 +639,9 @@ class _Run:
         self.report.regions[v].append((piece.source[t], start, end))
 
 
-def _splice(track: Track, start: int, end: int | None, notes: dict | None, notes_tpq: int, tpq: int,
-            clip: int | None = None) -> None:
+def _splice(
+    track: Track, start: int, end: int | None, notes: dict | None, notes_tpq: int, tpq: int, clip: int | None = None
+) -> None:
     """Replace the notes of `track` whose onset is in [start, end) by `notes` (relative to
     `start`, in `notes_tpq` ticks); every other note is kept as it is. With `clip`, the new
     notes end at that tick at the latest."""
@@ -476,6 +665,8 @@ def _splice(track: Track, start: int, end: int | None, notes: dict | None, notes
     arrays = {k: np.concatenate([np.asarray(x, dtype=np.int64) for x in parts[k]]) for k in fields}
     order = np.argsort(arrays["time"], kind="stable")
     track.notes = Note.from_numpy(
-        time=arrays["time"][order].astype(np.int32), duration=arrays["duration"][order].astype(np.int32),
-        pitch=arrays["pitch"][order].astype(np.int8), velocity=arrays["velocity"][order].astype(np.int8),
+        time=arrays["time"][order].astype(np.int32),
+        duration=arrays["duration"][order].astype(np.int32),
+        pitch=arrays["pitch"][order].astype(np.int8),
+        velocity=arrays["velocity"][order].astype(np.int8),
     )

@@ -41,8 +41,16 @@ def num_slots(model: MMMTransformer, total: int) -> int:
     return total if window is None else min(total, window)
 
 
-def decode_step(model: MMMTransformer, ids: Tensor, position: Tensor, keys: list[Tensor], values: list[Tensor],
-                cos_table: Tensor, sin_table: Tensor, written: int) -> Tensor:
+def decode_step(
+    model: MMMTransformer,
+    ids: Tensor,
+    position: Tensor,
+    keys: list[Tensor],
+    values: list[Tensor],
+    cos_table: Tensor,
+    sin_table: Tensor,
+    written: int,
+) -> Tensor:
     """Float32 logits ``[B, V]`` after the tokens ``ids [B]`` at ``position`` (0-d int64 tensor).
 
     Writes their keys/values into slot ``position % S`` of the per-layer ``keys``/``values``

@@ -41,8 +41,15 @@ START, BAR, HEAD, POS, TEMPO, PITCH, VEL, DUR = range(8)
 PHASES = ("START", "BAR", "HEAD", "POS", "TEMPO", "PITCH", "VEL", "DUR")
 # Token kinds.
 K_BAR, K_TS, K_POS, K_TEMPO, K_PITCH, K_DRUM, K_VEL, K_DUR, K_OTHER = range(9)
-_KIND_PREFIX = {"TimeSig": K_TS, "Position": K_POS, "Tempo": K_TEMPO, "Pitch": K_PITCH,
-                "PitchDrum": K_DRUM, "Velocity": K_VEL, "Duration": K_DUR}
+_KIND_PREFIX = {
+    "TimeSig": K_TS,
+    "Position": K_POS,
+    "Tempo": K_TEMPO,
+    "Pitch": K_PITCH,
+    "PitchDrum": K_DRUM,
+    "Velocity": K_VEL,
+    "Duration": K_DUR,
+}
 # phase -> kind -> next phase (missing: not allowed). Pitch and PitchDrum share transitions;
 # which of the two a track may use is checked separately.
 _TRANSITIONS = {
@@ -85,8 +92,9 @@ class GrammarTables:
         # Positions per bar: numerator x the finest resolution (REMI counts positions per beat
         # of the time signature's denominator).
         res = vocab.tokenizer.config.max_num_pos_per_beat
-        self.bar_positions = {i: time_signature_of(token_of[i])[0] * res
-                              for i in range(vocab.base_size) if kinds[i] == K_TS}
+        self.bar_positions = {
+            i: time_signature_of(token_of[i])[0] * res for i in range(vocab.base_size) if kinds[i] == K_TS
+        }
 
         n = vocab.size
         self.exit = np.full((len(PHASES), n), -1, dtype=np.int64)
@@ -125,8 +133,11 @@ class GrammarTables:
                 self.exit[phase, i] = p
         # model id of a single base token (specials, ACs, Bar, TimeSig keep one)
         self.single = {bases[0]: i for i, bases in enumerate(vocab.model_to_base) if len(bases) == 1}
-        self.bar_ts = {vocab.model_to_base[i][1]: i for i in range(n)
-                       if self.length[i] == 2 and self.opens_bar[i] and self.ts[i] >= 0}
+        self.bar_ts = {
+            vocab.model_to_base[i][1]: i
+            for i in range(n)
+            if self.length[i] == 2 and self.opens_bar[i] and self.ts[i] >= 0
+        }
         # the same tables as Python lists: scalar reads in the per-step path
         self.exit_list = self.exit.tolist()
         self.opens_bar_list = self.opens_bar.tolist()
@@ -273,8 +284,19 @@ class BarGrammar:
         next_ts = plan.time_signatures[b] if can_open else -1
         next_acs = can_open and len(plan.bar_acs[b]) > 0
         tight = self.remaining - self.need() < _TIGHT_MARGIN + 1
-        return (self.phase, self.pos, cur_ts, self.acs_pending, next_ts, next_acs,
-                not can_open, plan.end_id, plan.drums, tight, forced)
+        return (
+            self.phase,
+            self.pos,
+            cur_ts,
+            self.acs_pending,
+            next_ts,
+            next_acs,
+            not can_open,
+            plan.end_id,
+            plan.drums,
+            tight,
+            forced,
+        )
 
     def _current(self) -> tuple[tuple, np.ndarray]:
         if self._state is None:

@@ -32,9 +32,13 @@ class SamplingConfig:
     def check(self) -> None:
         if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) or self.temperature < 0:
             raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got {self.temperature!r}")
-        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1):
+        if self.top_k is not None and (
+            isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1
+        ):
             raise ValueError(f"top_k must be a positive integer or None, got {self.top_k!r}")
-        if self.top_p is not None and (isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1):
+        if self.top_p is not None and (
+            isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1
+        ):
             raise ValueError(f"top_p must be in (0, 1] or None, got {self.top_p!r}")
 
 
@@ -64,8 +68,10 @@ def check_tracks(track: int | Sequence[int], score: Score) -> list[int]:
     n = len(score.tracks)
     for t in tracks:
         if not _is_int(t) or not 0 <= t < n:
-            raise RequestError("track", f"unknown track {t!r}: the score has {n} track(s), valid indices 0..{n - 1} "
-                                        f"({describe_tracks(score)})")
+            raise RequestError(
+                "track",
+                f"unknown track {t!r}: the score has {n} track(s), valid indices 0..{n - 1} ({describe_tracks(score)})",
+            )
     if len(set(tracks)) != len(tracks):
         raise RequestError("track", f"track: duplicated index in {tracks}")
     return [int(t) for t in tracks]
@@ -82,11 +88,14 @@ def check_spans(bars: Sequence, num_bars: int) -> list[tuple[int, int]]:
     out = []
     for a, b in spans:
         if not (_is_int(a) and _is_int(b)) or not 0 <= a < b <= num_bars:
-            raise RequestError("bars", f"bars ({a}, {b}) out of range: the piece has {num_bars} bars; a span is "
-                                       f"(start, end) with 0 <= start < end <= {num_bars} (end excluded)")
+            raise RequestError(
+                "bars",
+                f"bars ({a}, {b}) out of range: the piece has {num_bars} bars; a span is "
+                f"(start, end) with 0 <= start < end <= {num_bars} (end excluded)",
+            )
         out.append((int(a), int(b)))
     ordered = sorted(out)
-    for (a1, b1), (a2, _) in zip(ordered, ordered[1:]):
+    for (_a1, b1), (a2, _) in zip(ordered, ordered[1:]):
         if a2 < b1:
             raise RequestError("bars", f"bars: spans {ordered} overlap")
     return out
@@ -105,7 +114,9 @@ def time_signature_id(tokenizer, ts: str | Sequence[int]) -> int:
     base = tokenizer.vocab.get(f"TimeSig_{text}")
     if base is None:
         valid = sorted(t.split("_", 1)[1] for t in tokenizer.vocab if t.startswith("TimeSig_"))
-        raise RequestError("time_signature", f"time_signature {text!r} is not in the tokenizer's vocabulary; valid: {valid}")
+        raise RequestError(
+            "time_signature", f"time_signature {text!r} is not in the tokenizer's vocabulary; valid: {valid}"
+        )
     return base
 
 
@@ -187,7 +198,9 @@ def _check_run_settings(request: Request) -> None:
         if v is not None and (not _is_int(v) or v < 0):
             raise RequestError(name, f"{name} must be None or an integer >= 0, got {v!r}")
     if not _is_int(request.num_variations) or request.num_variations < 1:
-        raise RequestError("num_variations", f"num_variations must be a positive integer, got {request.num_variations!r}")
+        raise RequestError(
+            "num_variations", f"num_variations must be a positive integer, got {request.num_variations!r}"
+        )
     if request.seed is not None and not _is_int(request.seed):
         raise RequestError("seed", f"seed must be an integer or None, got {request.seed!r}")
     if request.max_bar_tokens is not None and (not _is_int(request.max_bar_tokens) or request.max_bar_tokens < 4):
@@ -198,8 +211,9 @@ def _check_run_settings(request: Request) -> None:
         raise RequestError(str(err).split(" ", 1)[0], str(err)) from None
 
 
-def check_request(request: Request, tokenizer, controls: Controls | None, score: Score | None = None,
-                  num_bars: int | None = None) -> Plan:
+def check_request(
+    request: Request, tokenizer, controls: Controls | None, score: Score | None = None, num_bars: int | None = None
+) -> Plan:
     """Resolve `request` into a `Plan`, or raise `RequestError`. infill and add_track need the
     input `score` and its number of bars as the model counts them (`num_bars`). Without a
     tokenizer (and controls), programs are checked against General MIDI, and the controls and

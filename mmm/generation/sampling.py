@@ -18,8 +18,8 @@ import torch
 from torch import Tensor
 
 from mmm.generation.compiled_step import StaticDecoder, is_compile_enabled
-from mmm.generation.request import SamplingConfig
 from mmm.generation.grammar import BarGrammar
+from mmm.generation.request import SamplingConfig
 from mmm.model.kv_cache import KVCache
 from mmm.model.transformer import MMMTransformer
 from mmm.tokenizer import Vocab
@@ -48,9 +48,14 @@ class GenerationOutput:
         return [vocab.to_base(row) for row in self.ids]
 
     def timings(self) -> dict:
-        return {"prompt_tokens": self.prompt_len, "new_tokens": self.new_tokens, "steps": self.steps,
-                "prefill_s": round(self.prefill_s, 6), "decode_s": round(self.decode_s, 6),
-                "tokens_per_s": round(self.tokens_per_s, 2)}
+        return {
+            "prompt_tokens": self.prompt_len,
+            "new_tokens": self.new_tokens,
+            "steps": self.steps,
+            "prefill_s": round(self.prefill_s, 6),
+            "decode_s": round(self.decode_s, 6),
+            "tokens_per_s": round(self.tokens_per_s, 2),
+        }
 
 
 def sample_next(logits: Tensor, cfg: SamplingConfig, generator: torch.Generator | None) -> Tensor:
@@ -64,7 +69,9 @@ def sample_next(logits: Tensor, cfg: SamplingConfig, generator: torch.Generator 
     if top_k is None and top_p is None:
         return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
     # Work on the candidates sorted by logit: the top k, or all of them for top-p alone.
-    values, order = torch.topk(logits, top_k, dim=-1) if top_k is not None else torch.sort(logits, dim=-1, descending=True)
+    values, order = (
+        torch.topk(logits, top_k, dim=-1) if top_k is not None else torch.sort(logits, dim=-1, descending=True)
+    )
     probs = values.softmax(-1)
     if top_p is not None:  # drop a candidate when those ranked above it already hold top_p of the mass
         probs = probs.masked_fill(probs.cumsum(-1) - probs > top_p, 0.0)
@@ -72,7 +79,9 @@ def sample_next(logits: Tensor, cfg: SamplingConfig, generator: torch.Generator 
 
 
 def _select_rows(cache: KVCache, rows: Tensor) -> KVCache:
-    return KVCache([k.index_select(0, rows) for k in cache.keys], [v.index_select(0, rows) for v in cache.values], cache.length)
+    return KVCache(
+        [k.index_select(0, rows) for k in cache.keys], [v.index_select(0, rows) for v in cache.values], cache.length
+    )
 
 
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
@@ -125,8 +134,9 @@ def generate_ids(
         torch.set_num_threads(previous)
 
 
-def _blocked(grammars: Sequence[BarGrammar], rows: list[int], done: list[bool], vocab_size: int,
-             device: torch.device) -> Tensor:
+def _blocked(
+    grammars: Sequence[BarGrammar], rows: list[int], done: list[bool], vocab_size: int, device: torch.device
+) -> Tensor:
     """The grammar masks of the batch rows ``[B, V]``; a finished row (kept in a static batch)
     blocks nothing, so that sampling it stays defined."""
     if len(rows) == 1:
@@ -164,7 +174,9 @@ def _generate(
     vocab_size = model.config.vocab_size
     total = len(prompt) + max_new_tokens
     if total > model.config.max_seq_len:
-        raise ValueError(f"prompt ({len(prompt)}) + budget ({max_new_tokens}) exceeds the model context {model.config.max_seq_len}")
+        raise ValueError(
+            f"prompt ({len(prompt)}) + budget ({max_new_tokens}) exceeds the model context {model.config.max_seq_len}"
+        )
 
     n = num_variations
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)

@@ -33,7 +33,9 @@ def read_score(score: Score | str | Path) -> Score:
     try:  # the checks preprocessing applies, except that a drums-only piece is a fine input
         check_score(loaded, {"allow_drums_only": True})
     except Rejected as err:
-        raise ValueError(f"{path}: {err.reason.replace('_', ' ')}" + (f" ({err.detail})" if err.detail else "")) from None
+        raise ValueError(
+            f"{path}: {err.reason.replace('_', ' ')}" + (f" ({err.detail})" if err.detail else "")
+        ) from None
     return loaded
 
 
@@ -79,12 +81,17 @@ class BarGrid:
         if i is None:
             return None
         missing = sorted(set(self.file_time_signatures) - set(self.time_signatures))
-        return (f"the model counts bars differently from the file from bar {i} on (file: bar {i} starts at tick "
-                f"{self.file_starts[i]} in {'/'.join(map(str, self.file_time_signatures[i]))}; model: tick "
-                f"{self.starts[i]} in {'/'.join(map(str, self.time_signatures[i]))})"
-                + (f": time signature(s) {', '.join(f'{n}/{d}' for n, d in missing)} are not in the tokenizer's "
-                   "vocabulary" if missing else "")
-                + "; bar numbers in requests follow the model's grid")
+        return (
+            f"the model counts bars differently from the file from bar {i} on (file: bar {i} starts at tick "
+            f"{self.file_starts[i]} in {'/'.join(map(str, self.file_time_signatures[i]))}; model: tick "
+            f"{self.starts[i]} in {'/'.join(map(str, self.time_signatures[i]))})"
+            + (
+                f": time signature(s) {', '.join(f'{n}/{d}' for n, d in missing)} are not in the tokenizer's vocabulary"
+                if missing
+                else ""
+            )
+            + "; bar numbers in requests follow the model's grid"
+        )
 
 
 def bar_grid(score: Score, tokenizer: MMMTokenizer, vocab: Vocab | None = None, piece: Piece | None = None) -> BarGrid:
@@ -96,8 +103,10 @@ def bar_grid(score: Score, tokenizer: MMMTokenizer, vocab: Vocab | None = None, 
     ticks = list(piece.bar_ticks) + [piece.end_tick(vocab)]
     file_starts = [int(t) for t in get_bars_ticks(score, only_notes_onsets=True)]
     # by time only: of two events at the same tick the later one in the file rules (as in miditok)
-    changes = sorted(((int(ts.time), int(ts.numerator), int(ts.denominator)) for ts in score.time_signatures),
-                     key=lambda change: change[0])
+    changes = sorted(
+        ((int(ts.time), int(ts.numerator), int(ts.denominator)) for ts in score.time_signatures),
+        key=lambda change: change[0],
+    )
     file_sigs = []
     for start in file_starts:
         current = (4, 4)  # MIDI's default before any time signature event

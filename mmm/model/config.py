@@ -74,9 +74,7 @@ class ModelConfig:
                 f"({self.num_kv_heads}); pick num_kv_heads among the divisors of num_heads"
             )
         if self.attention not in ATTENTION_CHOICES:
-            raise ValueError(
-                f"ModelConfig.attention must be one of {ATTENTION_CHOICES}, got {self.attention!r}"
-            )
+            raise ValueError(f"ModelConfig.attention must be one of {ATTENTION_CHOICES}, got {self.attention!r}")
         window = self.sliding_window
         if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window <= 0):
             raise ValueError(
@@ -115,6 +113,4 @@ def model_config_from_preset(name: str, vocab_size: int, max_seq_len: int, **ove
     """Config of preset ``name`` with the given vocabulary/context size; overrides win over the preset."""
     if name not in PRESETS:
         raise ValueError(f"Unknown model preset {name!r}; available presets: {sorted(PRESETS)}")
-    return ModelConfig.from_dict(
-        {**PRESETS[name], "vocab_size": vocab_size, "max_seq_len": max_seq_len, **overrides}
-    )
+    return ModelConfig.from_dict({**PRESETS[name], "vocab_size": vocab_size, "max_seq_len": max_seq_len, **overrides})

@@ -35,7 +35,9 @@ def _segments(*tensors: Tensor, doc_ids: Tensor) -> Iterator[tuple[Tensor, ...]]
 
 
 @torch.library.custom_op("mmm::packed_attention", mutates_args=())
-def packed_attention(q: Tensor, k: Tensor, v: Tensor, doc_ids: Tensor, window: int, scale: float) -> tuple[Tensor, Tensor]:
+def packed_attention(
+    q: Tensor, k: Tensor, v: Tensor, doc_ids: Tensor, window: int, scale: float
+) -> tuple[Tensor, Tensor]:
     """Causal attention within each sample of packed rows (``doc_ids [B, T]``), ``window`` tokens
     back at most (0: unlimited). ``q [B, T, heads, D]``, ``k``/``v [B, T, kv_heads, D]``; returns
     the output like ``q`` and the float32 log-sum-exp ``[heads, B * T]`` its backward needs."""
@@ -43,7 +45,8 @@ def packed_attention(q: Tensor, k: Tensor, v: Tensor, doc_ids: Tensor, window: i
     for q_s, k_s, v_s in _segments(q, k, v, doc_ids=doc_ids):
         mask = _window_mask(q_s.shape[2], window, q)
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q_s, k_s, v_s, 0.0, mask is None, attn_mask=mask, scale=scale)
+            q_s, k_s, v_s, 0.0, mask is None, attn_mask=mask, scale=scale
+        )
         outs.append(out[0].transpose(0, 1))
         lses.append(lse[0])
     return torch.cat(outs).view(q.shape), torch.cat(lses, dim=1)
@@ -55,15 +58,17 @@ def _(q, k, v, doc_ids, window, scale):
 
 
 @torch.library.custom_op("mmm::packed_attention_backward", mutates_args=())
-def packed_attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                              doc_ids: Tensor, window: int, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+def packed_attention_backward(
+    grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, doc_ids: Tensor, window: int, scale: float
+) -> tuple[Tensor, Tensor, Tensor]:
     grads: tuple[list[Tensor], list[Tensor], list[Tensor]] = ([], [], [])
     at = 0
     for grad_s, q_s, k_s, v_s, out_s in _segments(grad, q, k, v, out, doc_ids=doc_ids):
         length = q_s.shape[2]
         mask = _window_mask(length, window, q)
         parts = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            grad_s, q_s, k_s, v_s, out_s, lse[None, :, at : at + length], 0.0, mask is None, attn_mask=mask, scale=scale)
+            grad_s, q_s, k_s, v_s, out_s, lse[None, :, at : at + length], 0.0, mask is None, attn_mask=mask, scale=scale
+        )
         for into, part in zip(grads, parts):
             into.append(part[0].transpose(0, 1))
         at += length

@@ -30,7 +30,9 @@ WEIGHTS_FILE = "model.safetensors"
 FORMAT_VERSION = 2
 
 
-def save_pretrained(model: MMMTransformer, tokenizer: MMMTokenizer, folder: str | Path, extra: dict | None = None) -> Path:
+def save_pretrained(
+    model: MMMTransformer, tokenizer: MMMTokenizer, folder: str | Path, extra: dict | None = None
+) -> Path:
     """Write the folder atomically: built in a temp dir beside it, then swapped into place
     (`mmm.files.atomic.atomic_write_folder`: a full disk leaves the previous folder and no partial one)."""
     config = {"mmm_format": FORMAT_VERSION, "model": model.config.to_dict(), **(extra or {})}
@@ -55,8 +57,11 @@ SAFE_GLOBALS: list[Any] = []
 # DeepSpeed's own optimizer-state files hold these (checked on ZeRO-2 and ZeRO-3 checkpoints of
 # `trainer=deepspeed_cpu`), and its `zero_to_fp32` unpickles them with weights_only=False: each
 # file is scanned first, and anything beyond them is refused.
-DEEPSPEED_GLOBALS = {"deepspeed.runtime.fp16.loss_scaler.LossScaler", "deepspeed.runtime.zero.config.ZeroStageEnum",
-                     "deepspeed.utils.tensor_fragment.fragment_address"}
+DEEPSPEED_GLOBALS = {
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+}
 
 
 class UnsafeCheckpoint(pickle.UnpicklingError):
@@ -129,7 +134,9 @@ def _from_deepspeed_dir(path: Path, trusted: bool = False) -> tuple[MMMTransform
     names = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
     client_file = next((path / tag / n for n in names if (path / tag / n).is_file()), None)
     if client_file is None:
-        raise FileNotFoundError(f"{path}: 'latest' names the tag {tag!r} but {path / tag} holds no model states (an incomplete checkpoint)")
+        raise FileNotFoundError(
+            f"{path}: 'latest' names the tag {tag!r} but {path / tag} holds no model states (an incomplete checkpoint)"
+        )
     if not trusted:  # zero_to_fp32 unpickles every state file in full
         check_deepspeed_states(path / tag)
     client = load_checkpoint_file(client_file, trusted=trusted)
@@ -168,8 +175,10 @@ def checkpoint_location(ref: str | Path) -> Path | str:
     if text.count("/") != 1 or text.startswith((".", "/", "~")) or text.endswith((".ckpt", ".json")):
         raise FileNotFoundError(f"{text}: no such checkpoint folder or file (nor a hub repo id 'owner/name')")
     if Path(text.split("/")[0]).is_dir():
-        raise FileNotFoundError(f"{text}: no such checkpoint folder or file ({text.split('/')[0]}/ is a local "
-                                "folder, so this is not taken for a hub repo id)")
+        raise FileNotFoundError(
+            f"{text}: no such checkpoint folder or file ({text.split('/')[0]}/ is a local "
+            "folder, so this is not taken for a hub repo id)"
+        )
     return text
 
 
@@ -186,13 +195,17 @@ def load_pretrained(path: str | Path, trusted: bool = False) -> tuple[MMMTransfo
             raise ValueError(f"{path / CONFIG_FILE}: no 'model' section; not an mmm checkpoint folder")
         version = config.get("mmm_format", 1)
         if version > FORMAT_VERSION:
-            raise ValueError(f"{path}: checkpoint format {version} was written by a newer mmm "
-                             f"(this one reads format {FORMAT_VERSION}): upgrade mmm")
+            raise ValueError(
+                f"{path}: checkpoint format {version} was written by a newer mmm "
+                f"(this one reads format {FORMAT_VERSION}): upgrade mmm"
+            )
         if version < FORMAT_VERSION:
-            raise ValueError(f"{path}: checkpoint format {version} was trained on the earlier bar encoding (a bar's "
-                             f"header merged with its first notes by BPE); this mmm encodes format {FORMAT_VERSION}, "
-                             "so the model would read foreign prompts. Retrain it with this mmm, or fine-tune it: raise "
-                             "trainer.max_steps and re-run its training command (it resumes from last.ckpt)")
+            raise ValueError(
+                f"{path}: checkpoint format {version} was trained on the earlier bar encoding (a bar's "
+                f"header merged with its first notes by BPE); this mmm encodes format {FORMAT_VERSION}, "
+                "so the model would read foreign prompts. Retrain it with this mmm, or fine-tune it: raise "
+                "trainer.max_steps and re-run its training command (it resumes from last.ckpt)"
+            )
         return _build(config["model"], load_file(str(path / WEIGHTS_FILE))), load_tokenizer(path)
     if path.is_dir() and (path / "latest").is_file():
         return _from_deepspeed_dir(path, trusted)

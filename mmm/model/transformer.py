@@ -91,12 +91,26 @@ class Attention(nn.Module):
             window = (-1, -1) if self.sliding_window is None else (self.sliding_window - 1, 0)
             if doc_ids is not None:  # packed rows: each sample is its own sequence
                 offsets, longest, _ = varlen_offsets(doc_ids)
-                out = _load_flash_attn().flash_attn_varlen_func(
-                    q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), offsets, offsets, longest, longest,
-                    softmax_scale=self.scale, causal=True, window_size=window,
-                ).view(B, T, self.num_heads, self.head_dim)
+                out = (
+                    _load_flash_attn()
+                    .flash_attn_varlen_func(
+                        q.flatten(0, 1),
+                        k.flatten(0, 1),
+                        v.flatten(0, 1),
+                        offsets,
+                        offsets,
+                        longest,
+                        longest,
+                        softmax_scale=self.scale,
+                        causal=True,
+                        window_size=window,
+                    )
+                    .view(B, T, self.num_heads, self.head_dim)
+                )
             else:
-                out = _load_flash_attn().flash_attn_func(q, k, v, softmax_scale=self.scale, causal=True, window_size=window)
+                out = _load_flash_attn().flash_attn_func(
+                    q, k, v, softmax_scale=self.scale, causal=True, window_size=window
+                )
         elif doc_ids is not None and backend == "sdpa" and mask is None:  # on a CPU
             out = packed_attention(q, k, v, doc_ids, self.sliding_window or 0, self.scale)[0]
         else:
@@ -106,9 +120,7 @@ class Attention(nn.Module):
             if backend == "eager":
                 out = self._eager(q, k, v, mask)
             elif mask is None:
-                out = F.scaled_dot_product_attention(
-                    q, k, v, is_causal=is_causal, scale=self.scale, enable_gqa=True
-                )
+                out = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=self.scale, enable_gqa=True)
             else:
                 # With an explicit mask, CUDA SDPA only has GQA support in its slow math kernel, so
                 # expand K/V to all heads to keep the memory-efficient kernel (HF does the same).
@@ -250,8 +262,9 @@ class MMMTransformer(nn.Module):
 
         return KVCache(zeros(), zeros())
 
-    def forward(self, input_ids: Tensor, cache: KVCache | None = None, last_only: bool = False,
-                doc_ids: Tensor | None = None) -> Tensor:
+    def forward(
+        self, input_ids: Tensor, cache: KVCache | None = None, last_only: bool = False, doc_ids: Tensor | None = None
+    ) -> Tensor:
         """Logits ``[B, T, vocab]`` for ``input_ids [B, T]`` (``[B, 1, vocab]`` with ``last_only``,
         which spares a prompt prefill the vocabulary projection of every other position).
 
@@ -332,8 +345,14 @@ class MMMTransformer(nn.Module):
 # --- the training objective ------------------------------------------------------------------
 
 
-def next_token_nll(model: MMMTransformer, input_ids: Tensor, labels: Tensor, ignore_index: int,
-                   reduction: str = "none", doc_ids: Tensor | None = None) -> Tensor:
+def next_token_nll(
+    model: MMMTransformer,
+    input_ids: Tensor,
+    labels: Tensor,
+    ignore_index: int,
+    reduction: str = "none",
+    doc_ids: Tensor | None = None,
+) -> Tensor:
     """NLL (nats, float32) of each next token: the logits of ``input_ids[:, :-1]`` scored against
     ``labels[:, 1:]``, positions labelled ``ignore_index`` (prompt, padding) excluded.
 
@@ -345,6 +364,7 @@ def next_token_nll(model: MMMTransformer, input_ids: Tensor, labels: Tensor, ign
     """
     logits = model(input_ids[:, :-1], doc_ids=None if doc_ids is None else doc_ids[:, :-1])
     targets = labels[:, 1:]
-    nll = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=ignore_index,
-                          reduction=reduction)
+    nll = F.cross_entropy(
+        logits.flatten(0, 1).float(), targets.flatten(), ignore_index=ignore_index, reduction=reduction
+    )
     return nll.view(targets.shape) if reduction == "none" else nll

@@ -45,7 +45,9 @@ def find_fluidsynth() -> str:
     """Path of the ``fluidsynth`` program on ``$PATH``."""
     path = shutil.which(FLUIDSYNTH)
     if path is None:
-        raise AudioDependencyError(f"audio rendering needs the `{FLUIDSYNTH}` program, not found on PATH: {INSTALL_HINT}")
+        raise AudioDependencyError(
+            f"audio rendering needs the `{FLUIDSYNTH}` program, not found on PATH: {INSTALL_HINT}"
+        )
     return path
 
 
@@ -66,8 +68,12 @@ def find_soundfont(soundfont: str | Path | None = None) -> Path:
     )
 
 
-def render_wav(score_or_midi_path: Score | str | Path, wav_path: str | Path,
-               soundfont: str | Path | None = None, sample_rate: int = 44100) -> Path:
+def render_wav(
+    score_or_midi_path: Score | str | Path,
+    wav_path: str | Path,
+    soundfont: str | Path | None = None,
+    sample_rate: int = 44100,
+) -> Path:
     """Render a `symusic.Score` or a MIDI file to a 16-bit stereo WAV file at `wav_path`.
 
     Runs ``fluidsynth -ni -F wav_path -r sample_rate soundfont midi``. The audio lasts as long
@@ -96,7 +102,19 @@ def render_wav(score_or_midi_path: Score | str | Path, wav_path: str | Path,
         def render(partial: Path) -> None:
             # -ni: no shell, no MIDI input; -F: render to the file as fast as possible (-T: as WAV,
             # whatever the temporary file's name).
-            command = [program, "-ni", "-q", "-T", "wav", "-F", str(partial), "-r", str(sample_rate), str(font), str(midi)]
+            command = [
+                program,
+                "-ni",
+                "-q",
+                "-T",
+                "wav",
+                "-F",
+                str(partial),
+                "-r",
+                str(sample_rate),
+                str(font),
+                str(midi),
+            ]
             result = subprocess.run(command, capture_output=True, text=True, timeout=600)
             if result.returncode != 0 or not partial.is_file() or partial.stat().st_size <= 44:
                 raise RuntimeError(

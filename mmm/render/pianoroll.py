@@ -15,8 +15,13 @@ GENERATED_COLOR = "#dd5500"
 REGION_COLOR = "#ffd9b3"
 
 
-def plot_pianoroll(score: Score, path: str | Path, regions: Sequence[tuple[int, int, int]] = (),
-                   title: str | None = None, bar_ticks: Sequence[int] | None = None) -> Path:
+def plot_pianoroll(
+    score: Score,
+    path: str | Path,
+    regions: Sequence[tuple[int, int, int]] = (),
+    title: str | None = None,
+    bar_ticks: Sequence[int] | None = None,
+) -> Path:
     """Write a piano roll of `score` to `path` (PNG). `regions` are the generated parts as
     `(track index, start tick, end tick)`: notes of that track with an onset inside are drawn
     as generated. One lane per track, pitches inside a lane, time in quarter notes."""
@@ -63,11 +68,15 @@ def plot_pianoroll(score: Score, path: str | Path, regions: Sequence[tuple[int, 
     ax.set_xlim(0, end)
     ax.set_ylim(0, n)
     ax.set_yticks([n - 1 - i + 0.5 for i in range(len(tracks))])
-    ax.set_yticklabels([f"{i}: {'drums' if t.is_drum else t.name or f'program {t.program}'}" for i, t in enumerate(tracks)],
-                       fontsize=8)
+    ax.set_yticklabels(
+        [f"{i}: {'drums' if t.is_drum else t.name or f'program {t.program}'}" for i, t in enumerate(tracks)], fontsize=8
+    )
     ax.set_xlabel("quarter notes")
-    ax.legend(handles=[Patch(color=ORIGINAL_COLOR, label="original"), Patch(color=GENERATED_COLOR, label="generated")],
-              loc="upper right", fontsize=8)
+    ax.legend(
+        handles=[Patch(color=ORIGINAL_COLOR, label="original"), Patch(color=GENERATED_COLOR, label="generated")],
+        loc="upper right",
+        fontsize=8,
+    )
     if title:
         ax.set_title(title, fontsize=10)
     fig.tight_layout()

@@ -11,8 +11,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from mmm.model.pretrained import checkpoint_location
 from mmm.config import at_least, check_section
+from mmm.model.pretrained import checkpoint_location
 from mmm.serve.settings import Settings
 
 
@@ -53,7 +53,9 @@ def serve(cfg: Mapping[str, Any]) -> None:
 
         from mmm.serve.app import create_app
     except ImportError as err:
-        raise ValueError(f"the server needs the serve extra ({err.name} is missing): pip install -e \".[serve]\"") from None
+        raise ValueError(
+            f'the server needs the serve extra ({err.name} is missing): pip install -e ".[serve]"'
+        ) from None
     settings = Settings(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(Settings)})
     ckpt = cfg.ckpt
     from mmm.generation.api import MMM

@@ -13,12 +13,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import json
 import logging
 import secrets
 import time
 from collections.abc import Mapping
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,11 +35,19 @@ from starlette.formparsers import MultiPartParser
 
 from mmm.generation.api import MMM
 from mmm.generation.request import Request as MusicRequest  # FastAPI's Request is the HTTP one
-from mmm.serve.settings import Settings
 from mmm.generation.request import SamplingConfig
 from mmm.serve.jobs import TERMINAL, Job, Jobs, QueueFull
-from mmm.serve.music import EXAMPLES, BadUpload, Measure, analyze, example_midi, json_keys_to_bars, \
-    measured_output, read_midi
+from mmm.serve.music import (
+    EXAMPLES,
+    BadUpload,
+    Measure,
+    analyze,
+    example_midi,
+    json_keys_to_bars,
+    measured_output,
+    read_midi,
+)
+from mmm.serve.settings import Settings
 
 log = logging.getLogger("mmm.serve")
 
@@ -50,16 +58,21 @@ SWAGGER = "/static/swagger"
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, code: str, message: str, field: str | None = None,
-                 headers: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self, status: int, code: str, message: str, field: str | None = None, headers: Mapping[str, str] | None = None
+    ) -> None:
         super().__init__(message)
         self.status, self.code, self.message, self.field, self.headers = status, code, message, field, headers
 
 
-def _error_response(status: int, code: str, message: str, field: str | None = None,
-                    headers: Mapping[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"status": status, "code": code, "message": message, "field": field}},
-                        status_code=status, headers=dict(headers or {}))
+def _error_response(
+    status: int, code: str, message: str, field: str | None = None, headers: Mapping[str, str] | None = None
+) -> JSONResponse:
+    return JSONResponse(
+        {"error": {"status": status, "code": code, "message": message, "field": field}},
+        status_code=status,
+        headers=dict(headers or {}),
+    )
 
 
 # --- request fields ---------------------------------------------------------------------------------
@@ -103,14 +116,23 @@ def _form_schema(task: str | None) -> dict:
     props: dict[str, Any] = {}
     if task is None:
         props["task"] = {"type": "string", "enum": list(TASK_FIELDS), "description": "what to do"}
-    props["file"] = {"type": "string", "format": "binary",
-                     "description": "the MIDI file (infill, add_track; not for generate)"}
+    props["file"] = {
+        "type": "string",
+        "format": "binary",
+        "description": "the MIDI file (infill, add_track; not for generate)",
+    }
     for t in tasks:
         for name, text in {**TASK_FIELDS[t], **SAMPLING_FIELDS}.items():
             props.setdefault(name, {"type": "string", "description": f"JSON value: {text}"})
     required = ["task"] if task is None else list(REQUIRED[task]) + ([] if task == "generate" else ["file"])
-    return {"requestBody": {"required": True, "content": {"multipart/form-data": {
-        "schema": {"type": "object", "properties": props, "required": required}}}}}
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {"schema": {"type": "object", "properties": props, "required": required}}
+            },
+        }
+    }
 
 
 @dataclass
@@ -145,46 +167,78 @@ class Server:
         allowed = {**TASK_FIELDS[task], **SAMPLING_FIELDS}
         unknown = sorted(set(fields) - set(allowed))
         if unknown:
-            raise ApiError(422, "unknown_field", f"unknown field(s) {', '.join(unknown)} for {task}; valid fields: "
-                           f"file, {', '.join(allowed)}", unknown[0])
+            raise ApiError(
+                422,
+                "unknown_field",
+                f"unknown field(s) {', '.join(unknown)} for {task}; valid fields: file, {', '.join(allowed)}",
+                unknown[0],
+            )
         values: dict[str, Any] = {}
         for name, text in fields.items():
             try:
                 values[name] = json.loads(text)
             except json.JSONDecodeError:
                 if name not in STRING_FIELDS:
-                    raise ApiError(422, "bad_json", f"{name}: {text!r} is not a JSON value (e.g. bars=[8,12], "
-                                   'controls={"note_density":6})', name) from None
+                    raise ApiError(
+                        422,
+                        "bad_json",
+                        f'{name}: {text!r} is not a JSON value (e.g. bars=[8,12], controls={{"note_density":6}})',
+                        name,
+                    ) from None
                 values[name] = text
         missing = [k for k in REQUIRED[task] if k not in values]
         if missing:
-            raise ApiError(422, "missing_field", f"{task} needs the field(s) {', '.join(missing)}: "
-                           + "; ".join(f"{k}: {allowed[k]}" for k in missing), missing[0])
+            raise ApiError(
+                422,
+                "missing_field",
+                f"{task} needs the field(s) {', '.join(missing)}: " + "; ".join(f"{k}: {allowed[k]}" for k in missing),
+                missing[0],
+            )
         for key in ("controls", "track_controls"):
             if key in values:
                 values[key] = json_keys_to_bars(values[key])
         n = values.get("num_variations", 1)
         if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= self.settings.max_variations:
-            raise ApiError(422, "invalid_field", f"num_variations={n!r}: expected an integer 1..{self.settings.max_variations}",
-                           "num_variations")
+            raise ApiError(
+                422,
+                "invalid_field",
+                f"num_variations={n!r}: expected an integer 1..{self.settings.max_variations}",
+                "num_variations",
+            )
         seed = values.get("seed")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63 - 64):
             raise ApiError(422, "invalid_field", f"seed={seed!r}: expected a non-negative integer or null", "seed")
-        request = MusicRequest(task, **{k: values[k] for k in REQUEST_FIELDS if k in values},
-                          sampling=SamplingConfig(values.get("temperature", SamplingConfig.temperature), values.get("top_k", SamplingConfig.top_k),
-                                                  values.get("top_p", SamplingConfig.top_p)))
+        request = MusicRequest(
+            task,
+            **{k: values[k] for k in REQUEST_FIELDS if k in values},
+            sampling=SamplingConfig(
+                values.get("temperature", SamplingConfig.temperature),
+                values.get("top_k", SamplingConfig.top_k),
+                values.get("top_p", SamplingConfig.top_p),
+            ),
+        )
         score = None
         if task == "generate":
             if upload is not None:
-                raise ApiError(422, "unexpected_file", "generate writes a piece from scratch: send no file "
-                               "(infill or add_track work on an uploaded one)", "file")
+                raise ApiError(
+                    422,
+                    "unexpected_file",
+                    "generate writes a piece from scratch: send no file (infill or add_track work on an uploaded one)",
+                    "file",
+                )
             num_bars = values["num_bars"]  # this server's limits; the request check does the rest
             if isinstance(num_bars, int) and not isinstance(num_bars, bool) and num_bars > self.settings.max_new_bars:
-                raise ApiError(422, "invalid_field", f"num_bars={num_bars!r}: expected an integer 1..{self.settings.max_new_bars}",
-                               "num_bars")
+                raise ApiError(
+                    422,
+                    "invalid_field",
+                    f"num_bars={num_bars!r}: expected an integer 1..{self.settings.max_new_bars}",
+                    "num_bars",
+                )
             tempo = values.get("tempo", 120.0)
             if isinstance(tempo, (int, float)) and not isinstance(tempo, bool) and tempo > 1000:
-                raise ApiError(422, "invalid_field", f"tempo={tempo!r}: expected quarter notes per minute in (0, 1000]", "tempo")
+                raise ApiError(
+                    422, "invalid_field", f"tempo={tempo!r}: expected quarter notes per minute in (0, 1000]", "tempo"
+                )
         else:
             if upload is None:
                 raise ApiError(400, "missing_file", f"{task} needs the MIDI file in the multipart field 'file'", "file")
@@ -220,26 +274,39 @@ class Server:
             generation = self.mmm.run(dataclasses.replace(prep.request, seed=seed), prep.score, on_step)
             out, report = generation.scores[0], generation.report
             grid_warning = report.bar_grid_warning  # MMM.run also logged it
-            variations.append({
-                "seed": seed,
-                "midi": base64.b64encode(out.dumps_midi()).decode("ascii"),
-                "regions": [list(r) for r in report.regions[0]],  # (track, start tick, end tick) rewritten
-                "controls": {
-                    "requested": {"controls": v.get("controls"), "track_controls": v.get("track_controls")},
-                    "measured": measured_output(self.measure, out, prep.num_bars, prep.tracks, prep.bars),
-                },
-                "timings": report.summary(),
-            })
-        return {"task": prep.task, "num_bars": prep.num_bars, "bar_grid_warning": grid_warning,
-                "request": prep.values, "variations": variations}
+            variations.append(
+                {
+                    "seed": seed,
+                    "midi": base64.b64encode(out.dumps_midi()).decode("ascii"),
+                    "regions": [list(r) for r in report.regions[0]],  # (track, start tick, end tick) rewritten
+                    "controls": {
+                        "requested": {"controls": v.get("controls"), "track_controls": v.get("track_controls")},
+                        "measured": measured_output(self.measure, out, prep.num_bars, prep.tracks, prep.bars),
+                    },
+                    "timings": report.summary(),
+                }
+            )
+        return {
+            "task": prep.task,
+            "num_bars": prep.num_bars,
+            "bar_grid_warning": grid_warning,
+            "request": prep.values,
+            "variations": variations,
+        }
 
     def submit(self, prep: Prepared) -> Job:
-        job = Job(prep.task, lambda j: self.run(prep, j), prep.bars_per_variation * prep.values.get("num_variations", 1))
+        job = Job(
+            prep.task, lambda j: self.run(prep, j), prep.bars_per_variation * prep.values.get("num_variations", 1)
+        )
         try:
             return self.jobs.submit(job)
         except QueueFull as err:
-            raise ApiError(503, "queue_full", f"the server is busy ({self.settings.queue_size} requests queued); retry "
-                           f"in {err.retry_after_s} s", headers={"Retry-After": str(err.retry_after_s)}) from None
+            raise ApiError(
+                503,
+                "queue_full",
+                f"the server is busy ({self.settings.queue_size} requests queued); retry in {err.retry_after_s} s",
+                headers={"Retry-After": str(err.retry_after_s)},
+            ) from None
 
     # -- info ----------------------------------------------------------------------------------------
     def info(self) -> dict[str, Any]:
@@ -251,21 +318,41 @@ class Server:
             values = list(ctl.values) if ctl.kind == "durations" else sorted(ctl.values)
             return {"kind": ctl.kind, "values": values, "at_least": ctl.at_least, "describe": ctl.describe()}
 
-        programs = [{"program": p, "name": "Drums" if p < 0 else MIDI_INSTRUMENTS[p]["name"]} for p in tok.config.programs]
+        programs = [
+            {"program": p, "name": "Drums" if p < 0 else MIDI_INSTRUMENTS[p]["name"]} for p in tok.config.programs
+        ]
         return {
-            "model": {"parameters": sum(p.numel() for p in mmm.model.parameters()), "context": config.max_seq_len,
-                      "hidden_size": config.hidden_size, "layers": config.num_layers, "vocab_size": config.vocab_size,
-                      **self.card, "license": self.settings.license or self.card.get("license") or "unknown"},
-            "tokenizer": {"vocab_size": len(tok), "bpe": tok.is_trained, "max_bar_tokens": mmm.max_bar_tokens,
-                          "time_signatures": sorted((t.split("_", 1)[1] for t in tok.vocab if t.startswith("TimeSig_")),
-                                                    key=lambda s: tuple(int(x) for x in s.split("/"))[::-1]),
-                          "pitch_range": list(tok.config.pitch_range)},
-            "controls": {"bar": {k: control(c) for k, c in mmm.controls.bar.items()},
-                         "track": {k: control(c) for k, c in mmm.controls.track.items()}},
+            "model": {
+                "parameters": sum(p.numel() for p in mmm.model.parameters()),
+                "context": config.max_seq_len,
+                "hidden_size": config.hidden_size,
+                "layers": config.num_layers,
+                "vocab_size": config.vocab_size,
+                **self.card,
+                "license": self.settings.license or self.card.get("license") or "unknown",
+            },
+            "tokenizer": {
+                "vocab_size": len(tok),
+                "bpe": tok.is_trained,
+                "max_bar_tokens": mmm.max_bar_tokens,
+                "time_signatures": sorted(
+                    (t.split("_", 1)[1] for t in tok.vocab if t.startswith("TimeSig_")),
+                    key=lambda s: tuple(int(x) for x in s.split("/"))[::-1],
+                ),
+                "pitch_range": list(tok.config.pitch_range),
+            },
+            "controls": {
+                "bar": {k: control(c) for k, c in mmm.controls.bar.items()},
+                "track": {k: control(c) for k, c in mmm.controls.track.items()},
+            },
             "programs": programs,
             "tasks": {t: {**f, **SAMPLING_FIELDS} for t, f in TASK_FIELDS.items()},
-            "limits": {"max_upload_bytes": self.settings.max_upload_bytes, "max_variations": self.settings.max_variations,
-                       "max_new_bars": self.settings.max_new_bars, "queue_size": self.settings.queue_size},
+            "limits": {
+                "max_upload_bytes": self.settings.max_upload_bytes,
+                "max_variations": self.settings.max_variations,
+                "max_new_bars": self.settings.max_new_bars,
+                "queue_size": self.settings.queue_size,
+            },
             "examples": {name: text for name, (text, _) in EXAMPLES.items()},
             "auth": bool(self.settings.token),
         }
@@ -282,8 +369,12 @@ class BodyLimit:
         self.app, self.limit = app, limit
 
     async def _refuse(self, send, size: str) -> None:
-        response = _error_response(413, "too_large", f"the upload is {size}; the limit is {self.limit} bytes "
-                                   "(max_upload_mb on the server)", "file")
+        response = _error_response(
+            413,
+            "too_large",
+            f"the upload is {size}; the limit is {self.limit} bytes (max_upload_mb on the server)",
+            "file",
+        )
         await send({"type": "http.response.start", "status": 413, "headers": response.raw_headers})
         await send({"type": "http.response.body", "body": response.body})
 
@@ -341,8 +432,11 @@ class CatchAll:
             log.exception("%s %s: unexpected error", scope["method"], scope["path"])
             if started:  # half an answer is out: only the server can end it (by closing the connection)
                 raise
-            response = _error_response(500, "internal_error", f"internal error: {type(err).__name__}: {err} "
-                                       "(a bug: the server log has the details)")
+            response = _error_response(
+                500,
+                "internal_error",
+                f"internal error: {type(err).__name__}: {err} (a bug: the server log has the details)",
+            )
             await response(scope, receive, send)
 
 
@@ -353,8 +447,14 @@ def create_app(mmm: MMM, settings: Settings | None = None, card: Mapping[str, An
     # Uploads stay in memory up to the limit (the parser would spool bigger parts to the
     # system's temp folder): the server writes nothing to disk.
     MultiPartParser.spool_max_size = max(MultiPartParser.spool_max_size, settings.max_upload_bytes + 1)
-    app = FastAPI(title="MMM studio API", version="1", description=__doc__,
-                  docs_url=None, redoc_url=None, openapi_url="/openapi.json")  # /docs: below, offline
+    app = FastAPI(
+        title="MMM studio API",
+        version="1",
+        description=__doc__,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url="/openapi.json",
+    )  # /docs: below, offline
     app.state.server = server
     # Reading and checking uploads (tokenizing: tens of ms each) runs in threads, a few at a
     # time, so a burst of uploads cannot take every core from the model.
@@ -367,8 +467,9 @@ def create_app(mmm: MMM, settings: Settings | None = None, card: Mapping[str, An
     if settings.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 
-        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["*"],
-                           allow_headers=["*"])
+        app.add_middleware(
+            CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["*"], allow_headers=["*"]
+        )
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, err: ApiError) -> JSONResponse:
@@ -389,14 +490,22 @@ def create_app(mmm: MMM, settings: Settings | None = None, card: Mapping[str, An
         header = request.headers.get("authorization", "")
         scheme, _, given = header.partition(" ")
         if scheme.lower() != "bearer" or not secrets.compare_digest(given.strip().encode(), settings.token.encode()):
-            raise ApiError(401, "unauthorized", "send the server's token as 'Authorization: Bearer <token>' "
-                           "(the studio asks for it)", headers={"WWW-Authenticate": "Bearer"})
+            raise ApiError(
+                401,
+                "unauthorized",
+                "send the server's token as 'Authorization: Bearer <token>' (the studio asks for it)",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
 
     async def read_form(request: Request) -> tuple[dict[str, str], bytes | None, str]:
         content_type = request.headers.get("content-type", "")
         if not content_type.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
-            raise ApiError(415, "bad_content_type", "send the request as multipart/form-data: the MIDI in the field "
-                           "'file', the other fields as JSON values")
+            raise ApiError(
+                415,
+                "bad_content_type",
+                "send the request as multipart/form-data: the MIDI in the field "
+                "'file', the other fields as JSON values",
+            )
         try:
             form = await request.form(max_part_size=settings.max_upload_bytes)
         except StarletteHTTPException as err:  # a malformed multipart body
@@ -406,8 +515,13 @@ def create_app(mmm: MMM, settings: Settings | None = None, card: Mapping[str, An
         for key, value in form.multi_items():
             if key == "file":
                 if isinstance(value, str):
-                    raise ApiError(400, "missing_file", "'file' must be a file upload (multipart), not a text field "
-                                   "(no request may name a file on the server)", "file")
+                    raise ApiError(
+                        400,
+                        "missing_file",
+                        "'file' must be a file upload (multipart), not a text field "
+                        "(no request may name a file on the server)",
+                        "file",
+                    )
                 upload, filename = await value.read(), Path(value.filename or "upload").name
             elif isinstance(value, str):
                 if key in fields:
@@ -423,14 +537,22 @@ def create_app(mmm: MMM, settings: Settings | None = None, card: Mapping[str, An
         if task is None:
             task = fields.pop("task", None)
             if task is None:
-                raise ApiError(422, "missing_field", f"POST /v1/jobs needs the field task ({', '.join(TASK_FIELDS)})", "task")
+                raise ApiError(
+                    422, "missing_field", f"POST /v1/jobs needs the field task ({', '.join(TASK_FIELDS)})", "task"
+                )
         return await anyio.to_thread.run_sync(server.prepare, task, fields, upload, filename, limiter=checks)
 
     def midi_response(result: dict) -> Response:
         first = result["variations"][0]
-        return Response(base64.b64decode(first["midi"]), media_type="audio/midi", headers={
-            "Content-Disposition": f'attachment; filename="mmm_{result["task"]}.mid"', "X-MMM-Seed": str(first["seed"]),
-            **({"X-MMM-Bar-Grid-Warning": result["bar_grid_warning"]} if result["bar_grid_warning"] else {})})
+        return Response(
+            base64.b64decode(first["midi"]),
+            media_type="audio/midi",
+            headers={
+                "Content-Disposition": f'attachment; filename="mmm_{result["task"]}.mid"',
+                "X-MMM-Seed": str(first["seed"]),
+                **({"X-MMM-Bar-Grid-Warning": result["bar_grid_warning"]} if result["bar_grid_warning"] else {}),
+            },
+        )
 
     async def run_now(request: Request, task: str) -> Response:
         job = server.submit(await prepare(request, task))
@@ -452,8 +574,11 @@ def create_app(mmm: MMM, settings: Settings | None = None, card: Mapping[str, An
         authorize(request)
         job = server.jobs.get(job_id)
         if job is None:
-            raise ApiError(404, "unknown_job", f"no job {job_id!r} (finished jobs are kept for the last "
-                           f"{settings.keep_jobs} requests)")
+            raise ApiError(
+                404,
+                "unknown_job",
+                f"no job {job_id!r} (finished jobs are kept for the last {settings.keep_jobs} requests)",
+            )
         return job
 
     # -- routes ------------------------------------------------------------------------------------
@@ -468,9 +593,13 @@ def create_app(mmm: MMM, settings: Settings | None = None, card: Mapping[str, An
     @app.get("/docs", include_in_schema=False)
     async def docs() -> HTMLResponse:
         return get_swagger_ui_html(
-            openapi_url=app.openapi_url, title=f"{app.title} - docs", swagger_js_url=f"{SWAGGER}/swagger-ui-bundle.js",
-            swagger_css_url=f"{SWAGGER}/swagger-ui.css", swagger_favicon_url=f"{SWAGGER}/favicon-32x32.png",
-            swagger_ui_parameters={"validatorUrl": None})  # None: Swagger UI sends the spec to no validator site
+            openapi_url=app.openapi_url,
+            title=f"{app.title} - docs",
+            swagger_js_url=f"{SWAGGER}/swagger-ui-bundle.js",
+            swagger_css_url=f"{SWAGGER}/swagger-ui.css",
+            swagger_favicon_url=f"{SWAGGER}/favicon-32x32.png",
+            swagger_ui_parameters={"validatorUrl": None},
+        )  # None: Swagger UI sends the spec to no validator site
 
     @app.get("/v1/health", summary="Liveness and queue state (no token needed)")
     async def health() -> dict:
@@ -481,25 +610,46 @@ def create_app(mmm: MMM, settings: Settings | None = None, card: Mapping[str, An
         authorize(request)
         return server.info()
 
-    @app.get("/v1/examples/{name}", summary="A bundled example piece (MIDI)",
-             responses={200: {"content": {"audio/midi": {}}}})
+    @app.get(
+        "/v1/examples/{name}",
+        summary="A bundled example piece (MIDI)",
+        responses={200: {"content": {"audio/midi": {}}}},
+    )
     async def example(request: Request, name: str) -> Response:
         authorize(request)
         if name not in EXAMPLES:
             raise ApiError(404, "unknown_example", f"no example {name!r}; examples: {', '.join(EXAMPLES)}")
-        return Response(example_midi(name), media_type="audio/midi",
-                        headers={"Content-Disposition": f'attachment; filename="{name}.mid"'})
+        return Response(
+            example_midi(name),
+            media_type="audio/midi",
+            headers={"Content-Disposition": f'attachment; filename="{name}.mid"'},
+        )
 
-    @app.post("/v1/analyze", summary="Tracks, notes, the model's bar grid and measured controls of a MIDI upload",
-              openapi_extra={"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
-                  "type": "object", "required": ["file"],
-                  "properties": {"file": {"type": "string", "format": "binary"}}}}}}})
+    @app.post(
+        "/v1/analyze",
+        summary="Tracks, notes, the model's bar grid and measured controls of a MIDI upload",
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "multipart/form-data": {
+                        "schema": {
+                            "type": "object",
+                            "required": ["file"],
+                            "properties": {"file": {"type": "string", "format": "binary"}},
+                        }
+                    }
+                },
+            }
+        },
+    )
     async def analyze_upload(request: Request) -> dict:
         authorize(request)
         fields, upload, filename = await read_form(request)
         if fields:
-            raise ApiError(422, "unknown_field", f"analyze takes only 'file', got {', '.join(sorted(fields))}",
-                           next(iter(fields)))
+            raise ApiError(
+                422, "unknown_field", f"analyze takes only 'file', got {', '.join(sorted(fields))}", next(iter(fields))
+            )
         if upload is None:
             raise ApiError(400, "missing_file", "analyze needs the MIDI file in the multipart field 'file'", "file")
 
@@ -517,15 +667,25 @@ def create_app(mmm: MMM, settings: Settings | None = None, card: Mapping[str, An
     def task_endpoint(task: str):
         async def endpoint(request: Request) -> Response:
             return await run_now(request, task)
+
         return endpoint
 
     for task in TASK_FIELDS:
-        app.add_api_route(f"/v1/{task}", task_endpoint(task), methods=["POST"], summary=f"{task}: wait for the result "
-                          "(JSON; with 'Accept: audio/midi' the first candidate's MIDI)",
-                          openapi_extra=_form_schema(task), name=task)
+        app.add_api_route(
+            f"/v1/{task}",
+            task_endpoint(task),
+            methods=["POST"],
+            summary=f"{task}: wait for the result (JSON; with 'Accept: audio/midi' the first candidate's MIDI)",
+            openapi_extra=_form_schema(task),
+            name=task,
+        )
 
-    @app.post("/v1/jobs", status_code=202, summary="Queue a request (field 'task'), answer its id at once",
-              openapi_extra=_form_schema(None))
+    @app.post(
+        "/v1/jobs",
+        status_code=202,
+        summary="Queue a request (field 'task'), answer its id at once",
+        openapi_extra=_form_schema(None),
+    )
     async def create_job(request: Request) -> JSONResponse:
         job = server.submit(await prepare(request, None))
         return JSONResponse(job.snapshot(), status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})
@@ -544,8 +704,11 @@ def create_app(mmm: MMM, settings: Settings | None = None, card: Mapping[str, An
             await asyncio.sleep(0.02)
         return job.snapshot(with_result=False)
 
-    @app.get("/v1/jobs/{job_id}/events", summary="Server-sent events: 'progress' while it runs, then 'end'",
-             responses={200: {"content": {"text/event-stream": {}}}})
+    @app.get(
+        "/v1/jobs/{job_id}/events",
+        summary="Server-sent events: 'progress' while it runs, then 'end'",
+        responses={200: {"content": {"text/event-stream": {}}}},
+    )
     async def job_events(request: Request, job_id: str) -> StreamingResponse:
         job = get_job(request, job_id)
 
@@ -566,8 +729,9 @@ def create_app(mmm: MMM, settings: Settings | None = None, card: Mapping[str, An
                 await asyncio.sleep(0.1)
                 idle += 0.1
 
-        return StreamingResponse(stream(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return StreamingResponse(
+            stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        )
 
     return app
 

@@ -53,9 +53,15 @@ class Job:
     finished_event: threading.Event = field(default_factory=threading.Event)
 
     def snapshot(self, with_result: bool = True) -> dict[str, Any]:
-        out = {"id": self.id, "task": self.task, "state": self.state,
-               "progress": {"bars_done": self.bars_done, "bars_total": self.bars_total},
-               "created": self.created, "started": self.started, "finished": self.finished}
+        out = {
+            "id": self.id,
+            "task": self.task,
+            "state": self.state,
+            "progress": {"bars_done": self.bars_done, "bars_total": self.bars_total},
+            "created": self.created,
+            "started": self.started,
+            "finished": self.finished,
+        }
         if self.error is not None:
             out["error"] = {"code": self.error_code, "message": self.error}
         if with_result and self.result is not None:
@@ -122,8 +128,11 @@ class Jobs:
         return max(1, math.ceil(mean))
 
     def stats(self) -> dict[str, Any]:
-        return {"queued": self.queue.qsize(), "queue_size": self.queue.maxsize,
-                "running": self.running.id if self.running else None}
+        return {
+            "queued": self.queue.qsize(),
+            "queue_size": self.queue.maxsize,
+            "running": self.running.id if self.running else None,
+        }
 
     def close(self) -> None:
         for job in list(self.table.values()):

@@ -21,8 +21,15 @@ from typing import Any
 import numpy as np
 
 
-def load_test(url: str, midi: bytes, clients: int = 16, requests: int = 4, fields: dict[str, str] | None = None,
-              token: str | None = None, timeout_s: float = 300.0) -> dict[str, Any]:
+def load_test(
+    url: str,
+    midi: bytes,
+    clients: int = 16,
+    requests: int = 4,
+    fields: dict[str, str] | None = None,
+    token: str | None = None,
+    timeout_s: float = 300.0,
+) -> dict[str, Any]:
     import httpx
 
     fields = fields or {"track": "0", "bars": "[0,1]", "seed": "0"}
@@ -35,7 +42,9 @@ def load_test(url: str, midi: bytes, clients: int = 16, requests: int = 4, field
             for _ in range(requests):
                 t0 = time.perf_counter()
                 try:
-                    status = http.post("/v1/infill", files={"file": ("load.mid", midi, "audio/midi")}, data=fields).status_code
+                    status = http.post(
+                        "/v1/infill", files={"file": ("load.mid", midi, "audio/midi")}, data=fields
+                    ).status_code
                 except httpx.HTTPError:
                     status = -1
                 with lock:
@@ -54,12 +63,19 @@ def load_test(url: str, midi: bytes, clients: int = 16, requests: int = 4, field
     def percentiles(xs: list[float]) -> dict[str, float | None]:
         if not xs:
             return {"p50_s": None, "p95_s": None, "max_s": None}
-        return {"p50_s": round(float(np.percentile(xs, 50)), 3), "p95_s": round(float(np.percentile(xs, 95)), 3),
-                "max_s": round(max(xs), 3)}
+        return {
+            "p50_s": round(float(np.percentile(xs, 50)), 3),
+            "p95_s": round(float(np.percentile(xs, 95)), 3),
+            "max_s": round(max(xs), 3),
+        }
 
     return {
-        "clients": clients, "requests_per_client": requests, "sent": clients * requests, "answered": len(results),
-        "status": dict(sorted(Counter(s for s, _ in results).items())), "wall_s": round(wall, 3),
+        "clients": clients,
+        "requests_per_client": requests,
+        "sent": clients * requests,
+        "answered": len(results),
+        "status": dict(sorted(Counter(s for s, _ in results).items())),
+        "wall_s": round(wall, 3),
         "ok_latency": percentiles([t for s, t in results if s == 200]),
         "all_latency": percentiles([t for _, t in results]),
         "health_after": health,
@@ -77,7 +93,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--token", default=None)
     args = parser.parse_args(argv)
     fields = {"track": args.track, "bars": args.bars, "seed": "0"}
-    print(json.dumps(load_test(args.url, args.midi.read_bytes(), args.clients, args.requests, fields, args.token), indent=2))
+    print(
+        json.dumps(
+            load_test(args.url, args.midi.read_bytes(), args.clients, args.requests, fields, args.token), indent=2
+        )
+    )
 
 
 if __name__ == "__main__":

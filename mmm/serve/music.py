@@ -14,12 +14,11 @@ from typing import Any
 import numpy as np
 from symusic import Note, Score, Tempo, TimeSignature, Track
 
+from mmm.controls.measure import bar_controls, track_controls
+from mmm.data.checks import Rejected, check_midi_header, check_score
+from mmm.data.layout import bar_ticks_of, input_tracks
 from mmm.generation.api import MMM
 from mmm.generation.scores import BarGrid, bar_grid
-from mmm.data.checks import check_midi_header, check_score
-from mmm.controls.measure import bar_controls, track_controls
-from mmm.data.checks import Rejected
-from mmm.data.layout import bar_ticks_of, input_tracks
 
 
 class BadUpload(ValueError):
@@ -40,7 +39,9 @@ def read_midi(data: bytes, name: str = "upload") -> Score:
     try:
         check_score(score, {"allow_drums_only": True})
     except Rejected as err:
-        raise BadUpload(f"{name}: {err.reason.replace('_', ' ')}" + (f" ({err.detail})" if err.detail else "")) from None
+        raise BadUpload(
+            f"{name}: {err.reason.replace('_', ' ')}" + (f" ({err.detail})" if err.detail else "")
+        ) from None
     return score
 
 
@@ -87,8 +88,10 @@ class Measure:
         for index, track in analysed.tracks.items():
             per_bar = bar_controls(tok, vocab, track, tpq, ticks)
             track_ids = [i for family in track_controls(tok, vocab, track, tpq, ticks) for i in family]
-            out[index] = {"track": self._values(track_ids),
-                          "bars": [self._values([i for family in bar for i in family]) for bar in per_bar]}
+            out[index] = {
+                "track": self._values(track_ids),
+                "bars": [self._values([i for family in bar for i in family]) for bar in per_bar],
+            }
         return out
 
 
@@ -103,33 +106,45 @@ def analyze(mmm: MMM, score: Score, measure: Measure, grid: BarGrid | None = Non
         start = seconds(notes["time"], score)
         end = seconds(notes["time"] + notes["duration"], score)
         measured = controls.get(i, {"track": {}, "bars": [{} for _ in range(grid.num_bars)]})
-        tracks.append({
-            "index": i, "name": track.name, "program": -1 if track.is_drum else int(track.program),
-            "is_drum": bool(track.is_drum), "num_notes": len(track.notes),
-            # [tick, duration ticks, pitch, velocity, start s, end s]
-            "notes": [[int(t), int(d), int(p), int(v), round(float(s), 4), round(float(e), 4)]
-                      for t, d, p, v, s, e in zip(notes["time"], notes["duration"], notes["pitch"],
-                                                  notes["velocity"], start, end)],
-            "controls": measured,
-        })
+        tracks.append(
+            {
+                "index": i,
+                "name": track.name,
+                "program": -1 if track.is_drum else int(track.program),
+                "is_drum": bool(track.is_drum),
+                "num_notes": len(track.notes),
+                # [tick, duration ticks, pitch, velocity, start s, end s]
+                "notes": [
+                    [int(t), int(d), int(p), int(v), round(float(s), 4), round(float(e), 4)]
+                    for t, d, p, v, s, e in zip(
+                        notes["time"], notes["duration"], notes["pitch"], notes["velocity"], start, end
+                    )
+                ],
+                "controls": measured,
+            }
+        )
     end_tick = max(grid.starts[-1], max((t.end() for t in score.tracks if len(t.notes)), default=0))
     return {
         "tpq": score.tpq,
         "num_bars": grid.num_bars,
         "duration_s": round(float(seconds([end_tick], score)[0]), 4),
         "grid": {
-            "starts": grid.starts, "starts_s": [round(float(x), 4) for x in seconds(grid.starts, score)],
+            "starts": grid.starts,
+            "starts_s": [round(float(x), 4) for x in seconds(grid.starts, score)],
             "time_signatures": [list(ts) for ts in grid.time_signatures],
-            "file_starts": grid.file_starts, "file_time_signatures": [list(ts) for ts in grid.file_time_signatures],
-            "first_difference": grid.first_difference, "difference": grid.difference(),
+            "file_starts": grid.file_starts,
+            "file_time_signatures": [list(ts) for ts in grid.file_time_signatures],
+            "first_difference": grid.first_difference,
+            "difference": grid.difference(),
         },
         "tempos": [[int(t.time), round(float(t.qpm), 3)] for t in score.tempos],
         "tracks": tracks,
     }
 
 
-def measured_output(measure: Measure, out: Score, num_bars: int, tracks: Sequence[int],
-                    bars: Sequence[int] | None) -> dict[str, Any]:
+def measured_output(
+    measure: Measure, out: Score, num_bars: int, tracks: Sequence[int], bars: Sequence[int] | None
+) -> dict[str, Any]:
     """Controls measured on `out` for the generated tracks: per track, its track-level values and
     the bar-level values of `bars` (all bars when None)."""
     values = measure.piece(out, num_bars)

@@ -31,7 +31,8 @@ class Settings:
         if self.host not in LOOPBACK and not self.token and not self.allow_unauthenticated:
             raise ValueError(
                 f"host={self.host!r} is reachable from other machines: set token=<a secret> (clients then send "
-                "'Authorization: Bearer <token>') or, on a trusted network only, allow_unauthenticated=true")
+                "'Authorization: Bearer <token>') or, on a trusted network only, allow_unauthenticated=true"
+            )
 
     @property
     def max_upload_bytes(self) -> int:

@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from mmm.model.pretrained import SAFE_GLOBALS, globals_named_in, load_checkpoint_file, unsafe_checkpoint
 from mmm.files.atomic import atomic_write
+from mmm.model.pretrained import SAFE_GLOBALS, globals_named_in, load_checkpoint_file, unsafe_checkpoint
 
 
 def _save(checkpoint: dict[str, Any], path: Path) -> None:
@@ -35,8 +35,9 @@ class MMMCheckpointIO(TorchCheckpointIO):
             return super().save_checkpoint(checkpoint, path, storage_options)
         atomic_write(path, lambda tmp: _save(checkpoint, tmp))
 
-    def load_checkpoint(self, path: Any, map_location: Callable | None = lambda storage, loc: storage,
-                        weights_only: bool | None = None) -> dict[str, Any]:
+    def load_checkpoint(
+        self, path: Any, map_location: Callable | None = lambda storage, loc: storage, weights_only: bool | None = None
+    ) -> dict[str, Any]:
         """`weights_only=False` (`trust_checkpoint=true`) is the opt-in for a trusted file
         holding more than plain data."""
         trusted = weights_only is False

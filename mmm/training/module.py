@@ -17,7 +17,6 @@ from mmm.data.sequences import IGNORE_INDEX
 from mmm.model import MMMTransformer, ModelConfig, next_token_nll
 
 
-
 @dataclass(frozen=True)
 class OptimConfig:
     """The `optim` section (configs/optim/adamw.yaml)."""
@@ -44,8 +43,13 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: 
 class MMMLitModule(L.LightningModule):
     """Holds the model config (saved in every .ckpt) and the optimisation settings."""
 
-    def __init__(self, model_config: Mapping[str, Any], optim: Mapping[str, Any], tokenizer_json: str | None = None,
-                 compile: bool = False) -> None:
+    def __init__(
+        self,
+        model_config: Mapping[str, Any],
+        optim: Mapping[str, Any],
+        tokenizer_json: str | None = None,
+        compile: bool = False,
+    ) -> None:
         super().__init__()
         check_section("optim", optim, OptimConfig)  # kept as a plain mapping in the checkpoint's hparams
         # The tokenizer travels inside every .ckpt so a checkpoint alone can be sampled from.
@@ -65,8 +69,9 @@ class MMMLitModule(L.LightningModule):
 
     def _nll(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed next-token NLL of the batch and its number of targets (evaluation scores the same way)."""
-        nll = self._loss_fn(self.model, batch["input_ids"], batch["labels"], IGNORE_INDEX, reduction="sum",
-                            doc_ids=batch.get("doc_ids"))
+        nll = self._loss_fn(
+            self.model, batch["input_ids"], batch["labels"], IGNORE_INDEX, reduction="sum", doc_ids=batch.get("doc_ids")
+        )
         return nll, (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
 
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:

@@ -24,8 +24,8 @@ from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 
-from mmm.model.pretrained import check_deepspeed_states
 from mmm.files.atomic import atomic_write_folder, space_errno, space_error
+from mmm.model.pretrained import check_deepspeed_states
 
 # DeepSpeed picks its accelerator once, at its first use; without CUDA it must be told "cpu"
 # (its auto-detection may pick another backend). Set before deepspeed is imported.
