@@ -248,6 +248,10 @@ class Vocab:
             if self.model_to_base[i] != (i,):
                 raise ValueError(f"tokenizer: special token {self.token_of[i]} lost its id after BPE")
         self.is_ac_model = np.array([len(b) == 1 and self.is_ac[b[0]] for b in self.model_to_base])
+        # Program tokens are words of their own (never merged): model id == base id.
+        self.is_program = np.array(
+            [len(b) == 1 and self.token_of[b[0]].startswith("Program_") for b in self.model_to_base]
+        )
         # Notes carried by each model id (a BPE token may hold several): for loss per note.
         self.notes_per_model_id = np.array(
             [sum(int(self.is_note_start[b]) for b in bases) for bases in self.model_to_base]

@@ -119,7 +119,13 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     model_config = model_config_from_preset(
         cfg.model.preset, vocab_size=vocab.size, max_seq_len=cfg.model.max_seq_len, **plain(cfg.model.overrides)
     )
-    datamodule = MIDIDataModule.from_config(check_section("data", cfg.data, DataConfig), str(tokenizer_path), cfg.seed)
+    datamodule = MIDIDataModule.from_config(
+        check_section("data", cfg.data, DataConfig),
+        str(tokenizer_path),
+        cfg.seed,
+        fill_program=model_config.fill_program,
+        timing=model_config.timing,
+    )
     module = MMMLitModule(
         model_config.to_dict(), optim=plain(cfg.optim), tokenizer_json=tokenizer_path.read_text(), compile=cfg.compile
     )

@@ -361,8 +361,9 @@ def chunk_dict(chunk) -> dict:
 
 
 # -- models --------------------------------------------------------------------------------
-def tiny_model(vocab_size: int, max_seq_len: int = 512, seed: int = 0):
-    """A random-weight `MMMTransformer` of 2 layers and width 32 (seeded), in eval mode."""
+def tiny_model(vocab_size: int, max_seq_len: int = 512, seed: int = 0, **overrides):
+    """A random-weight `MMMTransformer` of 2 layers and width 32 (seeded), in eval mode;
+    `overrides` are other `ModelConfig` fields (the alignment signals)."""
     import torch
 
     from mmm.model import MMMTransformer, ModelConfig
@@ -377,6 +378,7 @@ def tiny_model(vocab_size: int, max_seq_len: int = 512, seed: int = 0):
         intermediate_size=64,
         max_seq_len=max_seq_len,
         attention="sdpa",
+        **overrides,
     )
     return MMMTransformer(config).eval()
 

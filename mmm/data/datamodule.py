@@ -16,6 +16,7 @@ from mmm.config import at_least, check_section
 from mmm.data.sequences import IGNORE_INDEX, SequenceBuilder, SequenceConfig
 from mmm.data.store import Store, check_vocab
 from mmm.data.store_writer import PreprocessConfig, SplitConfig
+from mmm.data.timing import sequence_timing
 from mmm.tokenizer import Vocab, load_tokenizer
 
 
@@ -51,7 +52,10 @@ class DataConfig:
 
 class SequenceDataset(Dataset):
     """Item i of epoch e is a sample of chunk i drawn with a seed of (seed, e, i): runs are
-    reproducible, every epoch sees new samples, and a resumed run draws what it would have."""
+    reproducible, every epoch sees new samples, and a resumed run draws what it would have.
+
+    `fill_program` and `timing` follow the model (`ModelConfig.fill_program`, `.timing`): with
+    `timing`, each item also carries its ids' musical times and target flags."""
 
     def __init__(
         self,
@@ -63,7 +67,10 @@ class SequenceDataset(Dataset):
         seed: int,
         vary_per_epoch: bool,
         length: int | None = None,
+        fill_program: bool = False,
+        timing: str | None = None,
     ) -> None:
+        self.fill_program, self.timing = fill_program, timing
         self.store_path, self.split = Path(store_path), split
         self.tokenizer_path = Path(tokenizer_path)
         self.sequences, self.max_seq_len = sequences, max_seq_len
@@ -79,7 +86,7 @@ class SequenceDataset(Dataset):
     def _open(self) -> None:
         # Opened lazily so that each loader worker memory-maps the store itself.
         vocab = Vocab(load_tokenizer(self.tokenizer_path))
-        self._builder = SequenceBuilder(vocab, self.sequences, self.max_seq_len)
+        self._builder = SequenceBuilder(vocab, self.sequences, self.max_seq_len, self.fill_program)
         self._store = Store(self.store_path, self.split)
 
     def set_epoch(self, epoch: int) -> None:
@@ -96,20 +103,29 @@ class SequenceDataset(Dataset):
         ids, labels = self._builder(self._store[i % self._chunks], rng)
         vocab = self._builder.vocab
         notes = int(vocab.notes_per_model_id[ids[labels != IGNORE_INDEX]].sum())
-        return {"input_ids": ids, "labels": labels, "num_notes": notes, "index": i}
+        item = {"input_ids": ids, "labels": labels, "num_notes": notes, "index": i}
+        if self.timing is not None:
+            item["times"], item["flags"], _ = sequence_timing(ids, vocab, self.timing)
+        return item
+
+
+def _token_fields(batch: list[dict[str, Any]], pad_id: int) -> dict[str, int]:
+    """The per-token arrays of the samples and what fills their padding."""
+    fills = {"input_ids": pad_id, "labels": IGNORE_INDEX, "times": 0, "flags": 0}
+    return {k: v for k, v in fills.items() if k in batch[0]}
 
 
 def collate(batch: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad to the longest sample: causal attention never looks at the padding."""
     length = max(len(b["input_ids"]) for b in batch)
-    ids = np.full((len(batch), length), pad_id, dtype=np.int64)
-    labels = np.full((len(batch), length), IGNORE_INDEX, dtype=np.int64)
-    for row, b in enumerate(batch):
-        ids[row, : len(b["input_ids"])] = b["input_ids"]
-        labels[row, : len(b["labels"])] = b["labels"]
+    out = {}
+    for key, fill in _token_fields(batch, pad_id).items():
+        array = np.full((len(batch), length), fill, dtype=np.int64)
+        for row, b in enumerate(batch):
+            array[row, : len(b[key])] = b[key]
+        out[key] = torch.from_numpy(array)
     return {
-        "input_ids": torch.from_numpy(ids),
-        "labels": torch.from_numpy(labels),
+        **out,
         "num_notes": torch.tensor([b["num_notes"] for b in batch]),
         "index": torch.tensor([b["index"] for b in batch]),  # which samples (rank split, resume checks)
     }
@@ -121,7 +137,8 @@ def pack(batch: list[dict[str, Any]], pad_id: int, row_len: int | None = None) -
     finds (fixed shapes, at the cost of padding at the rows' ends: samples of 500-1,000 ids
     rarely share a row of 1,024). `doc_ids` numbers the samples of each row (the padding at a
     row's end is a sample of its own) so that the model restarts positions and keeps attention
-    within each sample.
+    within each sample. Musical times and target flags, when the samples have them, travel with
+    their ids (they are the sample's own: nothing to restart).
 
     A sample's first label is ignored: unpacked, position 0 is never a target; packed, it would
     be the previous sample's last token predicting it. Per-sample losses are therefore exactly
@@ -143,22 +160,21 @@ def pack(batch: list[dict[str, Any]], pad_id: int, row_len: int | None = None) -
             row = len(rows) - 1
         rows[row].append(i)
         free[row] -= lengths[i]
-    ids = np.full((len(rows), row_len), pad_id, dtype=np.int64)
-    labels = np.full((len(rows), row_len), IGNORE_INDEX, dtype=np.int64)
+    fields = _token_fields(batch, pad_id)
+    arrays = {key: np.full((len(rows), row_len), fill, dtype=np.int64) for key, fill in fields.items()}
     docs = np.empty((len(rows), row_len), dtype=np.int64)
     for r, members in enumerate(rows):
         at = 0
         for doc, i in enumerate(members):
             end = at + lengths[i]
-            ids[r, at:end] = batch[i]["input_ids"]
-            labels[r, at:end] = batch[i]["labels"]
-            labels[r, at] = IGNORE_INDEX
+            for key, array in arrays.items():
+                array[r, at:end] = batch[i][key]
+            arrays["labels"][r, at] = IGNORE_INDEX
             docs[r, at:end] = doc
             at = end
         docs[r, at:] = len(members)
     return {
-        "input_ids": torch.from_numpy(ids),
-        "labels": torch.from_numpy(labels),
+        **{key: torch.from_numpy(array) for key, array in arrays.items()},
         "doc_ids": torch.from_numpy(docs),
         "num_notes": torch.tensor([b["num_notes"] for b in batch]),
         "index": torch.tensor([b["index"] for b in batch]),
@@ -203,7 +219,8 @@ class _Collate:
 
 
 class MIDIDataModule(L.LightningDataModule):
-    """Train/valid/test loaders over a preprocessed store (see `mmm.preprocess`)."""
+    """Train/valid/test loaders over a preprocessed store (see `mmm.preprocess`), sequences in
+    the format the model reads (`fill_program`, `timing`: see `SequenceDataset`)."""
 
     def __init__(
         self,
@@ -215,8 +232,11 @@ class MIDIDataModule(L.LightningDataModule):
         tokenizer_path: str,
         samples_per_epoch: int | None = None,
         seed: int = 0,
+        fill_program: bool = False,
+        timing: str | None = None,
     ) -> None:
         super().__init__()
+        self.fill_program, self.timing = fill_program, timing
         self.store = store
         self.max_seq_len = max_seq_len
         self.sequences = check_section("data.sequences", sequences, SequenceConfig)
@@ -242,13 +262,19 @@ class MIDIDataModule(L.LightningDataModule):
                     seed=self.seed,
                     vary_per_epoch=split == "train",
                     length=self.samples_per_epoch if split == "train" else None,
+                    fill_program=self.fill_program,
+                    timing=self.timing,
                 )
         if len(self.datasets["train"]) == 0:
             raise ValueError(f"the train split of {self.store} is empty: nothing to train on")
 
     @classmethod
-    def from_config(cls, data: DataConfig, tokenizer_path: str, seed: int) -> MIDIDataModule:
+    def from_config(
+        cls, data: DataConfig, tokenizer_path: str, seed: int, fill_program: bool = False, timing: str | None = None
+    ) -> MIDIDataModule:
         return cls(
+            fill_program=fill_program,
+            timing=timing,
             store=data.store,
             max_seq_len=data.max_seq_len,
             sequences=data.sequences,

@@ -40,6 +40,7 @@ class SequenceConfig:
     `*_ratio` pairs are ranges [a, b] a fraction is drawn from uniformly."""
 
     infill_ratio: float = field(metadata=within(0, 1))
+    all_tracks_ratio: float = field(metadata=within(0, 1))
     tracks_ratio: tuple[float, float] = field(metadata=interval())
     infill_bars_ratio: tuple[float, float] = field(metadata=interval())
     track_acs_ratio: tuple[float, float] = field(metadata=interval())
@@ -76,8 +77,11 @@ class TrackPart:
     bar_acs: dict[int, list[int]] = field(default_factory=dict)  # bar -> AC ids
 
 
-def assemble(spec: SampleSpec, parts: Mapping[int, TrackPart], vocab: Vocab) -> list[list[int]]:
-    """Words of base ids (one per bar, one per structural token); BPE never crosses words."""
+def assemble(
+    spec: SampleSpec, parts: Mapping[int, TrackPart], vocab: Vocab, fill_program: bool = False
+) -> list[list[int]]:
+    """Words of base ids (one per bar, one per structural token); BPE never crosses words. With
+    `fill_program` the fill section opens with the target's `Program` (`ModelConfig.fill_program`)."""
     words: list[list[int]] = [[vocab.bos]]
     fill: list[list[int]] = []
     for t in spec.tracks:
@@ -97,6 +101,8 @@ def assemble(spec: SampleSpec, parts: Mapping[int, TrackPart], vocab: Vocab) -> 
         words.append([vocab.track_end])
     if spec.task == "infill":
         words.append([vocab.fill_start])
+        if fill_program:
+            words.append([vocab.program_id[parts[spec.target].program]])
         words.extend(fill)
         words.append([vocab.fill_end])
     return words
@@ -111,17 +117,22 @@ def encode_sample(
     ids = np.asarray(vocab.encode_words(words), dtype=np.int64)
     labels = ids.copy()
     labels[vocab.prompt_only_model[ids]] = IGNORE_INDEX
+    fill = np.flatnonzero(ids == vocab.fill_start)
+    if len(fill) and fill[-1] + 1 < len(ids) and vocab.is_program[ids[fill[-1] + 1]]:
+        labels[fill[-1] + 1] = IGNORE_INDEX  # the target's program heading the fill section: prompt
     if not context_loss:
         labels[: generated_start(ids, vocab)] = IGNORE_INDEX
     return ids, labels
 
 
 def generated_start(ids: np.ndarray, vocab: Vocab) -> int:
-    """Index of the first id the model generates at inference: after `FillBar_Start` for an
-    infill, after the last `Track_Start Program` for a new track (its ACs are prompt-only)."""
+    """Index of the first id the model generates at inference: after `FillBar_Start` (and the
+    target's `Program` heading the fill section, if any) for an infill, after the last
+    `Track_Start Program` for a new track (its ACs are prompt-only)."""
     fill = np.flatnonzero(ids == vocab.fill_start)
     if len(fill):
-        return int(fill[-1]) + 1
+        after = int(fill[-1]) + 1
+        return after + 1 if after < len(ids) and vocab.is_program[ids[after]] else after
     return int(np.flatnonzero(ids == vocab.track_start)[-1]) + 2
 
 
@@ -135,9 +146,14 @@ def empty_bar_marker(vocab: Vocab) -> int | None:
 class SequenceBuilder:
     """Draws a `SampleSpec` for a stored chunk and builds its sequence from token ids."""
 
-    def __init__(self, vocab: Vocab, cfg: SequenceConfig | Mapping, max_seq_len: int) -> None:
+    def __init__(
+        self, vocab: Vocab, cfg: SequenceConfig | Mapping, max_seq_len: int, fill_program: bool = False
+    ) -> None:
+        """`fill_program`: the model's `ModelConfig.fill_program` (the fill section opens with the
+        target's program)."""
         self.vocab = vocab
         self.cfg = check_section("data.sequences", cfg, SequenceConfig)
+        self.fill_program = fill_program
         self.empty_marker = empty_bar_marker(vocab)
         self.max_seq_len = max_seq_len
         self.rotation = pitch_class_rotation(vocab)
@@ -151,7 +167,11 @@ class SequenceBuilder:
         num_tracks, num_bars = len(bars), len(bars[0])
         with_notes = [t for t in range(num_tracks) if any(self._has_notes(bar) for bar in bars[t])]
         target = rng.choice(with_notes or list(range(num_tracks)))
-        keep = max(1, round(rng.uniform(*cfg.tracks_ratio) * num_tracks))
+        # Drawn only when asked for, so that a recipe without it draws the samples it always did.
+        if cfg.all_tracks_ratio and rng.random() < cfg.all_tracks_ratio:
+            keep = num_tracks
+        else:
+            keep = max(1, round(rng.uniform(*cfg.tracks_ratio) * num_tracks))
         others = [t for t in range(num_tracks) if t != target]
         rng.shuffle(others)
         context = others[: keep - 1]
@@ -257,7 +277,8 @@ class SequenceBuilder:
         fits `max_seq_len`. A bar is never cut and every track keeps its Track_End."""
         while True:
             parts = self.parts(chunk, spec)
-            ids, labels = encode_sample(assemble(spec, parts, self.vocab), self.vocab, self.cfg.context_loss)
+            words = assemble(spec, parts, self.vocab, self.fill_program)
+            ids, labels = encode_sample(words, self.vocab, self.cfg.context_loss)
             if len(ids) <= self.max_seq_len:
                 return ids, labels
             if len(spec.tracks) > 1:

@@ -19,6 +19,7 @@ from tqdm import tqdm
 from mmm.data.datamodule import collate
 from mmm.data.sequences import IGNORE_INDEX, SequenceBuilder
 from mmm.data.store import Store
+from mmm.data.timing import sequence_timing
 from mmm.evaluate.metrics import LOG2, BigramKN, UnigramLM, targets
 from mmm.model import next_token_nll
 from mmm.tokenizer import Vocab
@@ -75,21 +76,36 @@ def build_sequences(
 
 
 @torch.no_grad()
-def model_nll(model, sequences: Pairs, batch_size: int, pad_id: int, desc: str) -> list[np.ndarray]:
+def model_nll(
+    model, sequences: Pairs, batch_size: int, pad_id: int, desc: str, vocab: Vocab | None = None
+) -> list[np.ndarray]:
     """Per sequence, the NLL (nats) of each target (positions of `metrics.targets`), batched like
-    training batches (shortest first) and scored with the training objective."""
+    training batches (shortest first) and scored with the training objective. A model with
+    alignment signals reads each sequence's timing (`vocab` is then required)."""
     device = next(model.parameters()).device
+    kind = model.config.timing
+    if kind is not None and vocab is None:
+        raise ValueError("this model reads musical times and target flags: model_nll needs the vocab to compute them")
     order = sorted(range(len(sequences)), key=lambda i: (len(sequences[i][0]), i))
     out: list[np.ndarray | None] = [None] * len(sequences)
     for s in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False):
         rows = order[s : s + batch_size]
-        batch = collate(
-            [{"input_ids": sequences[i][0], "labels": sequences[i][1], "num_notes": 0, "index": i} for i in rows],
-            pad_id,
+        items = []
+        for i in rows:
+            ids, labels = sequences[i]
+            items.append({"input_ids": ids, "labels": labels, "num_notes": 0, "index": i})
+            if kind is not None:
+                items[-1]["times"], items[-1]["flags"], _ = sequence_timing(ids, vocab, kind)
+        batch = {k: v.to(device) for k, v in collate(items, pad_id).items()}
+        nll = next_token_nll(
+            model,
+            batch["input_ids"],
+            batch["labels"],
+            IGNORE_INDEX,
+            times=batch.get("times"),
+            flags=batch.get("flags"),
         )
-        nll = (
-            next_token_nll(model, batch["input_ids"].to(device), batch["labels"].to(device), IGNORE_INDEX).cpu().numpy()
-        )
+        nll = nll.cpu().numpy()
         for r, i in enumerate(rows):
             mask = sequences[i][1][1:] != IGNORE_INDEX
             out[i] = nll[r, : len(mask)][mask].astype(np.float64)
@@ -126,7 +142,7 @@ def _score_set(
     """Rates of the model and both baselines on `test`, and the model's per-target NLL."""
     counter = TargetCounts(vocab)
     pairs = [(s.ids, s.labels) for s in test]
-    nll = model_nll(model, pairs, batch_size, vocab.pad, desc)
+    nll = model_nll(model, pairs, batch_size, vocab.pad, desc, vocab)
     models: dict[str, Callable[[int], np.ndarray]] = {
         "model": lambda i: nll[i],
         "bigram": lambda i: bigram.bits(*pairs[i]) * LOG2,
@@ -174,7 +190,7 @@ def likelihood(
 
     # Fill sections (bar infilling) with and without the other tracks.
     paired = [i for i, s in enumerate(test) if s.alone is not None]
-    alone_nll = model_nll(model, [test[i].alone for i in paired], batch_size, vocab.pad, "infill NLL alone")
+    alone_nll = model_nll(model, [test[i].alone for i in paired], batch_size, vocab.pad, "infill NLL alone", vocab)
     with_ctx, without = np.zeros(4), np.zeros(4)
     context_tracks = []
     for j, i in enumerate(paired):

@@ -48,6 +48,7 @@ from mmm.data.layout import (
     track_ids,
 )
 from mmm.data.sequences import SampleSpec, TrackPart, assemble
+from mmm.data.timing import sequence_timing
 from mmm.generation.compiled_step import enable_compile
 from mmm.generation.grammar import BarGrammar, BarPlan, GrammarTables
 from mmm.generation.request import Plan, Request, RequestError, SamplingConfig, check_request, check_tracks
@@ -484,18 +485,12 @@ class _Run:
         for group in groups:
             piece = self.pieces[group[0]]
             bar_acs = [[self.tables.model_id(i) for i in acs.get(bar, [])] for bar in range(a, b)]
-            n_acs = sum(len(x) for x in bar_acs)
-            header = (
-                1 + TRACK_FRAME + len(tacs) + (b - a + 1 if task == "infill" else 0)
-            )  # BOS, frame, ACs, Infill_Bars + FillBar_Start
-            reserve = self.reserve(b - a, n_acs, header)
-            prompt, window, context = self._prompt(
-                task, piece, t, a, b, tacs, self.max_len - reserve, bars_before, bars_after
-            )
+            prompt, window, context = self._fitted_prompt(task, piece, t, a, b, bar_acs, tacs, bars_before, bars_after)
             budget = self.max_len - len(prompt)
             end_id = self.vocab.fill_end if task == "infill" else self.vocab.track_end
             plan = BarPlan(piece.time_sigs[a:b], bar_acs, end_id, piece.programs[t] < 0)
             grammars = [BarGrammar(GrammarTables.of(self.vocab), plan, budget) for _ in group]
+            kind = self.mmm.model.config.timing
             out = generate_ids(
                 self.mmm.model,
                 prompt,
@@ -506,6 +501,7 @@ class _Run:
                 self.generator,
                 num_threads=self.mmm.num_threads,
                 on_step=self.on_step,
+                timing=None if kind is None else sequence_timing(prompt, self.vocab, kind),
             )
             tokens = out.base_ids(self.vocab)
             for v, base in zip(group, tokens):
@@ -516,7 +512,7 @@ class _Run:
                     "track %d, bars %s: the token budget (%d ids after a %d-id prompt) ran out, "
                     "so these bars may be cut short; raise max_bar_tokens or shorten the context",
                     piece.source[t],
-                    sorted({b_ for s_ in starved for b_ in s_}),
+                    sorted({bar for bars in starved for bar in bars}),
                     budget,
                     len(prompt),
                 )
@@ -539,6 +535,27 @@ class _Run:
             )
         if self.n > 1:
             self.diverged = True
+
+    def _fitted_prompt(
+        self,
+        task: str,
+        piece: Piece,
+        t: int,
+        a: int,
+        b: int,
+        bar_acs: list[list[int]],
+        tacs: list[int],
+        bars_before: int | None,
+        bars_after: int | None,
+    ) -> tuple[list[int], tuple[int, int], list[int]]:
+        """The prompt of one generation, its window of bars and its context tracks, fitted so
+        that the bars to write keep their budget (`reserve`)."""
+        # BOS, the track frame, its ACs; for an infill its Infill_Bars, FillBar_Start (and Program)
+        header = 1 + TRACK_FRAME + len(tacs)
+        if task == "infill":
+            header += b - a + 1 + int(self.mmm.model.config.fill_program)
+        reserve = self.reserve(b - a, sum(len(x) for x in bar_acs), header)
+        return self._prompt(task, piece, t, a, b, tacs, self.max_len - reserve, bars_before, bars_after)
 
     def _prompt(
         self,
@@ -611,9 +628,10 @@ class _Run:
         }
         parts[t].track_acs = list(tacs)
         spec = SampleSpec(task=task, tracks=order, target=t, span=(a - lo, b - lo))
-        words = assemble(spec, parts, self.vocab)
-        if task == "infill":
-            return words[: words.index([self.vocab.fill_start]) + 1]
+        fill_program = self.mmm.model.config.fill_program
+        words = assemble(spec, parts, self.vocab, fill_program)
+        if task == "infill":  # up to FillBar_Start (and the target's Program): the model writes the rest
+            return words[: words.index([self.vocab.fill_start]) + 1 + int(fill_program)]
         return words[:-1]  # drop the new track's Track_End: the model writes its bars
 
     # -- results ---------------------------------------------------------------------------

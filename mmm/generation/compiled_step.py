@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from mmm.model.rope import apply_rope
+from mmm.model.rope import apply_rope, rope_cos_sin
 from mmm.model.transformer import MMMTransformer
 
 # model -> its compiled step; weak so that a dropped model frees its graphs.
@@ -50,15 +50,16 @@ def decode_step(
     cos_table: Tensor,
     sin_table: Tensor,
     written: int,
+    times: Tensor | None = None,
 ) -> Tensor:
     """Float32 logits ``[B, V]`` after the tokens ``ids [B]`` at ``position`` (0-d int64 tensor).
 
     Writes their keys/values into slot ``position % S`` of the per-layer ``keys``/``values``
     ``[B, kv_heads, S + 1, head_dim]`` (S slots and a spare), attends over the first ``written``
     slots (``min(S, position + 1)``, the new one included) and advances ``position`` by one, in
-    place. The grammar mask
-    stays outside: one masked_fill per step, measured at well under 1% of a compiled step
-    (experiments/generation_speed), and a mask input would be one more graph per model.
+    place. The grammar mask stays outside: one masked_fill per step, and a mask input would be
+    one more graph per model. A model with alignment signals takes the tokens' musical ``times``
+    ``[B]``; every generated token belongs to the target (its flag is 1).
     """
     config = model.config
     B = ids.shape[0]
@@ -66,8 +67,14 @@ def decode_step(
     heads, kv_heads, head_dim = config.num_heads, config.num_kv_heads, config.head_dim
     groups = heads // kv_heads
     h = model.embed_tokens(ids)[:, None]  # [B, 1, H]
+    if config.target_embedding:
+        h = h + model.target_embedding
     at = position.view(1)
-    cos, sin = cos_table.index_select(0, at).to(h.dtype), sin_table.index_select(0, at).to(h.dtype)
+    if config.time_rope is None:
+        cos, sin = cos_table.index_select(0, at).to(h.dtype), sin_table.index_select(0, at).to(h.dtype)
+    else:
+        tables = rope_cos_sin(at, head_dim, config.rope_theta, times.view(B, 1), config.time_rope_theta)
+        cos, sin = (table.to(h.dtype) for table in tables)
     slot = at % S
     for i, layer in enumerate(model.layers):
         attn = layer.self_attn
@@ -160,14 +167,16 @@ class StaticDecoder:
     def batch_size(self) -> int:
         return self.keys[0].shape[0]
 
-    def prefill(self, prompt: Sequence[int]) -> Tensor:
-        """Run the prompt through the model's eager forward; float32 logits ``[1, V]`` of its last token."""
+    def prefill(self, prompt: Sequence[int], times: Tensor | None = None, flags: Tensor | None = None) -> Tensor:
+        """Run the prompt (``times``/``flags`` ``[1, P]``: its timing, for a model with alignment
+        signals) through the model's eager forward; float32 logits ``[1, V]`` of its last token."""
         P = len(prompt)
         if not 0 < P < self.total:
             raise ValueError(f"the prompt must hold 1 to {self.total - 1} tokens, got {P}")
         model = self.model
         cache = model.new_cache(1, max_len=P)
-        logits = model(torch.tensor([list(prompt)], device=self.position.device), cache, last_only=True)[:, -1].float()
+        ids = torch.tensor([list(prompt)], device=self.position.device)
+        logits = model(ids, cache, last_only=True, times=times, flags=flags)[:, -1].float()
         # Only the last `slots` positions can still be attended to; each goes to its ring slot.
         src = torch.arange(max(0, P - self.slots), P, device=self.position.device)
         dst = src % self.slots
@@ -178,12 +187,13 @@ class StaticDecoder:
         self.length = P
         return logits
 
-    def step(self, ids: Tensor) -> Tensor:
-        """Float32 logits ``[B, V]`` after ``ids [B]``."""
+    def step(self, ids: Tensor, times: Tensor | None = None) -> Tensor:
+        """Float32 logits ``[B, V]`` after ``ids [B]`` (at musical ``times [B]``, for a model with
+        alignment signals)."""
         if ids.shape != (self.batch_size,):
             raise ValueError(f"ids must have shape ({self.batch_size},), got {tuple(ids.shape)}")
         if self.length >= self.total:
             raise ValueError(f"the decoder holds {self.total} tokens; it is full")
         written = min(self.slots, self.length + 1)
         self.length += 1  # a Python copy of `position`: reading the tensor would sync a GPU
-        return self._step(self.model, ids, self.position, self.keys, self.values, self.cos, self.sin, written)
+        return self._step(self.model, ids, self.position, self.keys, self.values, self.cos, self.sin, written, times)

@@ -14,15 +14,21 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import Tensor
 
+from mmm.data.timing import Clock
 from mmm.generation.compiled_step import StaticDecoder, is_compile_enabled
 from mmm.generation.grammar import BarGrammar
 from mmm.generation.request import SamplingConfig
 from mmm.model.kv_cache import KVCache
 from mmm.model.transformer import MMMTransformer
 from mmm.tokenizer import Vocab
+
+# A prompt's musical times and target flags, and the clock standing after it
+# (`mmm.data.timing.sequence_timing`).
+PromptTiming = tuple[np.ndarray, np.ndarray, Clock]
 
 
 @dataclass
@@ -104,6 +110,7 @@ def generate_ids(
     num_threads: int | None = None,
     on_step: Callable[[Sequence[BarGrammar] | None], None] | None = None,
     compile: bool | None = None,
+    timing: PromptTiming | None = None,
 ) -> GenerationOutput:
     """Sample `num_variations` continuations of `prompt` (model ids).
 
@@ -119,17 +126,25 @@ def generate_ids(
     (compiled on the model's first such call, tens of seconds on a CPU, then reused); False
     with the eager loop; None (default) with the compiled step when this model already has one
     (`mmm.generation.compiled_step.enable_compile(model)`), so no call pays a compile it did not ask for.
+    `timing`: the prompt's `mmm.data.timing.sequence_timing` (of the model's `config.timing` kind),
+    required by a model with alignment signals; each row's clock then times the ids it samples.
     """
     if compile is None:
         compile = is_compile_enabled(model)
     elif not isinstance(compile, bool):
         raise ValueError(f"compile must be True, False or None, got {compile!r}")
+    if model.config.timing is not None and timing is None:
+        raise ValueError(
+            f"this model reads musical times and target flags ({model.config.timing} timing): pass the prompt's "
+            f"timing=mmm.data.timing.sequence_timing(prompt, vocab, {model.config.timing!r})"
+        )
+    args = (model, prompt, max_new_tokens, grammars, num_variations, sampling, generator, on_step, compile, timing)
     if num_threads is None:
-        return _generate(model, prompt, max_new_tokens, grammars, num_variations, sampling, generator, on_step, compile)
+        return _generate(*args)
     previous = torch.get_num_threads()
     torch.set_num_threads(num_threads)
     try:
-        return _generate(model, prompt, max_new_tokens, grammars, num_variations, sampling, generator, on_step, compile)
+        return _generate(*args)
     finally:
         torch.set_num_threads(previous)
 
@@ -163,6 +178,7 @@ def _generate(
     generator: torch.Generator | None,
     on_step: Callable[[Sequence[BarGrammar] | None], None] | None,
     compile: bool,
+    timing: PromptTiming | None,
 ) -> GenerationOutput:
     sampling = sampling or SamplingConfig()
     sampling.check()
@@ -184,11 +200,20 @@ def _generate(
     # The eager loop drops finished rows from its batch and cache; the static decoder keeps
     # them (a new batch size would be a new compiled graph) and ignores what they sample.
     static = StaticDecoder(model, n, total, compile=True) if compile else None
+    # A model with alignment signals reads the prompt's times and flags, then each row's clock
+    # times the ids it samples (all of them are the target's: flag 1).
+    prompt_times = prompt_flags = step_times = None
+    clocks = []
+    if model.config.timing is not None:
+        prompt_times, prompt_flags = (torch.as_tensor(x, device=device)[None] for x in timing[:2])
+        clocks = [timing[2].copy() for _ in range(n)]
+        step_times = [0] * n
     if static is not None:
-        logits = static.prefill(prompt)
+        logits = static.prefill(prompt, prompt_times, prompt_flags)
     else:
         cache = model.new_cache(1, max_len=total)
-        logits = model(torch.tensor([list(prompt)], device=device), cache, last_only=True)[:, -1].float()
+        ids = torch.tensor([list(prompt)], device=device)
+        logits = model(ids, cache, last_only=True, times=prompt_times, flags=prompt_flags)[:, -1].float()
     sync()
     prefill_s = time.perf_counter() - t0
 
@@ -211,6 +236,8 @@ def _generate(
             if done[r]:
                 continue
             out[r].append(i)
+            if clocks:
+                step_times[j] = clocks[r].advance(i)
             if grammars is not None:
                 grammars[r].advance(i)
                 if grammars[r].done:
@@ -225,10 +252,14 @@ def _generate(
             index = torch.tensor(keep, device=device)
             cache, next_ids = _select_rows(cache, index), next_ids.index_select(0, index)
             rows = [rows[j] for j in keep]
+            step_times = [step_times[j] for j in keep] if clocks else None
+        times = torch.tensor(step_times, device=device) if clocks else None
         if static is not None:
-            logits = static.step(next_ids)
+            logits = static.step(next_ids, times)
         else:
-            logits = model(next_ids[:, None], cache)[:, -1].float()
+            flags = None if times is None else torch.ones_like(times)[:, None]
+            logits = model(next_ids[:, None], cache, times=None if times is None else times[:, None], flags=flags)
+            logits = logits[:, -1].float()
         steps += 1
     sync()
     decode_s = time.perf_counter() - t0

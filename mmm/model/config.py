@@ -6,6 +6,7 @@ from dataclasses import MISSING, asdict, dataclass, fields
 from typing import Any
 
 ATTENTION_CHOICES = ("auto", "sdpa", "flash", "eager")
+TIME_ROPE_CHOICES = (None, "bar", "onset")
 
 
 @dataclass
@@ -17,6 +18,20 @@ class ModelConfig:
     construction if flash-attn is missing; "sdpa" never uses flash-attn; "eager" is the plain
     matmul/softmax reference (slow, useful for debugging). ``sliding_window`` limits each token to
     attending to itself and the ``sliding_window - 1`` tokens before it (Mistral's convention).
+
+    The alignment signals (all off by default: the model is then Hugging Face's Mistral) tell each
+    token where it sits in the music (`mmm.data.timing`):
+
+    - ``time_rope``: every other rotary frequency pair turns with the token's musical time instead
+      of its place in the sequence, so a query meets the keys of other tracks that sound at the
+      same time under the same angle. ``"bar"``: the time is the token's bar index in the sample;
+      ``"onset"``: its bar and its onset in the bar (in positions). ``time_rope_theta`` is the
+      base of those pairs' frequencies.
+    - ``target_embedding``: a learned vector added to the tokens of the track being written (its
+      block in the prompt and the fill section).
+    - ``fill_program``: the fill section opens with the target track's ``Program`` token
+      (``FillBar_Start Program_p``), naming what it writes where it writes it. A sequence format
+      setting: the data pipeline and the generation prompt follow it.
     """
 
     vocab_size: int
@@ -32,6 +47,10 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     attention: str = "auto"
     init_std: float = 0.02
+    time_rope: str | None = None
+    time_rope_theta: float = 10000.0
+    target_embedding: bool = False
+    fill_program: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -39,6 +58,14 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
+
+    @property
+    def timing(self) -> str | None:
+        """The kind of musical time (`mmm.data.timing`) the model reads beside the ids, with the
+        target flags; None when it reads neither."""
+        if self.time_rope is None and not self.target_embedding:
+            return None
+        return self.time_rope or "onset"
 
     def validate(self) -> None:
         """Raise ValueError naming the first invalid field and how to fix it."""
@@ -54,7 +81,7 @@ class ModelConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
-        for name in ("rope_theta", "rms_norm_eps", "init_std"):
+        for name in ("rope_theta", "rms_norm_eps", "init_std", "time_rope_theta"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or value <= 0:
                 raise ValueError(f"ModelConfig.{name} must be a positive number, got {value!r}")
@@ -75,6 +102,11 @@ class ModelConfig:
             )
         if self.attention not in ATTENTION_CHOICES:
             raise ValueError(f"ModelConfig.attention must be one of {ATTENTION_CHOICES}, got {self.attention!r}")
+        if self.time_rope not in TIME_ROPE_CHOICES:
+            raise ValueError(f"ModelConfig.time_rope must be one of {TIME_ROPE_CHOICES}, got {self.time_rope!r}")
+        for name in ("target_embedding", "fill_program"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"ModelConfig.{name} must be true or false, got {getattr(self, name)!r}")
         window = self.sliding_window
         if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window <= 0):
             raise ValueError(

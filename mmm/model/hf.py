@@ -24,6 +24,12 @@ def _import_transformers() -> Any:
 def to_hf_config(config: ModelConfig, attn_implementation: str = "sdpa") -> MistralConfig:
     """Equivalent ``transformers.MistralConfig`` (``attn_implementation``: "eager" or "sdpa")."""
     transformers = _import_transformers()
+    if config.timing is not None or config.fill_program:
+        raise ValueError(
+            "this model reads musical times or target flags beside its ids (time_rope, target_embedding) or "
+            "opens its fill section with the target's program (fill_program): Mistral has no equivalent, so it "
+            "cannot be converted to a Hugging Face MistralForCausalLM"
+        )
     if attn_implementation not in ("eager", "sdpa"):
         raise ValueError(f"attn_implementation must be 'eager' or 'sdpa', got {attn_implementation!r}")
     return transformers.MistralConfig(

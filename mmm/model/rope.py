@@ -6,13 +6,20 @@ import torch
 from torch import Tensor
 
 
-def rope_cos_sin(positions: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
-    """Float32 rotary tables ``[T, head_dim]`` for the given absolute positions (HF "default" RoPE)."""
+def rope_cos_sin(
+    positions: Tensor, head_dim: int, theta: float, times: Tensor | None = None, time_theta: float = 10000.0
+) -> tuple[Tensor, Tensor]:
+    """Float32 rotary tables ``[..., head_dim]`` for the given absolute positions (HF "default"
+    RoPE). With ``times`` (musical times, broadcastable with ``positions``), the odd frequency pairs
+    turn with the time instead, at frequencies of base ``time_theta``: half of every head then
+    sees distances in the sequence, the other half distances in the music."""
     # Recomputed per call (a handful of tiny ops) rather than kept as a buffer, so that
     # model.to(torch.bfloat16) cannot round the frequencies.
     exponents = torch.arange(0, head_dim, 2, dtype=torch.float, device=positions.device) / head_dim
-    inv_freq = 1.0 / (theta**exponents)
-    freqs = positions.float()[:, None] * inv_freq[None, :]
+    freqs = positions.float()[..., None] * (1.0 / (theta**exponents))
+    if times is not None:
+        odd = torch.arange(head_dim // 2, device=positions.device) % 2 == 1
+        freqs = torch.where(odd, times.float()[..., None] * (1.0 / (time_theta**exponents)), freqs)
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos(), emb.sin()
 

@@ -205,6 +205,9 @@ class MMMTransformer(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        if config.target_embedding:
+            # Starts at zero (1-D: left so by _init_weights): the model begins as if it had none.
+            self.target_embedding = nn.Parameter(torch.zeros(config.hidden_size))
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -263,7 +266,13 @@ class MMMTransformer(nn.Module):
         return KVCache(zeros(), zeros())
 
     def forward(
-        self, input_ids: Tensor, cache: KVCache | None = None, last_only: bool = False, doc_ids: Tensor | None = None
+        self,
+        input_ids: Tensor,
+        cache: KVCache | None = None,
+        last_only: bool = False,
+        doc_ids: Tensor | None = None,
+        times: Tensor | None = None,
+        flags: Tensor | None = None,
     ) -> Tensor:
         """Logits ``[B, T, vocab]`` for ``input_ids [B, T]`` (``[B, 1, vocab]`` with ``last_only``,
         which spares a prompt prefill the vocabulary projection of every other position).
@@ -277,6 +286,10 @@ class MMMTransformer(nn.Module):
         the earlier (real) positions, whose logits are therefore exact. With a cache the tokens sit at
         positions ``cache.length .. cache.length + T - 1``, attend to the cached prefix, and their
         keys/values are appended to the cache.
+
+        ``times`` and ``flags`` (``[B, T]`` integers, `mmm.data.timing.sequence_timing`) are each
+        token's musical time and target flag: required when the config's alignment signals
+        (``time_rope``, ``target_embedding``) are on, ignored otherwise.
         """
         B, T = input_ids.shape
         start = 0
@@ -292,15 +305,24 @@ class MMMTransformer(nn.Module):
             if start + T > cache.max_len:
                 raise ValueError(f"cache overflow: {start} cached + {T} new tokens > max_len {cache.max_len}")
 
+        config = self.config
+        for name, value, needed in (("times", times, config.time_rope), ("flags", flags, config.target_embedding)):
+            if needed and (value is None or value.shape != input_ids.shape):
+                raise ValueError(
+                    f"this model reads each token's {name} (time_rope={config.time_rope}, target_embedding="
+                    f"{config.target_embedding}): pass {name} shaped like input_ids {tuple(input_ids.shape)} "
+                    "(mmm.data.timing.sequence_timing)"
+                )
         h = self.embed_tokens(input_ids)
+        if config.target_embedding:
+            h = h + flags[..., None].to(h.dtype) * self.target_embedding
         dtype = _compute_dtype(h)
         if cache is not None and cache.dtype != dtype:
             raise ValueError(f"cache dtype {cache.dtype} differs from the attention dtype {dtype}")
         backend = self._backend(h.device, dtype)
-        tables = self._rope_tables(start + T, h.device)
         if doc_ids is None:
             mask, is_causal = self._mask(backend, start, T, h.device)
-            cos, sin = (t[start : start + T].to(dtype) for t in tables)
+            positions = torch.arange(start, start + T, device=h.device)
         else:
             # flash-attn (CUDA) and SDPA on a CPU attend sample by sample (flash_attn_varlen_func,
             # packed_attention); the eager reference and SDPA elsewhere take a block-diagonal mask.
@@ -308,7 +330,13 @@ class MMMTransformer(nn.Module):
             mask = None if per_sample else packed_mask(doc_ids, self.config.sliding_window)
             is_causal = False
             positions = packed_positions(doc_ids)
-            cos, sin = (t[positions].to(dtype) for t in tables)
+        if config.time_rope is None:
+            cos, sin = (t[positions].to(dtype) for t in self._rope_tables(start + T, h.device))
+        else:
+            cos, sin = (
+                t.to(dtype)
+                for t in rope_cos_sin(positions, config.head_dim, config.rope_theta, times, config.time_rope_theta)
+            )
 
         for layer in self.layers:
             h = layer(h, cos, sin, backend, mask, is_causal, cache, doc_ids)
@@ -352,6 +380,8 @@ def next_token_nll(
     ignore_index: int,
     reduction: str = "none",
     doc_ids: Tensor | None = None,
+    times: Tensor | None = None,
+    flags: Tensor | None = None,
 ) -> Tensor:
     """NLL (nats, float32) of each next token: the logits of ``input_ids[:, :-1]`` scored against
     ``labels[:, 1:]``, positions labelled ``ignore_index`` (prompt, padding) excluded.
@@ -360,9 +390,11 @@ def next_token_nll(
     batch (training and validation divide it by the number of targets). Batches are right-padded
     (``mmm.data.datamodule.collate``), which causal attention never lets reach a real position,
     or packed (``doc_ids``, ``mmm.data.datamodule.pack``), whose labels never ask a sample's last
-    token to predict the next sample's first.
+    token to predict the next sample's first. ``times``/``flags``: the tokens' musical times and
+    target flags, for a model with alignment signals (`MMMTransformer.forward`).
     """
-    logits = model(input_ids[:, :-1], doc_ids=None if doc_ids is None else doc_ids[:, :-1])
+    inputs = [None if x is None else x[:, :-1] for x in (doc_ids, times, flags)]
+    logits = model(input_ids[:, :-1], doc_ids=inputs[0], times=inputs[1], flags=inputs[2])
     targets = labels[:, 1:]
     nll = F.cross_entropy(
         logits.flatten(0, 1).float(), targets.flatten(), ignore_index=ignore_index, reduction=reduction

@@ -70,7 +70,14 @@ class MMMLitModule(L.LightningModule):
     def _nll(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed next-token NLL of the batch and its number of targets (evaluation scores the same way)."""
         nll = self._loss_fn(
-            self.model, batch["input_ids"], batch["labels"], IGNORE_INDEX, reduction="sum", doc_ids=batch.get("doc_ids")
+            self.model,
+            batch["input_ids"],
+            batch["labels"],
+            IGNORE_INDEX,
+            reduction="sum",
+            doc_ids=batch.get("doc_ids"),
+            times=batch.get("times"),
+            flags=batch.get("flags"),
         )
         return nll, (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
 
