@@ -54,6 +54,8 @@ class SampleConfig:
     top_k: int | None
     top_p: float | None
     max_bar_tokens: int | None = field(metadata=at_least(4))
+    pitch_range: Any
+    monophonic: bool | None
     device: str
     num_threads: int | None = field(metadata=at_least(1))
     out_dir: str
@@ -82,6 +84,8 @@ class SampleConfig:
             seed=self.seed,
             sampling=SamplingConfig(self.temperature, self.top_k, self.top_p),
             max_bar_tokens=self.max_bar_tokens,
+            pitch_range=tuple(self.pitch_range) if isinstance(self.pitch_range, list) else self.pitch_range,
+            monophonic=self.monophonic,
         )
 
 

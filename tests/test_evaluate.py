@@ -250,6 +250,9 @@ def small_eval(ckpt: Path, corpus: Path, data_dir: Path, out_dir: Path, *extra: 
         "track_bars=3",
         "max_bar_tokens=8",
         "num_threads=1",
+        "listening.max_pieces=2",
+        "listening.window_bars=8",
+        "listening.seeds=[0]",
         *extra,
     ]
 
@@ -311,6 +314,18 @@ def test_metrics_keys_and_sanity(evaluated):
     assert lik["model"]["notes"] > 0 and lik["model"]["bars"] > 0
     ic = lik["infill_context"]
     assert ic["samples"] > 0 and ic["with_context"]["tokens"] == ic["without_context"]["tokens"] > 0
+    # every condition scores the same fill ids
+    assert {c["tokens"] for c in ic["conditions"].values()} == {ic["with_context"]["tokens"]}
+    assert set(ic["ratio_to_real"]) == {"shifted", "other_piece", "alone"}
+    listening = metrics["listening"]["rows"]
+    original = listening["the original bars"]
+    assert original["spans"] > 0 and original["onset_pitch_f1"] == original["onset_f1"] == 1.0
+    assert original["notes_per_original"] == 1.0 and 0 <= original["consonance"] <= 1
+    for name, row in listening.items():
+        assert row["spans"] > 0, name
+        assert 0 <= row["onset_f1"] <= 1 and row["onset_pitch_f1"] <= row["onset_pitch_class_f1"] <= 1, name
+    kept = listening["model, track's range and monophony kept"]
+    assert kept["in_range"] == 1.0  # the grammar keeps the range
     for task in ("all", "infill", "add_track"):
         s = metrics["structure"][task]
         assert s["outputs"] > 0
@@ -418,3 +433,48 @@ def test_cli_shows_the_options():
     ).stdout
     for key in ("num_requests:", "samples_per_chunk:", "kn_discount:", "sampling:"):
         assert key in out
+
+
+# -- listening measures, on notes written by hand ----------------------------------------------
+def notes(*rows):
+    """Note arrays from (time, duration, pitch) rows."""
+    array = np.array(rows, dtype=np.int64).reshape(-1, 3)
+    return {"time": array[:, 0], "duration": array[:, 1], "pitch": array[:, 2], "velocity": np.full(len(array), 64)}
+
+
+def test_consonance_counts_pairs_with_the_notes_sounding_then():
+    from mmm.evaluate.listening import consonance
+
+    generated = notes((0, 10, 60), (10, 10, 66), (40, 5, 60))
+    other = notes((0, 20, 64), (20, 10, 48))  # E4 under the first two, nothing at 40
+    # C4/E4: a third (consonant); F#4/E4: a second (dissonant); at 40 nothing sounds
+    assert consonance(generated, [other]) == (1, 2)
+    assert consonance(generated, [other, notes((0, 50, 48))]) == (1 + 2, 2 + 3)  # C3 under all three: C, F#, C
+
+
+def test_the_naive_baselines():
+    from mmm.evaluate.listening import copy_previous, most_common_pitch, other_track_moved
+
+    ticks = [0, 100, 200, 300, 400]
+    own = notes((0, 50, 60), (50, 50, 62), (100, 100, 64), (200, 100, 65), (350, 50, 67))
+    copied = copy_previous(own, ticks, 2, 4)  # bars 0-1 into bars 2-3
+    assert copied["time"].tolist() == [200, 250, 300] and copied["pitch"].tolist() == [60, 62, 64]
+    first = copy_previous(own, ticks, 0, 1)  # nothing before bar 0: the bar after the span
+    assert first["time"].tolist() == [0] and first["pitch"].tolist() == [64]
+    bass = notes((200, 100, 41), (300, 100, 43))
+    moved = other_track_moved(own, [bass], 200, 400)  # the bass an octave up... two: near 62
+    assert moved["pitch"].tolist() == [65, 67] and moved["time"].tolist() == [200, 300]
+    common = most_common_pitch(notes((0, 10, 60), (10, 10, 60), (20, 10, 62), (200, 10, 70)), [bass], 200, 400)
+    assert common["time"].tolist() == [200, 300] and common["pitch"].tolist() == [60, 60]
+    assert common["duration"].tolist() == [100, 100]
+
+
+def test_a_tally_pools_f1_over_spans():
+    from mmm.evaluate.listening import Tally
+
+    tally = Tally()
+    original = notes((0, 10, 60), (10, 10, 62))
+    tally.add(notes((0, 10, 60), (10, 10, 74)), original, [], (60, 62))  # onset F1 1, onset+pitch 1/2, class 1
+    summary = tally.summary()
+    assert summary["onset_f1"] == 1.0 and summary["onset_pitch_f1"] == 0.5 and summary["onset_pitch_class_f1"] == 1.0
+    assert summary["in_range"] == 0.5 and summary["notes_per_original"] == 1.0

@@ -42,6 +42,7 @@ from mmm.data.prepare import ensure_store
 from mmm.data.sequences import SequenceBuilder
 from mmm.data.store import Store, setting_changes, tokenizer_settings
 from mmm.evaluate.likelihood import EvalSequence, Pairs, build_sequences, likelihood
+from mmm.evaluate.listening import Listening, ListeningConfig
 from mmm.evaluate.report import json_safe, plot, report_markdown
 from mmm.evaluate.requests import Requests
 from mmm.generation.api import MMM
@@ -81,6 +82,7 @@ class EvalConfig:
     sampling: SamplingConfig
     max_bar_tokens: int | None = field(metadata=at_least(4))
     max_failures_listed: int = field(metadata=at_least(0))
+    listening: ListeningConfig
 
     def check(self) -> None:
         if self.infill_bars > self.piece_bars:
@@ -186,6 +188,10 @@ def _evaluate(cfg: DictConfig) -> dict[str, Any]:
     generated = requests.results(cfg.max_failures_listed)
     t_gen = time.perf_counter() - t0 - t_lik
 
+    settings = check_config(cfg)
+    listening = Listening(mmm, store, chunks, settings.listening, settings.sampling).run()
+    t_listening = time.perf_counter() - t0 - t_lik - t_gen
+
     metrics: dict[str, Any] = {
         "checkpoint": str(cfg.ckpt),
         "model": {"parameters": model.num_parameters(), "vocab_size": vocab.size, "max_seq_len": context},
@@ -198,6 +204,7 @@ def _evaluate(cfg: DictConfig) -> dict[str, Any]:
         },
         "likelihood": lik,
         **generated,
+        "listening": listening,
         "settings": {
             k: plain(cfg[k]) for k in sorted(f.name for f in fields(EvalConfig)) if k not in ("ckpt", "out_dir")
         },
@@ -206,6 +213,7 @@ def _evaluate(cfg: DictConfig) -> dict[str, Any]:
     metrics["timings"] = {
         "likelihood_s": t_lik,
         "generation_s": t_gen,
+        "listening_s": t_listening,
         "api_calls": gen["calls"],
         "generated_tokens": gen["new_tokens"],
         "tokens_per_s": gen["new_tokens"] / gen["decode_s"] if gen["decode_s"] > 0 else math.nan,

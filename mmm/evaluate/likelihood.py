@@ -1,6 +1,9 @@
 """Likelihood of test sequences: the model's NLL per target, rates per token, note and bar, the
-unigram and bigram baselines beside it (`mmm.evaluate.metrics`), and the fill-section NLL of bar-infill
-samples with and without the other tracks."""
+unigram and bigram baselines beside it (`mmm.evaluate.metrics`), and the fill-section NLL of
+bar-infill samples under context conditions: the same target ids after the real prompt, after the
+other tracks shifted one bar later, after other tracks taken from another piece, and with the
+target track alone. A model that listens to the other tracks predicts its fill best after the real
+prompt; one that only counts on them being there does as well after the wrong ones."""
 
 from __future__ import annotations
 
@@ -9,7 +12,7 @@ import math
 import random
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -27,13 +30,18 @@ from mmm.tokenizer import Vocab
 Pairs = list[tuple[np.ndarray, np.ndarray]]  # (ids, labels) of sequences
 
 
+# The prompts a fill section is scored after, beside the real one (`build_sequences`).
+CONDITIONS = ("shifted", "other_piece", "alone")
+
+
 @dataclass
 class EvalSequence:
     ids: np.ndarray
     labels: np.ndarray
     task: str
     fill_start: int | None = None  # index of FillBar_Start in ids (infill samples)
-    alone: tuple[np.ndarray, np.ndarray] | None = None  # the infill sample with the target track alone
+    # infill samples with context tracks: the same fill section after another prompt, per condition
+    conditions: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
 
 def _fill_start(ids: np.ndarray, vocab: Vocab) -> int:
@@ -46,14 +54,15 @@ def build_sequences(
     builder: SequenceBuilder,
     per_chunk: int,
     seed: str,
-    pair_alone: bool,
+    with_conditions: bool,
     desc: str,
 ) -> list[EvalSequence]:
-    """`per_chunk` samples of each chunk, each from its own seeded RNG. With `pair_alone`, an
-    infill sample with context tracks also gets its twin without them (same span, ACs, shifts)."""
+    """`per_chunk` samples of each chunk, each from its own seeded RNG. With `with_conditions`, an
+    infill sample with context tracks also gets its twins under each of `CONDITIONS` (same target
+    bars, span, ACs and shifts; kept when its fill section is the same ids)."""
     vocab = builder.vocab
     out = []
-    for i in tqdm(chunks, desc=desc, unit="chunk", leave=False):
+    for n, i in enumerate(tqdm(chunks, desc=desc, unit="chunk", leave=False)):
         chunk = store[i]
         for k in range(per_chunk):
             rng = random.Random(f"{seed}-{i}-{k}")
@@ -62,17 +71,46 @@ def build_sequences(
             seq = EvalSequence(ids, labels, spec.task)
             if spec.task == "infill":
                 seq.fill_start = _fill_start(ids, vocab)
-                if pair_alone and len(spec.tracks) > 1:
-                    # fit() drops context, ACs or bars only when too long; with context kept,
-                    # nothing else was dropped, and the target alone is shorter: same fill section.
-                    alone = copy.deepcopy(spec)
-                    alone.tracks = [spec.target]
-                    a_ids, a_labels = builder.build(chunk, alone, random.Random(0))
-                    start = _fill_start(a_ids, vocab)
-                    if np.array_equal(a_ids[start:], ids[seq.fill_start :]):
-                        seq.alone = (a_ids, a_labels)
+                if with_conditions and len(spec.tracks) > 1:
+                    other = store[chunks[(n + 1) % len(chunks)]] if len(chunks) > 1 else None
+                    for condition in CONDITIONS:
+                        twin = _condition_sample(builder, chunk, spec, condition, other)
+                        # The prompt is rebuilt (the length fit may drop tracks or bars): kept
+                        # only when the fill section, what is scored, came out the same ids.
+                        if twin is not None and np.array_equal(
+                            twin[0][_fill_start(twin[0], vocab) :], ids[seq.fill_start :]
+                        ):
+                            seq.conditions[condition] = twin
             out.append(seq)
     return out
+
+
+def _condition_sample(
+    builder: SequenceBuilder, chunk, spec, condition: str, other
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """The sample of `spec` after another prompt: the other tracks one bar later (bar 0 left empty),
+    the other tracks of another piece (cut or padded with empty bars to this one's length), or
+    the target track alone."""
+    spec = copy.deepcopy(spec)
+    bars = list(chunk["bars"])
+    programs = list(chunk["programs"])
+    context = [t for t in spec.tracks if t != spec.target]
+    if condition == "alone":
+        spec.tracks = [spec.target]
+    elif condition == "shifted":
+        for t in context:  # the first bar's header (Bar TimeSig) stands for an empty bar
+            bars[t] = [list(bars[t][0][:2]), *bars[t][:-1]]
+    elif condition == "other_piece":
+        if other is None or len(other["programs"]) < len(context):
+            return None
+        num_bars = len(bars[spec.target])
+        for t, theirs in zip(context, range(len(other["programs"]))):
+            header = list(bars[t][0][:2])
+            bars[t] = [*other["bars"][theirs][:num_bars]]
+            bars[t] += [header] * (num_bars - len(bars[t]))
+            programs[t] = other["programs"][theirs]
+    changed = {**chunk, "bars": bars, "programs": programs}
+    return builder.build(changed, spec, random.Random(0))
 
 
 @torch.no_grad()
@@ -179,8 +217,7 @@ def likelihood(
 ) -> dict[str, Any]:
     """Model and n-gram rates on `test`, the baselines fitted on `train` (sequences of the same
     builder); the same on `augmented` (test, train) sequences when given; and the fill-section
-    NLL of the infill samples with and without the other tracks."""
-    counter = TargetCounts(vocab)
+    NLL of the infill samples under the context conditions (`infill_context`)."""
     unigram, bigram = fit_baselines(train, vocab.size, kn_discount)
     out, nll = _score_set(model, vocab, test, unigram, bigram, batch_size, "test NLL")
     if augmented is not None:
@@ -188,25 +225,7 @@ def likelihood(
         aug_baselines = fit_baselines(aug_train, vocab.size, kn_discount, " (augmented)")
         out["augmented"], _ = _score_set(model, vocab, aug_test, *aug_baselines, batch_size, "augmented test NLL")
 
-    # Fill sections (bar infilling) with and without the other tracks.
-    paired = [i for i, s in enumerate(test) if s.alone is not None]
-    alone_nll = model_nll(model, [test[i].alone for i in paired], batch_size, vocab.pad, "infill NLL alone", vocab)
-    with_ctx, without = np.zeros(4), np.zeros(4)
-    context_tracks = []
-    for j, i in enumerate(paired):
-        seq = test[i]
-        with_ctx += _fill_totals(counter, seq.ids, seq.labels, nll[i], seq.fill_start)
-        a_ids, a_labels = seq.alone
-        without += _fill_totals(counter, a_ids, a_labels, alone_nll[j], _fill_start(a_ids, vocab))
-        context_tracks.append(int((seq.ids == vocab.track_start).sum()) - 1)
-    out["infill_context"] = {
-        "samples": len(paired),
-        "mean_context_tracks": float(np.mean(context_tracks)) if context_tracks else math.nan,
-        "with_context": _rates(with_ctx[0], *(int(x) for x in with_ctx[1:])),
-        "without_context": _rates(without[0], *(int(x) for x in without[1:])),
-    }
-    ic = out["infill_context"]
-    ic["context_gain_bits_per_note"] = ic["without_context"]["bits_per_note"] - ic["with_context"]["bits_per_note"]
+    out["infill_context"] = infill_context(model, vocab, test, nll, batch_size)
     out["baselines"] = {
         "unigram": "add-one (Laplace) over the model vocabulary",
         "bigram": f"interpolated Kneser-Ney, discount {kn_discount}, add-one continuation unigram",
@@ -214,6 +233,35 @@ def likelihood(
         "train_targets": int(unigram.counts.sum()),
     }
     return out
+
+
+def infill_context(model, vocab: Vocab, test: list[EvalSequence], nll: list[np.ndarray], batch_size: int) -> dict:
+    """Fill-section rates of the infill samples that have a twin under every condition: after the
+    real prompt (`with_context`), with the target alone (`without_context`), and per condition,
+    with each condition's bits per note as a ratio of the real prompt's."""
+    counter = TargetCounts(vocab)
+    paired = [i for i, s in enumerate(test) if len(s.conditions) == len(CONDITIONS)]
+    totals = {"real": np.zeros(4), **{c: np.zeros(4) for c in CONDITIONS}}
+    for i in paired:
+        totals["real"] += _fill_totals(counter, test[i].ids, test[i].labels, nll[i], test[i].fill_start)
+    for condition in CONDITIONS:
+        twins = [test[i].conditions[condition] for i in paired]
+        twin_nll = model_nll(model, twins, batch_size, vocab.pad, f"infill NLL ({condition})", vocab)
+        for (ids, labels), nats in zip(twins, twin_nll):
+            totals[condition] += _fill_totals(counter, ids, labels, nats, _fill_start(ids, vocab))
+    rates = {name: _rates(v[0], *(int(x) for x in v[1:])) for name, v in totals.items()}
+    real = rates["real"]["bits_per_note"]
+    context_tracks = [int((test[i].ids == vocab.track_start).sum()) - 1 for i in paired]
+    return {
+        "samples": len(paired),
+        "mean_context_tracks": float(np.mean(context_tracks)) if context_tracks else math.nan,
+        "with_context": rates["real"],
+        "without_context": rates["alone"],
+        "context_gain_bits_per_note": rates["alone"]["bits_per_note"] - real,
+        "conditions": rates,
+        # bits per note of the fill under each condition / under the real prompt (> 1: the real one helps)
+        "ratio_to_real": {c: rates[c]["bits_per_note"] / real if real else math.nan for c in CONDITIONS},
+    }
 
 
 def _fill_totals(

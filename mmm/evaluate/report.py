@@ -148,7 +148,8 @@ def _rates_row(label: str, rates: dict, keys: tuple[str, ...] = RATES) -> str:
 
 
 def report_markdown(metrics: dict, plots: list[str]) -> str:
-    lik, data, ic = metrics["likelihood"], metrics["data"], metrics["likelihood"]["infill_context"]
+    """The report: a headline, then one section per part of the evaluation."""
+    data = metrics["data"]
     lines = [
         "# MMM evaluation",
         "",
@@ -159,12 +160,25 @@ def report_markdown(metrics: dict, plots: list[str]) -> str:
         "",
         *summary_lines(metrics),
         "",
+        *_likelihood_section(metrics["likelihood"]),
+        *_context_section(metrics["likelihood"]["infill_context"]),
+        *_listening_section(metrics.get("listening")),
+        *_structure_section(metrics["structure"]),
+        *_controls_section(metrics["controls"]),
+        *_musical_section(metrics),
+        *_plots_section(plots, metrics["timings"]),
+    ]
+    return "\n".join(lines)
+
+
+def _likelihood_section(lik: dict) -> list[str]:
+    lines = [
         "## Likelihood (test sequences)",
         "",
         "| model | nats/token | bits/token | bits/note | bits/bar |",
         "|---|---|---|---|---|",
+        *[_rates_row(name, lik[name], ("nats_per_token", *RATES)) for name in ("model", "bigram", "unigram")],
     ]
-    lines += [_rates_row(name, lik[name], ("nats_per_token", *RATES)) for name in ("model", "bigram", "unigram")]
     m = lik["model"]
     lines += [
         "",
@@ -185,19 +199,69 @@ def report_markdown(metrics: dict, plots: list[str]) -> str:
             *[_rates_row(name, aug[name]) for name in ("model", "bigram", "unigram")],
             "",
         ]
-    lines += [
-        "### Bar infilling: fill-section NLL with vs without the other tracks",
+    return lines
+
+
+CONDITION_LABELS = {
+    "real": "the real prompt",
+    "shifted": "the other tracks shifted one bar later",
+    "other_piece": "the other tracks from another piece",
+    "alone": "the target track alone",
+}
+
+
+def _context_section(ic: dict) -> list[str]:
+    lines = [
+        "### Bar infilling: does the fill listen to the other tracks?",
         "",
-        f"{ic['samples']} infill samples (mean {_fmt(ic['mean_context_tracks'], 1)} context tracks); the same "
-        "target bars, ACs and random choices, only the other tracks removed from the prompt.",
+        f"The fill section's NLL of {ic['samples']} infill samples (mean {_fmt(ic['mean_context_tracks'], 1)} "
+        "context tracks) after four prompts: the same target bars, ACs and random choices each time. "
+        "A model that uses the other tracks does best after the real prompt.",
         "",
-        "| prompt | bits/token | bits/note | bits/bar |",
-        "|---|---|---|---|",
+        "| prompt | bits/token | bits/note | bits/bar | bits/note vs the real prompt |",
+        "|---|---|---|---|---|",
     ]
-    lines += [_rates_row(key.replace("_", " "), ic[key]) for key in ("with_context", "without_context")]
-    st = metrics["structure"]
-    lines += [
+    for name, label in CONDITION_LABELS.items():
+        rates = ic["conditions"][name]
+        ratio = 1.0 if name == "real" else ic["ratio_to_real"][name]
+        lines.append(_rates_row(label, rates)[:-1] + f"| {_fmt(ratio)}x |")
+    return [*lines, ""]
+
+
+LISTENING_COLUMNS = {
+    "consonance": "consonance with the real other tracks",
+    "onset_pitch_f1": "onset+pitch F1",
+    "onset_f1": "onset F1",
+    "onset_pitch_class_f1": "onset+pitch-class F1",
+    "in_range": "pitches in the track's range ±3",
+    "notes_per_original": "notes / original",
+}
+
+
+def _listening_section(listening: dict | None) -> list[str]:
+    if not listening:
+        return []
+    s = listening["settings"]
+    lines = [
+        "## Listening: infills judged against the real piece",
         "",
+        f"{s['bars']} bars in the middle of every pitched track of {s['pieces']} test pieces (their first "
+        f"{s['window_bars']} bars), infilled without controls, seeds {s['seeds']}; F1 pooled over the spans; "
+        "consonance: share of (generated onset, note sounding in another real track) pairs a consonance "
+        "(interval class 0, 3, 4, 5, 7, 8 or 9).",
+        "",
+        "| | " + " | ".join(LISTENING_COLUMNS.values()) + " | spans |",
+        "|---" * (len(LISTENING_COLUMNS) + 2) + "|",
+    ]
+    for name, row in listening["rows"].items():
+        lines.append(f"| {name} | " + " | ".join(_fmt(row[k]) for k in LISTENING_COLUMNS) + f" | {row['spans']} |")
+    if listening["failures"]:
+        lines += ["", "Failed infills:", *[f"- `{f}`" for f in listening["failures"]]]
+    return [*lines, ""]
+
+
+def _structure_section(st: dict) -> list[str]:
+    lines = [
         "## Structure (API outputs)",
         "",
         "| task | outputs | decode | exact bar count | untouched outside the span |",
@@ -211,8 +275,11 @@ def report_markdown(metrics: dict, plots: list[str]) -> str:
         )
     if st["failures"]:
         lines += ["", "Failures:", *[f"- `{f}`" for f in st["failures"]]]
-    lines += [
-        "",
+    return [*lines, ""]
+
+
+def _controls_section(controls: dict) -> list[str]:
+    lines = [
         "## Attribute-control adherence",
         "",
         "Requested values are drawn from the values each control takes in the evaluated split; the "
@@ -224,7 +291,7 @@ def report_markdown(metrics: dict, plots: list[str]) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for level in ("bar", "track"):
-        for name, c in metrics["controls"].get(level, {}).items():
+        for name, c in controls.get(level, {}).items():
             w, wo = c["with_control"], c["without_control"]
             lines.append(
                 f"| {level} | {name} | {w['n']} | {_fmt(w['exact'])} / {_fmt(wo['exact'])} | "
@@ -232,8 +299,11 @@ def report_markdown(metrics: dict, plots: list[str]) -> str:
                 f"{_fmt(w.get('spearman'))} / {_fmt(wo.get('spearman'))} | "
                 f"{_fmt(w.get('jaccard'))} / {_fmt(wo.get('jaccard'))} |"
             )
-    lines += [
-        "",
+    return [*lines, ""]
+
+
+def _musical_section(metrics: dict) -> list[str]:
+    lines = [
         "## Musical statistics: generated vs real bars (uncontrolled infills)",
         "",
         "| statistic | real | generated | abs diff | histogram overlap | n real / generated |",
@@ -245,20 +315,23 @@ def report_markdown(metrics: dict, plots: list[str]) -> str:
             f"{_fmt(s['overlap'])} | {s['n_real']} / {s['n_generated']} |"
         )
     r = metrics["pitch_in_context_range"]
-    lines += [
+    return [
+        *lines,
         "",
         f"Generated notes of uncontrolled infills within the target track's pitch range around the span "
         f"(+-3 semitones): {_fmt(r['within_3_semitones'])} of {r['generated_notes']}.",
-    ]
-    g = metrics["timings"]
-    lines += [
         "",
+    ]
+
+
+def _plots_section(plots: list[str], g: dict) -> list[str]:
+    return [
         "## Plots",
         "",
         *[f"![{p}]({p})" for p in plots],
         "",
         f"Run time {g['total_s']:.0f} s (likelihood {g['likelihood_s']:.0f} s, generation {g['generation_s']:.0f} s, "
-        f"{g['generated_tokens']} tokens generated at {_fmt(g['tokens_per_s'], 0)} tokens/s).",
+        f"listening {g.get('listening_s', 0):.0f} s, {g['generated_tokens']} tokens generated at "
+        f"{_fmt(g['tokens_per_s'], 0)} tokens/s).",
         "",
     ]
-    return "\n".join(lines)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +51,15 @@ from mmm.data.sequences import SampleSpec, TrackPart, assemble
 from mmm.data.timing import sequence_timing
 from mmm.generation.compiled_step import enable_compile
 from mmm.generation.grammar import BarGrammar, BarPlan, GrammarTables
-from mmm.generation.request import Plan, Request, RequestError, SamplingConfig, check_request, check_tracks
+from mmm.generation.request import (
+    Character,
+    Plan,
+    Request,
+    RequestError,
+    SamplingConfig,
+    check_request,
+    check_tracks,
+)
 from mmm.generation.sampling import generate_ids, make_generator
 from mmm.generation.scores import BarGrid, bar_grid, read_score, to_ticks
 from mmm.model import MMMTransformer
@@ -333,7 +341,8 @@ class MMM:
         if request.task == "infill":
             check_tracks(request.track, score)  # before the bars: an unknown track is the first thing to say
         piece = piece_from_score(score, self.tokenizer, self.vocab)
-        return check_request(request, self.tokenizer, self.controls, score, piece.num_bars), score, piece
+        ticks = [to_ticks(tick, piece.tpq, score.tpq) for tick in [*piece.bar_ticks, piece.end_tick(self.vocab)]]
+        return check_request(request, self.tokenizer, self.controls, score, piece.num_bars, ticks), score, piece
 
     def run(
         self, request: Request, score: Score | str | Path | None = None, on_step: OnStep | None = None
@@ -360,6 +369,7 @@ class MMM:
         if request.task == "infill":
             for k, t in enumerate(plan.tracks):
                 for a, e in plan.spans:
+                    run.characters[t] = plan.characters[k]
                     run.infill(
                         t,
                         a,
@@ -371,8 +381,8 @@ class MMM:
                         request.clip_notes,
                     )
         else:
-            for program, acs, tacs in zip(plan.programs, plan.bar_acs, plan.track_acs):
-                run.new_track(program, acs, tacs)
+            for program, acs, tacs, character in zip(plan.programs, plan.bar_acs, plan.track_acs, plan.characters):
+                run.new_track(program, acs, tacs, character)
         return Generation(run.scores, run.report)
 
     def bar_grid(self, score: Score | str | Path) -> BarGrid:
@@ -421,6 +431,7 @@ class _Run:
         self.scores = [score.copy() for _ in range(num_variations)]
         self.report = GenerationReport(regions=[[] for _ in range(num_variations)])
         self.diverged = False  # once True, each variation has its own prompt
+        self.characters: dict[int, Character] = {}  # piece track -> what its generations keep
 
     # -- sizes -----------------------------------------------------------------------------
     def max_span(self) -> int:
@@ -451,7 +462,7 @@ class _Run:
                 "infill", t, s, min(b, s + step), acs, tacs, bars_before, bars_after, clip_at=b if clip_notes else None
             )
 
-    def new_track(self, program: int, acs: dict[int, list[int]], tacs: list[int]) -> None:
+    def new_track(self, program: int, acs: dict[int, list[int]], tacs: list[int], character: Character) -> None:
         for v in range(self.n):
             piece, score = self.pieces[v], self.scores[v]
             name = "Drums" if program < 0 else MIDI_INSTRUMENTS[program]["name"]
@@ -459,6 +470,7 @@ class _Run:
             piece.add_track(program, self.vocab)
             piece.source.append(len(score.tracks) - 1)
         t = len(self.pieces[0].programs) - 1
+        self.characters[t] = character
         nb = self.pieces[0].num_bars
         first = min(nb, self.max_span())
         self._generate("track", t, 0, first, acs, tacs, None, None)
@@ -488,7 +500,8 @@ class _Run:
             prompt, window, context = self._fitted_prompt(task, piece, t, a, b, bar_acs, tacs, bars_before, bars_after)
             budget = self.max_len - len(prompt)
             end_id = self.vocab.fill_end if task == "infill" else self.vocab.track_end
-            plan = BarPlan(piece.time_sigs[a:b], bar_acs, end_id, piece.programs[t] < 0)
+            keep = self.characters.get(t, Character())
+            plan = BarPlan(piece.time_sigs[a:b], bar_acs, end_id, piece.programs[t] < 0, *astuple(keep))
             grammars = [BarGrammar(GrammarTables.of(self.vocab), plan, budget) for _ in group]
             kind = self.mmm.model.config.timing
             out = generate_ids(
@@ -651,18 +664,26 @@ class _Run:
         clip = None
         if clip_at is not None:
             clip = to_ticks(piece.bar_ticks[clip_at], piece.tpq, score.tpq) if clip_at < piece.num_bars else piece_end
-        _splice(score.tracks[piece.source[t]], start, end, notes, decoded.tpq, score.tpq, clip)
+        monophonic = self.characters.get(t, Character()).monophonic
+        _splice(score.tracks[piece.source[t]], start, end, notes, decoded.tpq, score.tpq, clip, monophonic)
         if end is None:
             end = piece_end
         self.report.regions[v].append((piece.source[t], start, end))
 
 
 def _splice(
-    track: Track, start: int, end: int | None, notes: dict | None, notes_tpq: int, tpq: int, clip: int | None = None
+    track: Track,
+    start: int,
+    end: int | None,
+    notes: dict | None,
+    notes_tpq: int,
+    tpq: int,
+    clip: int | None = None,
+    monophonic: bool = False,
 ) -> None:
     """Replace the notes of `track` whose onset is in [start, end) by `notes` (relative to
     `start`, in `notes_tpq` ticks); every other note is kept as it is. With `clip`, the new
-    notes end at that tick at the latest."""
+    notes end at that tick at the latest; `monophonic`, each ends where the next one starts."""
     old = track.notes.numpy()
     keep = old["time"] < start
     if end is not None:
@@ -676,6 +697,10 @@ def _splice(
         duration = np.maximum(1, np.rint(notes["duration"] * tpq / notes_tpq)).astype(np.int64)
         if clip is not None:
             duration = np.maximum(1, np.minimum(duration, clip - time))
+        if monophonic:  # one note at a time: the grammar gave one onset per note, the durations may overlap
+            order = np.argsort(time, kind="stable")
+            following = np.append(time[order][1:], np.iinfo(np.int64).max)
+            duration[order] = np.maximum(1, np.minimum(duration[order], following - time[order]))
         parts["time"].append(time)
         parts["duration"].append(duration)
         parts["pitch"].append(notes["pitch"])

@@ -23,6 +23,10 @@ once the remaining budget gets within 2 of it, only ids that lower `need` are al
 the note, open the next bar as `Bar TimeSig`, end), so the row ends within its budget with
 the exact bar count (the last bars then come out empty). `starved_bars()` names the bars
 written under that pressure, so callers can report them.
+
+A plan may also keep a track's character: its `pitch_range` (no Pitch outside it) and
+`monophonic` (at most one note per onset: no second Pitch before the next Position), read from
+per-id tables too, so they cost nothing per step.
 """
 
 from __future__ import annotations
@@ -105,6 +109,10 @@ class GrammarTables:
         self.has_pitch = np.zeros(n, dtype=bool)
         self.has_drum = np.zeros(n, dtype=bool)
         self.bad = np.zeros(n, dtype=bool)  # can never appear inside generated bars
+        self.pitch_min = np.full(n, 128, dtype=np.int64)  # lowest / highest Pitch in the id (none: 128 / -1)
+        self.pitch_max = np.full(n, -1, dtype=np.int64)
+        self.chord = np.zeros(n, dtype=bool)  # two Pitch tokens with no Position between them
+        self.pitch_first = np.zeros(n, dtype=bool)  # a Pitch before the id's first Position
         self.length = np.zeros(n, dtype=np.int64)
         for i, bases in enumerate(vocab.model_to_base):
             k = kinds[list(bases)]
@@ -119,6 +127,18 @@ class GrammarTables:
                 continue
             self.opens_bar[i] = k[0] == K_BAR
             self.has_pitch[i] = (k == K_PITCH).any()
+            pitches = [vocab.pitch_of[b] for b, kind in zip(bases, k) if kind == K_PITCH]
+            if pitches:
+                self.pitch_min[i], self.pitch_max[i] = min(pitches), max(pitches)
+            notes_here = 0  # notes at the current onset, within this id
+            for j, kind in enumerate(k):
+                if kind == K_POS:
+                    notes_here = 0
+                elif kind == K_PITCH:
+                    if not (k[:j] == K_POS).any():
+                        self.pitch_first[i] = True
+                    notes_here += 1
+                    self.chord[i] |= notes_here > 1
             self.has_drum[i] = (k == K_DRUM).any()
             if len(positions):
                 self.first_pos[i], self.last_pos[i] = positions[0], positions[-1]
@@ -189,7 +209,7 @@ class GrammarTables:
         return t
 
     def _build(self, key: tuple) -> np.ndarray:
-        (phase, pos, cur_ts, cur_acs, next_ts, next_acs, can_end, end_id, drums, tight, forced) = key
+        (phase, pos, cur_ts, cur_acs, next_ts, next_acs, can_end, end_id, drums, tight, forced, low, high, mono) = key
         mask = np.zeros(self.size, dtype=bool)
         if forced >= 0:
             mask[forced] = True
@@ -197,6 +217,12 @@ class GrammarTables:
         exit_ = self.exit[phase]
         ok = (exit_ >= 0) & ~self.bad
         ok &= ~self.has_pitch if drums else ~self.has_drum
+        if low >= 0:  # the track's pitch range
+            ok &= (self.pitch_min >= low) & (self.pitch_max <= high)
+        if mono:  # one note per onset: no chord inside an id, no second note at the current onset
+            ok &= ~self.chord
+            if phase in (PITCH, VEL, DUR):
+                ok &= ~self.pitch_first
         # ids that stay in the current bar
         inside = ok & ~self.opens_bar
         if cur_ts >= 0:
@@ -230,12 +256,15 @@ class GrammarTables:
 @dataclass
 class BarPlan:
     """What one row must generate: one TimeSig base id per bar, the bar ACs (model ids) to force
-    after each bar's TimeSig, and the end token (FillBar_End or Track_End)."""
+    after each bar's TimeSig, and the end token (FillBar_End or Track_End); optionally the track's
+    character to keep: a `pitch_range` (lowest, highest MIDI pitch) and `monophonic`."""
 
     time_signatures: list[int]
     bar_acs: list[list[int]]
     end_id: int
     drums: bool
+    pitch_range: tuple[int, int] | None = None
+    monophonic: bool = False
 
 
 class BarGrammar:
@@ -296,6 +325,8 @@ class BarGrammar:
             plan.drums,
             tight,
             forced,
+            *(plan.pitch_range or (-1, -1)),
+            plan.monophonic,
         )
 
     def _current(self) -> tuple[tuple, np.ndarray]:

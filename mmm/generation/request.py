@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from miditok.constants import MIDI_INSTRUMENTS
 from symusic import Score
 
 from mmm.controls.table import Controls
@@ -144,6 +145,45 @@ class Request:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     max_bar_tokens: Any = None  # None: the model's own
     clip_notes: bool = True
+    # The generated track's character, kept by the grammar: its pitch range (True: the track's own
+    # notes in the piece, RANGE_MARGIN semitones wider; a new track: its instrument's range; a
+    # (low, high) pair; False: none), and monophony (None: as the track is in the piece, a new
+    # track free; True / False: force).
+    pitch_range: Any = True
+    monophonic: Any = None
+
+
+RANGE_MARGIN = 3  # semitones a track may go beyond its own lowest and highest notes
+
+
+@dataclass(frozen=True)
+class Character:
+    """What a generated track keeps of itself: a pitch range (lowest, highest) and monophony."""
+
+    pitch_range: tuple[int, int] | None = None
+    monophonic: bool = False
+
+
+def character(request: Request, program: int, notes: dict[str, np.ndarray] | None = None) -> Character:
+    """The character a generation keeps for a track of `program` whose notes in the piece are
+    `notes` (note arrays: time, pitch...; None for a new track), as `request` asks."""
+    if program < 0:  # drums: neither a pitch range nor monophony means anything
+        return Character()
+    pitches = notes["pitch"] if notes is not None and len(notes["pitch"]) else None
+    if request.pitch_range is False:
+        pitch_range = None
+    elif request.pitch_range is not True:
+        pitch_range = tuple(int(p) for p in request.pitch_range)
+    elif pitches is not None:
+        pitch_range = (max(0, int(pitches.min()) - RANGE_MARGIN), min(127, int(pitches.max()) + RANGE_MARGIN))
+    else:  # a new track: its instrument's range
+        span = MIDI_INSTRUMENTS[program]["pitch_range"]
+        pitch_range = (span.start, span.stop - 1)
+    monophonic = request.monophonic
+    if monophonic is None:  # as the track is: no two notes starting together
+        onsets = notes["time"] if pitches is not None else None
+        monophonic = onsets is not None and len(onsets) > 1 and len(np.unique(onsets)) == len(onsets)
+    return Character(pitch_range, bool(monophonic))
 
 
 @dataclass
@@ -158,6 +198,7 @@ class Plan:
     time_signature: int | None = None  # generate: base id of its TimeSig token
     bar_acs: list[dict[int, list[int]]] = field(default_factory=list)  # per generated track: bar -> AC ids
     track_acs: list[list[int]] = field(default_factory=list)  # per generated track
+    characters: list[Character] = field(default_factory=list)  # per generated track
 
     @property
     def generated_bars(self) -> int:
@@ -201,6 +242,22 @@ def _check_run_settings(request: Request) -> None:
         raise RequestError(
             "num_variations", f"num_variations must be a positive integer, got {request.num_variations!r}"
         )
+    pitch_range = request.pitch_range
+    if not isinstance(pitch_range, bool) and not (
+        isinstance(pitch_range, Sequence)
+        and len(pitch_range) == 2
+        and all(_is_int(p) and 0 <= p <= 127 for p in pitch_range)
+        and pitch_range[0] <= pitch_range[1]
+    ):
+        raise RequestError(
+            "pitch_range",
+            f"pitch_range must be true (the track's own range), false (none) or [low, high] MIDI pitches "
+            f"with 0 <= low <= high <= 127, got {pitch_range!r}",
+        )
+    if request.monophonic is not None and not isinstance(request.monophonic, bool):
+        raise RequestError(
+            "monophonic", f"monophonic must be true, false or null (as the track is), got {request.monophonic!r}"
+        )
     if request.seed is not None and not _is_int(request.seed):
         raise RequestError("seed", f"seed must be an integer or None, got {request.seed!r}")
     if request.max_bar_tokens is not None and (not _is_int(request.max_bar_tokens) or request.max_bar_tokens < 4):
@@ -212,10 +269,17 @@ def _check_run_settings(request: Request) -> None:
 
 
 def check_request(
-    request: Request, tokenizer, controls: Controls | None, score: Score | None = None, num_bars: int | None = None
+    request: Request,
+    tokenizer,
+    controls: Controls | None,
+    score: Score | None = None,
+    num_bars: int | None = None,
+    bar_ticks: Sequence[int] | None = None,
 ) -> Plan:
     """Resolve `request` into a `Plan`, or raise `RequestError`. infill and add_track need the
-    input `score` and its number of bars as the model counts them (`num_bars`). Without a
+    input `score` and its number of bars as the model counts them (`num_bars`); with their start
+    ticks in the score (`bar_ticks`, the end of the last one after them) an infilled track keeps
+    the range of its notes outside the spans it rewrites, else of all its notes. Without a
     tokenizer (and controls), programs are checked against General MIDI, and the controls and
     time signature are left to the check with the model."""
     if request.task not in TASKS:
@@ -228,10 +292,15 @@ def check_request(
         plan.spans = check_spans(request.bars, num_bars)
         generated = [b for a, e in plan.spans for b in range(a, e)]
         plan.bar_acs, plan.track_acs = _controls(controls, request, len(plan.tracks), generated, "track")
+        plan.characters = [
+            character(request, _program_of(score.tracks[t]), _notes_outside(score.tracks[t], plan.spans, bar_ticks))
+            for t in plan.tracks
+        ]
     elif request.task == "add_track":
         plan.programs = [check_program(request.program, tokenizer)]
         plan.num_bars = num_bars
         plan.bar_acs, plan.track_acs = _controls(controls, request, 1, range(num_bars), "track")
+        plan.characters = [character(request, plan.programs[0])]
     else:
         programs = request.programs
         if _is_int(programs) or not isinstance(programs, Sequence) or isinstance(programs, str) or not programs:
@@ -247,4 +316,20 @@ def check_request(
         if not _is_int(request.tpq) or request.tpq < 1:
             raise RequestError("tpq", f"tpq must be a positive integer (ticks per quarter note), got {request.tpq!r}")
         plan.bar_acs, plan.track_acs = _controls(controls, request, len(plan.programs), range(plan.num_bars), "program")
+        plan.characters = [character(request, p) for p in plan.programs]
     return plan
+
+
+def _program_of(track: Any) -> int:
+    return -1 if track.is_drum else int(track.program)
+
+
+def _notes_outside(track: Any, spans: Sequence[tuple[int, int]], bar_ticks: Sequence[int] | None) -> dict:
+    """The track's note arrays, without those starting in the spans of bars when their ticks are known."""
+    notes = track.notes.numpy()
+    if bar_ticks is None:
+        return notes
+    keep = np.ones(len(notes["time"]), dtype=bool)
+    for a, b in spans:
+        keep &= (notes["time"] < bar_ticks[a]) | (notes["time"] >= bar_ticks[b])
+    return {k: v[keep] for k, v in notes.items()}
