@@ -278,7 +278,7 @@ class Vocab:
         if not self.tokenizer.is_trained:
             return [i for w in words for i in w]
         # The BPE model itself, word by word: same ids as `Tokenizer.encode(words,
-        # is_pretokenized=True)` (tested) without its pipeline, ~7x faster.
+        # is_pretokenized=True)` (tested) without its pipeline, which costs several times more.
         chars, bpe, bar = self._chars, self.tokenizer._model.model, self.bar
         return [
             t.id

@@ -69,7 +69,7 @@ def augmented_bars(store: Store, vocab: Vocab, sequences_cfg: Mapping, seed: int
     """Every bar of the store as training will show it: transposed and with shifted velocities,
     drawn as the sequence builder draws them. Learned on unshifted bars only, BPE would merge
     the corpus' usual velocities and pitches and leave the shifted forms (most training samples)
-    unmerged: on a corpus with a single velocity, ~3x more tokens per note."""
+    unmerged: on a corpus with a single velocity, several times more tokens per note."""
     builder = SequenceBuilder(vocab, sequences_cfg, max_seq_len=1)
     rng = random.Random(seed)
     velocity = builder.cfg.velocity_shift

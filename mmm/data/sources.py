@@ -346,11 +346,11 @@ class GigaMIDISource:
 class EmbeddedSource(_FileListSource):
     """music21's built-in corpus converted to MIDI once and cached in ``cache_dir``.
 
-    ``corpus="bach"``: the 410 Bach chorales (about 30 s to convert on 2 cores).
+    ``corpus="bach"``: the 410 Bach chorales (the quick one to convert).
     ``corpus="all"``: 1963 works, adding Palestrina, Monteverdi, Josquin, Trecento,
-    string quartets (Haydn, Mozart, Beethoven) and other multi-part pieces (about 20
-    CPU-minutes, mostly a few whole Beethoven quartets that music21 takes minutes
-    each to write). A work that fails or has fewer than two parts with notes is
+    string quartets (Haydn, Mozart, Beethoven) and other multi-part pieces (much longer
+    to convert, mostly a few whole Beethoven quartets that music21 takes minutes each to
+    write). A work that fails or has fewer than two parts with notes is
     logged and skipped. ``max_files`` keeps the first N works in sorted order (the
     source then holds those of them that converted). Works are converted in
     ``num_workers`` processes (default: all cores); converted works and recorded

@@ -6,8 +6,9 @@ test split of a token store; writes `metrics.json`, `report.md` and PNG plots to
    comparable across tokenizers) and per bar, beside unigram and bigram baselines fitted on
    train-split sequences of the same builder (`mmm.evaluate.metrics`). Test pieces are taken as they
    are; the same draws with the training augmentation are measured too. For the bar-infill
-   samples, the NLL of the fill section (the bars after FillBar_Start) with the other tracks
-   in the prompt and with the target track alone: the same bars, ACs and random choices.
+   samples, the NLL of the fill section (the bars after FillBar_Start) after four prompts: the
+   real one, the other tracks shifted one bar later, the other tracks of another piece, the
+   target track alone (the same target ids, ACs and random choices each time).
 2. Generation through the `mmm.MMM` API on test pieces: infill requests (a span of bars of
    one track) and add-track requests (one track regenerated over a window of bars), each
    once without controls and once per attribute-control family with a value drawn from
@@ -16,9 +17,15 @@ test split of a token store; writes `metrics.json`, `report.md` and PNG plots to
    recomputing it on the output with miditok's classes (`mmm.controls.measure`), beside the
    output of the same request without the control; the generated spans of the uncontrolled
    infills are compared with the real bars they replace (musical statistics).
+3. Listening: bars in the middle of every track of each test piece infilled without controls
+   by the model (the real prompt, with and without the decoding constraints that keep the
+   track's range and monophony; the other tracks shifted a bar; the track alone) and by naive
+   baselines, each judged against the real piece: onset F1 against the original bars,
+   consonance with the real other tracks, pitches in range (`mmm.evaluate.listening`).
 
-Modules: `likelihood` (1.), `requests` (2.), `analysis` (scores and musical statistics),
-`report` (plots and Markdown); this one checks the config, opens the store and runs them.
+Modules: `likelihood` (1.), `requests` (2.), `listening` (3.), `analysis` (scores and musical
+statistics), `report` (plots and Markdown); this one checks the config, opens the store and
+runs them.
 """
 
 from __future__ import annotations

@@ -152,10 +152,9 @@ class MMM:
         generation may use all the context left after its prompt. `num_threads`: torch CPU
         threads while sampling (None: torch's setting). `controls_seen`: AC base ids seen in
         training (other control values are refused); `from_pretrained` reads both from the
-        checkpoint. `compile`: decode with the `torch.compile`d step (`mmm.generation.compiled_step`): the first
-        generation pays 30-45 s of compilation on a CPU, later ones decode 1.6-3x faster than
-        transformers' `generate` (experiments/generation_speed; worth it for a server or a batch
-        of requests, not for one infill)."""
+        checkpoint. `compile`: decode with the `torch.compile`d step (`mmm.generation.compiled_step`):
+        the first generation pays the compilation, later ones decode faster (experiments/generation_speed:
+        worth it for a server or a batch of requests, not for one infill)."""
         if not isinstance(compile, bool):
             raise ValueError(f"compile must be true or false, got {compile!r}")
         self.tokenizer = tokenizer

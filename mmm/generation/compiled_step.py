@@ -101,9 +101,8 @@ def enable_compile(model: MMMTransformer, mode: str | None = None, options: dict
 
     ``mode`` / ``options`` go to `torch.compile`; the defaults are ``"reduce-overhead"`` on CUDA
     (the step replays as a CUDA graph) and, on the CPU, Inductor's default mode with
-    ``cpp_wrapper`` (the step's kernels called from C++ rather than Python: a `small` preset
-    step ran 5.4x faster than the eager forward with it, 2.6x without; see
-    experiments/generation_speed). Compiling is lazy: the first decode step pays it, once per
+    ``cpp_wrapper`` (the step's kernels called from C++ rather than Python: several times faster
+    than without it on small models, experiments/generation_speed). Compiling is lazy: the first decode step pays it, once per
     model (its sizes are dynamic; a batch of one row and one of several are two graphs).
     Calling again with other settings replaces the compiled step.
     """
