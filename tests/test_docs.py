@@ -73,9 +73,11 @@ def test_site_builds_without_warnings(tmp_path: Path) -> None:
         "api/generation",
         "api/model",
         "api/tokenizer",
-        "api/checkpoint",
+        "api/pretrained",
+        "api/training",
+        "api/files",
+        "api/render",
         "api/data",
-        "api/audio",
         *(f"entry_points/{e}" for e in ("preprocess", "train_tokenizer", "train", "sample", "evaluate")),
     ]
     for page in pages:
