@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
 # The alignment ablation at demo scale: the demo recipe (tiny model, Bach chorales, 8 x 512 ids,
-# packed) for 2,000 steps, the same seed and data order in every arm, one alignment design per arm;
-# then each model evaluated by mmm.evaluate on the test split (likelihood, context conditions,
-# listening measures). A re-run skips what is done; arms run two at a time, one thread each.
+# packed) on a 2,000-step schedule, the same seed and data order in every arm, one alignment
+# design per arm; each arm's checkpoint at EVAL_STEP (default 1000: the arms of the recorded run
+# were stopped there, at equal compute) evaluated by mmm.evaluate on the test split (likelihood,
+# the fill under four prompts, the listening benchmark). A re-run skips what is done; arms train
+# two at a time, one thread each.
 #   bash experiments/alignment/run.sh [OUT] [train|evaluate|all]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${1:-runs/alignment}
 PHASE=${2:-all}
+EVAL_STEP=${EVAL_STEP:-1000}
 PY=$(pwd)/.venv/bin/python
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 mkdir -p "$OUT"
-STEPS=2000
 declare -A ARMS=(
   [A_baseline]=""
   [B_bar_flag]="+model.overrides.time_rope=bar +model.overrides.time_rope_theta=100 +model.overrides.target_embedding=true"
@@ -19,27 +21,26 @@ declare -A ARMS=(
   [D_onset_flag_all_tracks]="+model.overrides.time_rope=onset +model.overrides.target_embedding=true data.sequences.all_tracks_ratio=0.5"
   [E_onset_flag_program]="+model.overrides.time_rope=onset +model.overrides.target_embedding=true +model.overrides.fill_program=true"
 )
-# A (no signal) last: it is the longest-standing arm, often trained already.
-ORDER=(B_bar_flag C_onset_flag D_onset_flag_all_tracks E_onset_flag_program A_baseline)
+ORDER=(A_baseline B_bar_flag C_onset_flag D_onset_flag_all_tracks E_onset_flag_program)
+checkpoint() { printf '%s/%s/checkpoints/step%07d.ckpt' "$OUT" "$1" "$EVAL_STEP"; }
 
 train() {  # name
   local name=$1
-  [ -f "$OUT/$name/model/config.json" ] && return 0
+  [ -f "$(checkpoint "$name")" ] && return 0
   # shellcheck disable=SC2086
   nice -n 10 "$PY" -m mmm.train +experiment=demo experiment_name="$name" "paths.runs_dir=$OUT" \
-    trainer.max_steps=$STEPS callbacks.model_checkpoint.every_n_train_steps=250 ${ARMS[$name]} \
-    > "$OUT/$name.log" 2>&1
+    trainer.max_steps=2000 callbacks.model_checkpoint.every_n_train_steps=250 \
+    callbacks.model_checkpoint.save_top_k=-1 ${ARMS[$name]} > "$OUT/$name.log" 2>&1
 }
 
 evaluate() {  # name
-  local name=$1
-  [ -f "$OUT/eval/$name/metrics.json" ] && return 0
-  nice -n 10 "$PY" -m mmm.evaluate ckpt="$OUT/$name/model" out_dir="$OUT/eval/$name" > "$OUT/eval_$name.log" 2>&1
+  local name=$1 out="$OUT/eval/$1"
+  [ -f "$out/metrics.json" ] || nice -n 10 "$PY" -m mmm.evaluate ckpt="$(checkpoint "$name")" out_dir="$out" \
+    > "$OUT/eval_$name.log" 2>&1
 }
 
 if [ "$PHASE" != evaluate ]; then
-  # Two arms at a time: the machine has two cores.
-  for ((i = 0; i < ${#ORDER[@]}; i += 2)); do
+  for ((i = 0; i < ${#ORDER[@]}; i += 2)); do  # two arms at a time: the machine has two cores
     train "${ORDER[i]}" &
     if ((i + 1 < ${#ORDER[@]})); then train "${ORDER[i + 1]}" & fi
     wait
