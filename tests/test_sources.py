@@ -377,3 +377,12 @@ def test_build_source(tmp_path, embedded_cache):
 def test_build_source_rejects_bad_configs(cfg, pattern):
     with pytest.raises(ValueError, match=pattern):
         build_source(cfg)
+
+
+def test_folder_max_files_keeps_the_first_files(tmp_path):
+    for i in range(4):
+        (tmp_path / f"{i}.mid").write_bytes(midi_bytes(i))
+    assert len(FolderSource(tmp_path, max_files=2)) == 2 and FolderSource(tmp_path, max_files=2)[1].name == "1.mid"
+    assert len(build_source({"name": "folder", "path": str(tmp_path), "max_files": None})) == 4
+    with pytest.raises(ValueError, match="max_files"):
+        FolderSource(tmp_path, max_files=0)

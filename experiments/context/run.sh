@@ -31,7 +31,7 @@ declare -A ARMS=(
 for arm in A_baseline B_bar_flag C_onset_flag; do
   run="$OUT/probe/$arm"
   # shellcheck disable=SC2086
-  [ -f "$run/model/config.json" ] || "$PY" -m mmm.train +experiment=demo data=folder data.path="$OUT/probe_midi" "~data.source.max_files" \
+  [ -f "$run/model/config.json" ] || "$PY" -m mmm.train +experiment=demo data=folder data.path="$OUT/probe_midi" \
     data.name=probe "paths.data_dir=$OUT/data" "paths.runs_dir=$OUT/probe" experiment_name="$arm" \
     trainer.max_steps=600 data.samples_per_epoch=2400 ${ARMS[$arm]} > "$OUT/probe_$arm.log" 2>&1
   [ -f "$OUT/probe_$arm.json" ] || "$PY" experiments/context/probe_nll.py "$run/model" "$OUT/data/probe/store" \

@@ -151,7 +151,12 @@ class FolderSource(_FileListSource):
     skipped: they are editor/OS debris such as macOS ``._song.mid`` forks, not music.
     """
 
-    def __init__(self, path: str | Path, extensions: Sequence[str] = (".mid", ".midi", ".abc")) -> None:
+    def __init__(
+        self, path: str | Path, extensions: Sequence[str] = (".mid", ".midi", ".abc"), max_files: int | None = None
+    ) -> None:
+        """`max_files` keeps the first N files in sorted order (None: all)."""
+        if max_files is not None and (isinstance(max_files, bool) or not isinstance(max_files, int) or max_files < 1):
+            raise ValueError(f"data.source.max_files must be a positive integer or null (all files), got {max_files!r}")
         root = Path(path).expanduser()
         if not root.is_dir():
             raise FileNotFoundError(f"music folder {str(root)!r} does not exist or is not a directory")
@@ -165,7 +170,8 @@ class FolderSource(_FileListSource):
                     names.append((Path(dirpath) / f).relative_to(root).as_posix())
         if not names:
             raise ValueError(f"music folder {str(root)!r} holds no file with extension {', '.join(exts)}")
-        super().__init__(root, sorted(names))
+        names = sorted(names)[:max_files]
+        super().__init__(root, names)
         self.description = f"folder {root} ({len(names)} files)"
 
 
