@@ -104,6 +104,7 @@ def compiled(bpe_vocab) -> MMMTransformer:
     return model
 
 
+@pytest.mark.slow
 def test_compiled_step_matches_forward_past_the_window(compiled):
     decoder = StaticDecoder(compiled, 2, 40, compile=True)
     assert max_logit_gap(compiled, decoder, list(range(3, 8)), 25) < 1e-4

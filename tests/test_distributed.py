@@ -181,6 +181,7 @@ def ddp(corpus, data_root):
     return full, full_records, killed, killed_records, checkpoints_at_kill
 
 
+@pytest.mark.multiprocess
 def test_ddp_each_sample_of_an_epoch_goes_to_exactly_one_rank(ddp):
     _, recs, *_ = ddp
     assert [r["step"] for r in recs[0]] == [r["step"] for r in recs[1]] == list(range(1, 9))
@@ -193,6 +194,7 @@ def test_ddp_each_sample_of_an_epoch_goes_to_exactly_one_rank(ddp):
     assert [r["weights"] for r in recs[0]] == [r["weights"] for r in recs[1]]
 
 
+@pytest.mark.multiprocess
 def test_ddp_killed_mid_epoch_and_rerun_ends_bit_identical(ddp):
     full, full_recs, killed, killed_recs, at_kill = ddp
     assert at_kill == ["last.ckpt", "step0000003.ckpt"]  # killed after step 5: nothing saved since step 3
@@ -204,6 +206,7 @@ def test_ddp_killed_mid_epoch_and_rerun_ends_bit_identical(ddp):
     assert_bit_identical(weights(killed / "model"), weights(full / "model"))
 
 
+@pytest.mark.multiprocess
 def test_ddp_only_rank_zero_writes_checkpoints_model_and_logs(ddp):
     full, *_ = ddp
     files = sorted(str(p.relative_to(full)) for p in full.rglob("*") if p.is_file())
@@ -244,6 +247,7 @@ def deepspeed(corpus, data_root):
     return run, launch(run, overrides), at_kill
 
 
+@pytest.mark.multiprocess
 def test_deepspeed_rerun_resumes_at_the_checkpoint_step(deepspeed):
     run, recs, at_kill = deepspeed
     assert at_kill == ["last.ckpt", "step0000003.ckpt"]
@@ -256,6 +260,7 @@ def test_deepspeed_rerun_resumes_at_the_checkpoint_step(deepspeed):
     assert [r["weights"] for r in recs[0]] == [r["weights"] for r in recs[1]]
 
 
+@pytest.mark.multiprocess
 def test_deepspeed_export_is_the_consolidated_fp32_master_weights(deepspeed, tmp_path):
     from mmm import MMM
     from mmm.checkpoint import main as export
@@ -280,6 +285,7 @@ def test_deepspeed_export_is_the_consolidated_fp32_master_weights(deepspeed, tmp
     assert len(out.tracks) >= 2
 
 
+@pytest.mark.multiprocess
 def test_deepspeed_and_ddp_follow_the_same_loss_curve(deepspeed, ddp):
     """Same seed, data and schedule; the loss per rank and step agrees within bf16 rounding.
 
@@ -299,6 +305,8 @@ def test_deepspeed_and_ddp_follow_the_same_loss_curve(deepspeed, ddp):
         assert abs(a[0]["loss"] - b[0]["loss"]) < 1e-3
 
 
+@pytest.mark.multiprocess
+@pytest.mark.full_disk
 def test_deepspeed_save_on_a_full_disk_keeps_the_previous_checkpoint(corpus, data_root):
     """A DeepSpeed save that runs out of space (a file-size limit below its state files) fails
     with DiskFull on every rank and leaves the previous last.ckpt folder byte for byte, loadable,

@@ -57,6 +57,7 @@ def sphinx_build(src: Path, out: Path, timeout: int = 300) -> subprocess.Complet
     )
 
 
+@pytest.mark.slow
 @needs_sphinx
 def test_site_builds_without_warnings(tmp_path: Path) -> None:
     result = sphinx_build(DOCS, tmp_path)
@@ -92,6 +93,7 @@ def test_site_builds_without_warnings(tmp_path: Path) -> None:
     assert 'id="mmm.generation.api.MMM.infill"' in api and 'id="mmm.generation.api.MMM.add_track"' in api
 
 
+@pytest.mark.slow
 @needs_sphinx
 def test_broken_mmm_reference_fails_the_build(tmp_path: Path) -> None:
     """With the real conf.py, a renamed function (autodoc of a missing name, a reference to it)
@@ -161,6 +163,7 @@ def test_pages_show_commands() -> None:
 @pytest.mark.parametrize(
     "page,entry,args", documented_commands(), ids=lambda x: x if isinstance(x, str) else " ".join(x)[:60]
 )
+@pytest.mark.slow
 def test_documented_command_composes(page: str, entry: str, args: list[str]) -> None:
     """Every override a page shows is one the configs accept (Hydra's compose API)."""
     from mmm_docs import CONFIGS, ENTRY_POINTS, compose

@@ -293,6 +293,7 @@ def evaluated(setup):
     return root, runs, threads
 
 
+@pytest.mark.slow
 def test_evaluate_gives_back_the_callers_torch_threads(evaluated):
     """It runs with `num_threads` (1 here) and restores the caller's count: a training later in
     the same process would otherwise compute with other reductions (resume tests compare bits)."""
@@ -405,6 +406,7 @@ def test_vocabulary_mismatch_is_a_clear_error(setup, tmp_path):
     assert not (tmp_path / "out" / "metrics.json").exists()
 
 
+@pytest.mark.slow
 def test_config_keys_are_commented_and_checked(setup, tmp_path):
     root, corpus = setup
     lines = (CONFIGS / "evaluate.yaml").read_text().splitlines()
@@ -422,6 +424,7 @@ def test_config_keys_are_commented_and_checked(setup, tmp_path):
         check_config(cfg)
 
 
+@pytest.mark.subprocess
 def test_cli_shows_the_options():
     out = subprocess.run(
         [sys.executable, "-m", "mmm.evaluate", "--cfg", "job", "ckpt=x"],

@@ -487,6 +487,7 @@ def test_generated_notes_end_at_the_span_end_unless_asked(mmm):
     assert notes_past_the_end(seed, clip_notes=True) == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", MULTITRACK or [None], ids=[p.stem for p in MULTITRACK] or ["unset"])
 def test_every_multitrack_file(path, mmm):
     if path is None:
@@ -562,6 +563,7 @@ def _with_other_spans(score: Score, out: Score, t: int, a: int, b: int, mmm: MMM
     return mixed
 
 
+@pytest.mark.slow
 def test_generate_from_scratch(mmm):
     for ts, bar_tokens, num_bars in (("4/4", 8, 6), ("3/4", 48, 12)):  # one segment / several
         out = mmm.generate(

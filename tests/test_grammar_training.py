@@ -77,6 +77,7 @@ def run_samples(chunks: list[dict], vocab: Vocab, count: int, seed: int) -> Coun
     return seen
 
 
+@pytest.mark.slow
 def test_grammar_accepts_every_synthetic_training_sample(bpe_vocab):
     vocab = bpe_vocab
     settings = preprocess_settings(min_notes=8, chunk_max_tokens=900, chunk_max_track_tokens=400)
@@ -89,6 +90,7 @@ def test_grammar_accepts_every_synthetic_training_sample(bpe_vocab):
     assert seen["infill"] > 900 and seen["track"] > 250 and seen["with_bar_acs"] > 700, seen
 
 
+@pytest.mark.slow
 def test_grammar_accepts_every_real_training_sample(real_files, bpe_vocab):
     vocab = bpe_vocab
     settings = preprocess_settings()

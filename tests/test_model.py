@@ -258,6 +258,7 @@ def test_residual_projections_use_scaled_init():
     assert model.layers[0].self_attn.q_proj.weight.std().item() == pytest.approx(cfg.init_std, rel=0.05)
 
 
+@pytest.mark.slow
 def test_tiny_model_overfits_one_batch():
     model = MMMTransformer(make_config())
     ids = random_ids(4, 32)

@@ -100,6 +100,7 @@ def test_pack_into_one_row_has_no_padding():
     assert out["labels"][0, [0, 64, 104, 134, 154, 164]].eq(IGNORE_INDEX).all()  # each sample's first
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("row_len", [None, 64])  # one row of everything; fixed rows of 64
 @pytest.mark.parametrize("attention,window", [("sdpa", None), ("eager", None), ("sdpa", 8)])
 def test_packed_batch_trains_like_padded(attention, window, row_len):
@@ -137,6 +138,7 @@ def test_unmasked_packing_would_differ():
     assert not torch.allclose(right, wrong, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_compiled_loss_matches_eager():
     """`compile=True` runs torch.compile on the loss: same value and gradients as eager."""
     config = model().config.to_dict()

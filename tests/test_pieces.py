@@ -242,6 +242,7 @@ def test_split_bars(vocab):
 
 
 # -- the shared test MIDI ($MMM_TEST_MIDI) ---------------------------------------------------
+@pytest.mark.slow
 def test_round_trip_every_shared_file(real_pieces, tokenizer, vocab):
     settings = preprocess_settings()
     for path, (score, chunks) in real_pieces.items():
@@ -251,6 +252,7 @@ def test_round_trip_every_shared_file(real_pieces, tokenizer, vocab):
     assert folders["multitrack"] >= 10 and folders["single_track"] >= 10 and folders["abc"] >= 3
 
 
+@pytest.mark.slow
 def test_round_trip_small_chunks_shared_files(real_files, tokenizer, vocab):
     settings = preprocess_settings(min_notes=8, **SMALL_CHUNKS)
     picked = [

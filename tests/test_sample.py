@@ -52,6 +52,7 @@ def _colour_fraction(png: Path, colour: str) -> float:
     return float((np.abs(pixels - np.array(to_rgb(colour))).sum(-1) < 0.05).mean())
 
 
+@pytest.mark.slow
 def test_infill_writes_midi_png_and_json(ckpt, midi, tmp_path):
     out_dir = tmp_path / "out"
     summary = sample(
@@ -96,6 +97,7 @@ def test_infill_writes_midi_png_and_json(ckpt, midi, tmp_path):
     ]
 
 
+@pytest.mark.slow
 def test_add_track_and_generate(ckpt, midi, tmp_path):
     summary = sample(
         config(f"ckpt={ckpt}", f"input={midi}", "task=add_track", "program=-1", f"out_dir={tmp_path / 'a'}")
@@ -186,6 +188,7 @@ def test_good_request_does_load(ckpt, midi, tmp_path, monkeypatch):
         sample(config(f"ckpt={ckpt}", f"input={midi}", "task=infill", "track=1", "bars=[2,5]", f"out_dir={tmp_path}"))
 
 
+@pytest.mark.subprocess
 def test_command_line(ckpt, midi, tmp_path):
     out_dir = tmp_path / "cli"
     cmd = [

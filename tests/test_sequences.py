@@ -107,6 +107,7 @@ def test_bar_acs_where_and_as_miditok_puts_them_synthetic(tokenizer, vocab):
     assert stats["compared"] >= 50 and stats["tempo_at_bar_start"] >= 2, stats
 
 
+@pytest.mark.slow
 def test_bar_acs_where_and_as_miditok_puts_them_real(real_files, tokenizer, vocab):
     picked = [p for p in real_files if p.parent.name == "single_track"][::4]
     stats = Counter()
@@ -392,6 +393,7 @@ def test_samples_are_well_formed(bpe_vocab, bpe_tokenizer, synthetic_chunks, max
         assert seen["tracks_dropped"] > 50 and seen["acs_dropped"] > 0 and seen["cropped"] > 0, seen
 
 
+@pytest.mark.slow
 def test_samples_are_well_formed_real(real_pieces, tokenizer, vocab):
     """Base-id samples (untrained tokenizer) on real multitrack and single-track chunks."""
     chunks = [chunk_dict(c) for path, (_, cs) in real_pieces.items() if path.name[0] in "AFMSP" for c in cs]

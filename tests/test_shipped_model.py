@@ -31,6 +31,7 @@ def test_the_folder_carries_its_generation_settings_and_card(shipped):
     assert (SHIPPED / "model.safetensors").stat().st_size < 50 * 2**20
 
 
+@pytest.mark.slow
 def test_infill_and_new_track_keep_the_requested_structure(shipped):
     score = synthetic_score(3, 12)
     out = shipped.infill(score, track=0, bars=(4, 8), seed=0)
@@ -44,6 +45,7 @@ def test_infill_and_new_track_keep_the_requested_structure(shipped):
     assert all(note.time < shipped.bar_grid(score).starts[-1] for note in added.tracks[-1].notes)
 
 
+@pytest.mark.slow
 def test_an_uncontrolled_infill_bar_is_rarely_expected_empty(shipped):
     """The model's own probability that an infilled bar is empty, given the real bars before it
     (teacher forcing, the prompt the API builds), for a bass whose every bar has four notes.

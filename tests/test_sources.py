@@ -225,6 +225,7 @@ def embedded_cache(tmp_path_factory):
     return cache, src
 
 
+@pytest.mark.slow
 def test_embedded_converts_first_works(embedded_cache):
     cache, src = embedded_cache
     assert isinstance(src, Source)
@@ -292,6 +293,7 @@ def test_embedded_interrupted_conversion_resumes(tmp_path, monkeypatch):
     assert len(calls) == 4  # only the two missing works were converted on the second run
 
 
+@pytest.mark.slow
 def test_embedded_programs():
     works = dict(music21_corpus.corpus_works("all"))
     chorale = symusic.Score.from_midi(convert_to_midi(works["bach/bwv10.7.mid"]))

@@ -283,6 +283,7 @@ def test_ac_tokens_keep_their_own_id_after_bpe(bpe_vocab, synthetic_chunks):
     assert n_acs > 1000, "the samples must contain many ACs for this test to mean anything"
 
 
+@pytest.mark.slow
 def test_ac_tokens_keep_their_own_id_after_bpe_real(real_pieces):
     """DESIGN.md §3 measurement, redone: BPE (vocab 3000, per bar) trained on the multitrack
     files keeps every AC token of real samples as its own id."""
@@ -318,6 +319,7 @@ def test_miditok_decode_of_bpe_tokseq_loses_notes(bpe_tokenizer, bpe_vocab):
     assert notes_of(bpe_tokenizer.decode(list(seq.ids))) == expected
 
 
+@pytest.mark.slow
 def test_save_and_load_give_identical_encodings(bpe_tokenizer, bpe_vocab, synthetic_chunks, tmp_path):
     path = save_tokenizer(bpe_tokenizer, tmp_path / "tok")
     assert path == tmp_path / "tok" / "tokenizer.json" and path.is_file()

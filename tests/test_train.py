@@ -60,6 +60,7 @@ def test_gigamidi_is_the_published_setup(tmp_path):
     assert cfg.trainer.precision == "bf16-mixed" and cfg.data.source.name == "gigamidi"
 
 
+@pytest.mark.slow
 def test_bad_configs_fail_before_work(corpus, tmp_path):
     base = small_overrides(corpus, tmp_path)
     with pytest.raises(ValueError, match="exceeds the model context"):
@@ -71,6 +72,7 @@ def test_bad_configs_fail_before_work(corpus, tmp_path):
     assert not (tmp_path / "data").exists()
 
 
+@pytest.mark.slow
 def test_train_writes_a_loadable_checkpoint_folder(trained):
     root, cfg, metrics = trained
     assert metrics["global_step"] == 6
@@ -130,6 +132,7 @@ def test_export_carries_generation_settings_measured_on_the_data(trained):
             model.controls.bar_ids({"note_density": unseen}, [0])
 
 
+@pytest.mark.slow
 def test_resume_continues_step_and_schedule(trained, corpus):
     root, cfg, _ = trained
     resumed = compose_config("train", small_overrides(corpus, root) + ["trainer.max_steps=9", "ckpt_path=last"])
@@ -162,6 +165,7 @@ def test_batches_mask_prompt_only_tokens(trained):
     assert (batch["num_notes"] > 0).all()
 
 
+@pytest.mark.slow
 def test_wandb_logger_works_offline(corpus, tmp_path):
     pytest.importorskip("wandb")
     cfg = compose_config(
