@@ -5,12 +5,14 @@ Proves, as a musician would do it: open a MIDI file, drag over bars 3-4 (API bar
 bass on the grid, generate 2 candidates with progress, play one (the Web Audio context runs and
 the synth schedules notes), accept it, undo and redo, download; the downloaded MIDI has new
 notes in exactly the selected bars of the selected track and every other note unchanged. The
-page logs no error. Skips (with the reason) where Chromium or Selenium is missing. With
+sampling fields and the decoding toggles start from the server's defaults (/v1/info), and the
+request carries the toggles. The page logs no error. Skips (with the reason) where Chromium or Selenium is missing. With
 MMM_STUDIO_SCREENSHOT=<png path> the screenshot (docs/_static/studio.png) is written there.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import time
@@ -25,9 +27,13 @@ from conftest import synthetic_score  # noqa: E402
 from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+from serve_helpers import serve_in_thread  # noqa: E402
 from symusic import Score  # noqa: E402
 
-from mmm.serve.app import Settings, create_app, serve_in_thread  # noqa: E402
+from mmm.generation.request import SamplingConfig  # noqa: E402
+from mmm.serve.app import Settings, create_app  # noqa: E402
+
+pytestmark = [pytest.mark.browser, pytest.mark.subprocess]  # Chromium, and the server's worker processes
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
@@ -73,11 +79,17 @@ def notes(track) -> Counter:
     return Counter((n.time, n.duration, n.pitch, n.velocity) for n in track.notes)
 
 
-def test_studio_end_to_end(browser, serve_mmm, tmp_path):  # noqa: F811
+def test_studio_end_to_end(browser, serve_mmm, tmp_path, monkeypatch):  # noqa: F811
+    import mmm.serve.server
+
+    # Defaults other than SamplingConfig's own, in /v1/info only: the page must show the server's.
+    monkeypatch.setattr(mmm.serve.server, "SamplingConfig", functools.partial(SamplingConfig, top_p=0.8))
+    monkeypatch.setattr(mmm.serve.server, "DECODING_DEFAULTS", {"pitch_range": False, "monophonic": True})
     song = tmp_path / "song.mid"
     synthetic_score(seed=0, num_bars=8).dump_midi(song)
     original = Score(song)
-    with serve_in_thread(create_app(serve_mmm, Settings(), {"checkpoint": "random-weight test model"})) as url:
+    app = create_app(serve_mmm, Settings(), {"checkpoint": "random-weight test model"})
+    with serve_in_thread(app) as url:
         browser.get(url + "/")
         wait = WebDriverWait(browser, 60)
         js = browser.execute_script
@@ -96,6 +108,12 @@ def test_studio_end_to_end(browser, serve_mmm, tmp_path):  # noqa: F811
         # the controls start from the piece's own values: the bass plays 4 notes a bar
         density = browser.find_element(By.CSS_SELECTOR, ".control[data-name='note_density'] input.value")
         assert density.get_attribute("value") == "4"
+        # the sampling fields start from the server's defaults (/v1/info's "sampling")
+        assert float(browser.find_element(By.ID, "top_p").get_attribute("value")) == 0.8
+        assert float(browser.find_element(By.ID, "temperature").get_attribute("value")) == SamplingConfig.temperature
+        # and so do the decoding constraints' toggles (/v1/info's "decoding")
+        assert not browser.find_element(By.ID, "pitch_range").is_selected()
+        assert browser.find_element(By.ID, "monophonic").get_attribute("value") == "true"
 
         browser.find_element(By.ID, "n").clear()
         browser.find_element(By.ID, "n").send_keys("2")
@@ -103,6 +121,8 @@ def test_studio_end_to_end(browser, serve_mmm, tmp_path):  # noqa: F811
         browser.find_element(By.ID, "generate").click()
         wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "button.accept")) == 2)
         assert "2 candidate(s)" in browser.find_element(By.ID, "status").text
+        (job,) = app.state.server.jobs.table.values()  # what the page sent, as the server read it
+        assert job.result["request"]["pitch_range"] is False and job.result["request"]["monophonic"] is True
 
         browser.find_element(By.CSS_SELECTOR, "button.play-candidate").click()
         wait.until(lambda d: js("return window.studio.stats.notesScheduled") > 0)

@@ -10,9 +10,12 @@ import pytest
 pytest.importorskip("fastapi", reason="the serve extra is not installed (pip install -e '.[serve]')")
 
 from conftest import synthetic_score  # noqa: E402
+from serve_helpers import serve_in_thread  # noqa: E402
 
-from mmm.serve.app import Settings, create_app, serve_in_thread  # noqa: E402
+from mmm.serve.app import Settings, create_app  # noqa: E402
 from mmm.serve.load import load_test  # noqa: E402
+
+pytestmark = pytest.mark.subprocess  # the server's worker processes
 
 
 def test_load_16_clients_x_4_requests(serve_mmm):

@@ -1,10 +1,12 @@
-"""`python -m mmm.serve ckpt=<folder|.ckpt|hub id> port=8765`: load the model once, serve the API
-and the studio with uvicorn (see configs/serve.yaml). Bad settings (an exposed host without a
-token, a missing checkpoint, the serve extra not installed) fail before the model is loaded."""
+"""`python -m mmm.serve ckpt=<folder|.ckpt|hub id> port=8765`: start the worker processes (each
+loads the model once), then serve the API and the studio with uvicorn (see configs/serve.yaml).
+Bad settings (an exposed host without a token, a missing checkpoint, the serve extra not
+installed) fail before the model is loaded."""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import sys
 from collections.abc import Mapping
@@ -61,8 +63,15 @@ def serve(cfg: Mapping[str, Any]) -> None:
     from mmm.generation.api import MMM
 
     options = {k: getattr(cfg, k) for k in ("num_threads", "max_bar_tokens") if getattr(cfg, k) is not None}
-    mmm = MMM.from_pretrained(ckpt, device=cfg.device, compile=cfg.compile, **options)
-    app = create_app(mmm, settings, model_card(ckpt))
+    # Each worker process loads the checkpoint itself; the workers that only read and check
+    # uploads never run the model: on the CPU, uncompiled.
+    generate = functools.partial(MMM.from_pretrained, ckpt, device=cfg.device, compile=cfg.compile, **options)
+    check = functools.partial(MMM.from_pretrained, ckpt, **options)
+    app = create_app(generate, settings, model_card(ckpt), checks_model=check)
+    try:
+        app.state.server.start()
+    except RuntimeError as err:
+        raise ValueError(str(err)) from None
     print(f"MMM studio: http://{settings.host}:{settings.port}/  (API docs: /docs)", flush=True)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=cfg.log_level)
 

@@ -1,10 +1,11 @@
-"""Jobs: a bounded queue in front of one worker thread that owns the model.
+"""Jobs: a bounded queue in front of one dispatcher thread, which hands each job to the
+generation worker process (`mmm.serve.workers`) and waits for it.
 
 One model, one request at a time: sampling is already parallel inside torch, and two requests
 on the same weights would only share the same cores. A full queue refuses new work at once
 (the server answers 503 with `Retry-After`) instead of letting latency grow without bound.
-A job is cancelled by raising from the sampling loop's `on_step` hook, so a cancelled request
-stops within one token, not at the end of its generation.
+A job is cancelled inside the worker's sampling loop (its `on_step` hook raises), so a
+cancelled request stops within one token, not at the end of its generation.
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ import secrets
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from mmm.serve.errors import ApiError
 
 log = logging.getLogger(__name__)
 
@@ -32,20 +35,21 @@ class QueueFull(Exception):
 
 
 class Cancelled(Exception):
-    """Raised inside the sampling loop when the job was cancelled."""
+    """The job was cancelled (raised inside the sampling loop, and by the wait for it)."""
 
 
 @dataclass
 class Job:
     task: str
-    run: Callable[[Job], dict]  # does the work in the worker thread, returns the result
+    run: Callable[[Job], dict]  # does the work from the dispatcher thread, returns the result
     bars_total: int
     id: str = field(default_factory=lambda: secrets.token_urlsafe(12))
     state: str = "queued"  # queued | running | done | failed | cancelled
     bars_done: int = 0
     result: dict | None = None
     error: str | None = None
-    error_code: str | None = None  # "invalid_request" (the model refused it) | "internal_error" (a bug)
+    error_code: str | None = None  # e.g. "invalid_request", "timeout", "worker_crashed", "internal_error"
+    error_status: int | None = None  # the HTTP status the synchronous endpoints answer it with
     created: float = field(default_factory=time.time)
     started: float | None = None
     finished: float | None = None
@@ -68,24 +72,12 @@ class Job:
             out["result"] = self.result
         return out
 
-    def progress_hook(self) -> Callable[[Sequence[Any]], None]:
-        """`MMM.on_step` for this job: counts the bars the grammars opened, and stops the
-        sampling loop once the job is cancelled. Bars of earlier generations (segments,
-        variations) stay counted: their grammars are kept."""
-        seen: dict[int, Any] = {}
-
-        def on_step(grammars: Sequence[Any] | None) -> None:
-            if self.cancel_requested.is_set():
-                raise Cancelled()
-            for g in grammars or ():
-                seen.setdefault(id(g), g)
-            self.bars_done = min(self.bars_total, sum(g.bars_done for g in seen.values()))
-
-        return on_step
+    def progress(self, bars_done: int) -> None:
+        self.bars_done = min(self.bars_total, bars_done)
 
 
 class Jobs:
-    """Queue + worker + the table of recent jobs (the `keep` most recent finished ones)."""
+    """Queue + dispatcher + the table of recent jobs (the `keep` most recent finished ones)."""
 
     def __init__(self, queue_size: int, keep: int = 64) -> None:
         self.queue: queue.Queue[Job | None] = queue.Queue(maxsize=queue_size)
@@ -94,8 +86,8 @@ class Jobs:
         self.lock = threading.Lock()
         self.durations: deque[float] = deque(maxlen=16)
         self.running: Job | None = None
-        self.worker = threading.Thread(target=self._work, name="mmm-serve-worker", daemon=True)
-        self.worker.start()
+        self.dispatcher = threading.Thread(target=self._work, name="mmm-serve-dispatcher", daemon=True)
+        self.dispatcher.start()
 
     # -- client side ----------------------------------------------------------------------------
     def submit(self, job: Job) -> Job:
@@ -113,13 +105,13 @@ class Jobs:
             return self.table.get(job_id)
 
     def cancel(self, job: Job) -> None:
-        """A queued job is dropped when the worker reaches it; a running one stops at its next token."""
+        """A queued job is dropped when the dispatcher reaches it; a running one stops at its next token."""
         if job.state in TERMINAL:
             return
-        with self.lock:  # the worker moves a job to "running" under the same lock
+        with self.lock:  # the dispatcher moves a job to "running" under the same lock
             job.cancel_requested.set()
             queued = job.state == "queued"
-        if queued:  # the worker skips it; say so now
+        if queued:  # the dispatcher skips it; say so now
             self._finish(job, "cancelled")
 
     def retry_after(self) -> int:
@@ -137,14 +129,14 @@ class Jobs:
     def close(self) -> None:
         for job in list(self.table.values()):
             self.cancel(job)
-        try:  # the worker skips the cancelled jobs still queued, then reads this
+        try:  # the dispatcher skips the cancelled jobs still queued, then reads this
             self.queue.put(None, timeout=30)
         except queue.Full:
-            log.warning("the worker did not drain the queue within 30 s")
+            log.warning("the dispatcher did not drain the queue within 30 s")
             return
-        self.worker.join(timeout=30)
+        self.dispatcher.join(timeout=30)
 
-    # -- worker side ----------------------------------------------------------------------------
+    # -- dispatcher side --------------------------------------------------------------------------
     def _work(self) -> None:
         while True:
             job = self.queue.get()
@@ -159,22 +151,25 @@ class Jobs:
                 job.result = job.run(job)
             except Cancelled:
                 outcome = ("cancelled",)
-            except ValueError as err:  # a request the model refused (bad value found late)
-                outcome = ("failed", str(err), "invalid_request")
+            except ApiError as err:  # refused by the model, ended at its deadline, its worker died
+                outcome = ("failed", err.message, err.code, err.status)
             except Exception as err:  # a bug: keep serving, say what happened
                 log.exception("job %s failed", job.id)
-                outcome = ("failed", f"internal error: {type(err).__name__}: {err}", "internal_error")
-            # free the worker before anyone can see the job finished
+                outcome = ("failed", f"internal error: {type(err).__name__}: {err}", "internal_error", 500)
+            # free the dispatcher before anyone can see the job finished
             self.running = None
             self.durations.append(time.time() - job.started)
             if outcome[0] == "done":
                 job.bars_done = job.bars_total
             self._finish(job, *outcome)
 
-    def _finish(self, job: Job, state: str, error: str | None = None, code: str | None = None) -> None:
+    def _finish(
+        self, job: Job, state: str, error: str | None = None, code: str | None = None, status: int | None = None
+    ) -> None:
         if job.state in TERMINAL:
             return
-        job.error, job.error_code, job.finished, job.state = error, code, time.time(), state
+        job.error, job.error_code, job.error_status, job.finished = error, code, status, time.time()
+        job.state = state
         job.finished_event.set()
 
     def _forget_old(self) -> None:

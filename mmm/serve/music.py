@@ -7,7 +7,6 @@ Nothing here touches the disk: uploads are parsed from bytes.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -218,13 +217,14 @@ def example_midi(name: str) -> bytes:
     return EXAMPLES[name][1]().dumps_midi()
 
 
-def is_finite_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
 def json_keys_to_bars(controls: Any) -> Any:
     """JSON object keys are strings: {"8": {...}} (controls per bar) -> {8: {...}}."""
-    if isinstance(controls, Mapping) and controls and all(isinstance(k, str) and k.isdigit() for k in controls):
+    # ASCII digits only: str.isdigit() also takes digits int() refuses, such as "¹"
+    if (
+        isinstance(controls, Mapping)
+        and controls
+        and all(isinstance(k, str) and k.isascii() and k.isdigit() for k in controls)
+    ):
         return {int(k): v for k, v in controls.items()}
     if isinstance(controls, list):
         return [json_keys_to_bars(c) for c in controls]

@@ -414,9 +414,12 @@ async function generate() {
     if (controls) form.append("controls", JSON.stringify(controls));
   }
   form.append("num_variations", $("n").value || "1");
-  form.append("temperature", $("temperature").value || "1");
-  form.append("top_p", $("top_p").value || "0.95");
+  // An empty field sends nothing: the server's default (SamplingConfig) applies.
+  if ($("temperature").value !== "") form.append("temperature", $("temperature").value);
+  if ($("top_p").value !== "") form.append("top_p", $("top_p").value);
   if ($("seed").value !== "") form.append("seed", $("seed").value);
+  form.append("pitch_range", JSON.stringify($("pitch_range").checked));
+  form.append("monophonic", $("monophonic").value);
   stop();
   $("cancel").hidden = false;
   $("progress").hidden = false;
@@ -686,6 +689,15 @@ async function start() {
     status(`The server does not answer: ${err.message}`, true);
     return;
   }
+  // The sampling defaults live in one place, the server's SamplingConfig: start from them.
+  const sampling = studio.info.sampling;
+  $("temperature").value = sampling.temperature;
+  $("top_p").value = sampling.top_p === null ? "" : sampling.top_p;
+  $("n").max = studio.info.limits.max_variations;
+  // So do the decoding constraints' (mmm.generation.request.Request's).
+  const decoding = studio.info.decoding;
+  $("pitch_range").checked = decoding.pitch_range !== false;
+  $("monophonic").value = JSON.stringify(decoding.monophonic);
   const m = studio.info.model;
   $("model").textContent = `model: ${m.checkpoint || "?"}, ${(m.parameters / 1e6).toFixed(2)}M parameters, context ${m.context}`;
   for (const [name, text] of Object.entries(studio.info.examples)) {
