@@ -168,6 +168,43 @@ def _blocked(
 
 
 @torch.inference_mode()
+def _check_budget(
+    model: MMMTransformer,
+    prompt: Sequence[int],
+    max_new_tokens: int,
+    grammars: Sequence[BarGrammar] | None,
+    num_variations: int,
+) -> None:
+    if grammars is not None and len(grammars) != num_variations:
+        raise ValueError(f"{len(grammars)} grammars for {num_variations} variations")
+    if len(prompt) == 0:
+        raise ValueError("empty prompt")
+    if len(prompt) + max_new_tokens > model.config.max_seq_len:
+        raise ValueError(
+            f"prompt ({len(prompt)}) + budget ({max_new_tokens}) exceeds the model context {model.config.max_seq_len}"
+        )
+
+
+def _prefill(
+    model: MMMTransformer,
+    static: StaticDecoder | None,
+    prompt: Sequence[int],
+    total: int,
+    timing: PromptTiming | None,
+) -> tuple[torch.Tensor, KVCache | None]:
+    """The last prompt position's logits (1, vocab), and the eager loop's cache (None with the
+    static decoder, which keeps its own)."""
+    device = model.embed_tokens.weight.device
+    times = flags = None
+    if timing is not None:
+        times, flags = (torch.as_tensor(x, device=device)[None] for x in timing[:2])
+    if static is not None:
+        return static.prefill(prompt, times, flags), None
+    cache = model.new_cache(1, max_len=total)
+    ids = torch.tensor([list(prompt)], device=device)
+    return model(ids, cache, last_only=True, times=times, flags=flags)[:, -1].float(), cache
+
+
 def _generate(
     model: MMMTransformer,
     prompt: Sequence[int],
@@ -182,18 +219,10 @@ def _generate(
 ) -> GenerationOutput:
     sampling = sampling or SamplingConfig()
     sampling.check()
-    if grammars is not None and len(grammars) != num_variations:
-        raise ValueError(f"{len(grammars)} grammars for {num_variations} variations")
-    if len(prompt) == 0:
-        raise ValueError("empty prompt")
+    _check_budget(model, prompt, max_new_tokens, grammars, num_variations)
     device = model.embed_tokens.weight.device
     vocab_size = model.config.vocab_size
     total = len(prompt) + max_new_tokens
-    if total > model.config.max_seq_len:
-        raise ValueError(
-            f"prompt ({len(prompt)}) + budget ({max_new_tokens}) exceeds the model context {model.config.max_seq_len}"
-        )
-
     n = num_variations
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     t0 = time.perf_counter()
@@ -202,18 +231,9 @@ def _generate(
     static = StaticDecoder(model, n, total, compile=True) if compile else None
     # A model with alignment signals reads the prompt's times and flags, then each row's clock
     # times the ids it samples (all of them are the target's: flag 1).
-    prompt_times = prompt_flags = step_times = None
-    clocks = []
-    if model.config.timing is not None:
-        prompt_times, prompt_flags = (torch.as_tensor(x, device=device)[None] for x in timing[:2])
-        clocks = [timing[2].copy() for _ in range(n)]
-        step_times = [0] * n
-    if static is not None:
-        logits = static.prefill(prompt, prompt_times, prompt_flags)
-    else:
-        cache = model.new_cache(1, max_len=total)
-        ids = torch.tensor([list(prompt)], device=device)
-        logits = model(ids, cache, last_only=True, times=prompt_times, flags=prompt_flags)[:, -1].float()
+    clocks = [timing[2].copy() for _ in range(n)] if model.config.timing is not None else []
+    step_times = [0] * n if clocks else None
+    logits, cache = _prefill(model, static, prompt, total, timing if clocks else None)
     sync()
     prefill_s = time.perf_counter() - t0
 
