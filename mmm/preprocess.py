@@ -10,9 +10,10 @@ Work is done in shards of files by worker processes watched from outside: a file
 inside C code) past `file_timeout` gets its worker killed, a file that kills its worker (segfault,
 abort, out of memory) is reported with the signal, and the rest of the run goes on. A shard is
 written atomically, so an interrupted run resumes where it stopped. The shards can be shared out
-between the tasks of a job array (`task_index`/`task_count`, or Slurm's array variables): each task
-locks only the shards it works on, and the store is complete (`report.json`) once every shard is
-done, byte for byte the store a single run writes.
+between the tasks of a job array (`task_index`/`task_count`, or Slurm's array variables) and between
+the tasks of one `srun` step (`srun -n 4 python -m mmm.preprocess`: SLURM_PROCID of
+SLURM_STEP_NUM_TASKS): each task locks only the shards it works on, and the store is complete
+(`report.json`) once every shard is done, byte for byte the store a single run writes.
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ from mmm.data.datamodule import DataConfig, MIDIDataModule
 from mmm.data.prepare import prepare_data
 from mmm.data.stats import generation_stats
 from mmm.data.store import Store
+from mmm.files.atomic import recover_folders
 from mmm.files.locks import acquire_lock
 from mmm.model import PRESETS, model_config_from_preset
 from mmm.model.pretrained import load_pretrained, save_pretrained
@@ -56,6 +57,7 @@ def check_config(cfg: DictConfig) -> None:
     check_section("optim", cfg.optim, OptimConfig)
     check_value("seed", cfg.seed, int, at_least(0))
     check_value("compile", cfg.compile, bool, {})
+    check_value("license", cfg.get("license"), str | None, {})
     for key in ("trainer.max_steps", "trainer.val_check_interval"):
         check_value(key, OmegaConf.select(cfg, key), int, at_least(1))
     tokenizer = check_tokenizer_cfg(cfg.tokenizer)
@@ -80,10 +82,14 @@ def check_config(cfg: DictConfig) -> None:
 
 def resume_path(cfg: DictConfig) -> str | None:
     """`ckpt_path=last`: the newest of checkpoints/last.ckpt and the hpc_ckpt_*.ckpt that
-    Lightning writes when Slurm signals a requeue; None (a fresh start) when there is none."""
+    Lightning writes when Slurm signals a requeue; None (a fresh start) when there is none.
+    A checkpoint folder (DeepSpeed) whose save was killed between the two renames of its swap
+    is put in place first (`mmm.files.atomic.recover_folders`): it would look absent."""
     if cfg.ckpt_path != "last":
         return cfg.ckpt_path
     run_dir = Path(cfg.run_dir)
+    for folder in (run_dir / "checkpoints", run_dir):
+        recover_folders(folder)
     candidates = [
         p
         for p in [run_dir / "checkpoints" / "last.ckpt", *run_dir.glob("hpc_ckpt_*.ckpt")]
@@ -164,11 +170,13 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
         export_model, _ = load_pretrained(final)
     if trainer.is_global_zero:
         generation = generation_stats(Store(cfg.data.store, "train"), vocab, cfg.data.sequences.pitch_shift)
+        # The weights' terms travel with them: the server's /v1/info and the card read them here.
+        terms = {"license": cfg.license} if cfg.get("license") else {}
         save_pretrained(
             export_model,
             tokenizer,
             cfg.export_dir,
-            extra={"training": {"experiment": cfg.experiment_name, **metrics}, "generation": generation},
+            extra={"training": {"experiment": cfg.experiment_name, **metrics}, "generation": generation, **terms},
         )
         metrics["export_dir"] = str(cfg.export_dir)
         log.info("checkpoint folder: %s", cfg.export_dir)

@@ -56,6 +56,7 @@ MODULES = {
     "folder": ["mmm.model.pretrained", "mmm.model", "conftest"],
     "lightning_ckpt": ["mmm.training.checkpoint_io"],
     "preprocess": ["mmm.data.store_writer", "conftest"],
+    "lock": ["mmm.files.locks"],
 }
 
 
@@ -120,11 +121,21 @@ def write_preprocess(store: str, version: str) -> dict:
     return preprocess(data_cfg(Path(store).parent / "corpus", Path(store), num_workers=2), tok_cfg())
 
 
+def write_lock(folder: str, version: str) -> None:
+    """Take and release `<folder>/run.lock`, as every run does first."""
+    from mmm.files.locks import acquire_lock
+
+    with acquire_lock(folder, "run"):
+        pass
+
+
 def listing(folder: Path) -> dict[str, int]:
     return {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*"))}
 
 
 # -- the tests -----------------------------------------------------------------------------
+@pytest.mark.subprocess
+@pytest.mark.full_disk
 def test_token_store_shard(tmp_path):
     import pyarrow as pa
 
@@ -143,6 +154,8 @@ def test_token_store_shard(tmp_path):
     assert '"version": "new"' in report.read_text()
 
 
+@pytest.mark.subprocess
+@pytest.mark.full_disk
 def test_tokenizer_file(tmp_path):
     from mmm.tokenizer import load_tokenizer
 
@@ -157,6 +170,8 @@ def test_tokenizer_file(tmp_path):
     assert load_tokenizer(path).config.num_velocities == 32
 
 
+@pytest.mark.subprocess
+@pytest.mark.full_disk
 def test_checkpoint_folder(tmp_path):
     from mmm.model.pretrained import load_pretrained
 
@@ -174,6 +189,8 @@ def test_checkpoint_folder(tmp_path):
     assert listing(tmp_path).keys() == files.keys()
 
 
+@pytest.mark.subprocess
+@pytest.mark.full_disk
 def test_lightning_checkpoint(tmp_path):
     from mmm.model.pretrained import load_checkpoint_file
 
@@ -208,6 +225,8 @@ def test_a_full_disk_or_quota_reads_the_same(tmp_path, monkeypatch, code):
     assert target.read_bytes() == b"old" and listing(tmp_path) == {"x.bin": 3}
 
 
+@pytest.mark.subprocess
+@pytest.mark.full_disk
 def test_preprocessing_stops_on_a_full_disk_and_the_rerun_completes(tmp_path):
     """In context: a worker's shard write failing for lack of space stops the run with the
     error (it is not taken for a bad file), and the next run finishes every file."""
@@ -225,3 +244,23 @@ def test_preprocessing_stops_on_a_full_disk_and_the_rerun_completes(tmp_path):
     assert not list(store.glob("shards/*.arrow")) and not list(store.glob("shards/.*"))
     report = write_preprocess(str(store), "new")
     assert report["kept"] == 6 and report["rejected"] == 0
+
+
+@pytest.mark.subprocess
+@pytest.mark.full_disk
+def test_a_lock_on_a_full_disk(tmp_path):
+    """Training, preprocessing and tokenizer training each take a lock before any work: on a
+    full disk that fails with `DiskFull` naming the lock, leaving no partial lock file (which
+    later runs would read as an unreadable lock); with space the same call takes it."""
+    folder = tmp_path / "run"
+    folder.mkdir()
+    output = write_limited("lock", folder, limit=16)
+    assert output.startswith("DiskFull "), output
+    assert (
+        f"could not create the lock {folder / 'run.lock'}: File too large (disk full, quota or file-size limit)"
+        in output
+    )
+    assert "free space and run again" in output
+    assert listing(folder) == {}
+    write_lock(str(folder), "new")
+    assert listing(folder) == {}

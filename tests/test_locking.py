@@ -59,6 +59,8 @@ def procs():
         p.wait()
 
 
+@pytest.mark.subprocess
+@pytest.mark.multiprocess
 def test_second_process_fails_at_once_naming_the_holder_then_a_killed_holder_is_taken_over(tmp_path, procs):
     holder, line = start_holder(tmp_path, tmp_path / "release", clean_env())
     procs.append(holder)
@@ -107,6 +109,7 @@ def test_lock_from_another_host_is_stale_only_without_a_recent_heartbeat(tmp_pat
         assert lock.owner
 
 
+@pytest.mark.subprocess
 def test_the_holder_keeps_its_lock_fresh(tmp_path, procs):
     """The heartbeat (every stale_after/10 s) keeps a long run's lock from looking stale to
     other hosts."""
@@ -122,6 +125,8 @@ def test_the_holder_keeps_its_lock_fresh(tmp_path, procs):
     assert path.stat().st_mtime > old + 1
 
 
+@pytest.mark.subprocess
+@pytest.mark.multiprocess
 def test_processes_of_one_job_share_a_shared_lock_and_a_slurm_requeue_takes_it_over(tmp_path, procs):
     release = tmp_path / "release"
     rank0, line0 = start_holder(tmp_path, release, clean_env(SLURM_JOB_ID="4242", SLURM_RESTART_COUNT="0"), shared=True)
@@ -153,6 +158,8 @@ def test_processes_of_one_job_share_a_shared_lock_and_a_slurm_requeue_takes_it_o
     assert not (tmp_path / "run.lock").exists()  # removed by its owner, not by the joined rank
 
 
+@pytest.mark.subprocess
+@pytest.mark.multiprocess
 def test_a_lock_not_shared_by_the_job_refuses_another_rank_naming_it(tmp_path, procs):
     """Locks are per process unless shared by the job: two ranks of one job step (same Slurm
     job, step and restart count) are two writers. The record names the holder's rank."""
@@ -170,6 +177,8 @@ def test_a_lock_not_shared_by_the_job_refuses_another_rank_naming_it(tmp_path, p
     assert rank0.wait(timeout=60) == 0
 
 
+@pytest.mark.subprocess
+@pytest.mark.multiprocess
 def test_subprocesses_launched_by_the_holder_join_its_lock(tmp_path, procs):
     """Lightning launches the other ranks of a local multi-process job as subprocesses of
     rank 0: they inherit its job id and share the lock."""
@@ -183,6 +192,8 @@ def test_subprocesses_launched_by_the_holder_join_its_lock(tmp_path, procs):
     assert "MMM_JOB_ID" not in os.environ
 
 
+@pytest.mark.subprocess
+@pytest.mark.multiprocess
 def test_runs_racing_for_a_stale_lock_get_exactly_one_winner(tmp_path, procs):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
@@ -203,6 +214,8 @@ def test_runs_racing_for_a_stale_lock_get_exactly_one_winner(tmp_path, procs):
     assert sorted(results) == ["held", "held", "held", "owner"]
 
 
+@pytest.mark.subprocess
+@pytest.mark.multiprocess
 def test_training_refuses_a_run_folder_in_use(corpus, tmp_path, procs):
     """A second `python -m mmm.train` on a run folder in use fails before any work, naming
     the holder."""
@@ -233,6 +246,8 @@ def test_lock_held_survives_pickling(tmp_path):
     assert str(copy) == str(error) and copy.holder == error.holder and copy.path == error.path
 
 
+@pytest.mark.subprocess
+@pytest.mark.multiprocess
 def test_waiting_for_the_holder_instead_of_failing(tmp_path, procs):
     """`wait=`: a step another run may be doing already (sweep jobs building the data they
     share) waits for it, then takes the lock; a bounded wait still fails naming the holder."""
@@ -268,6 +283,9 @@ def test_waiting_for_the_holder_instead_of_failing(tmp_path, procs):
     assert waiter.wait(timeout=60) == 0
 
 
+@pytest.mark.subprocess
+@pytest.mark.multiprocess
+@pytest.mark.slow
 def test_a_two_process_ddp_training_holds_its_run_folder_once(corpus, tmp_path):
     """Lightning launches rank 1 as a subprocess of rank 0, which holds the run lock: rank 1
     shares it instead of failing, and the lock is gone when the job ends."""

@@ -27,6 +27,7 @@ def built(source, tmp_path_factory):
     return store, preprocess(data_cfg(source, store), tok_cfg())
 
 
+@pytest.mark.subprocess
 def test_report_counts_and_reasons(built):
     store, report = built
     assert report["files"] == 13  # 10 songs + 3 bad; README.txt is not a music file
@@ -39,6 +40,7 @@ def test_report_counts_and_reasons(built):
     assert sum(v["files"] for v in report["splits"].values()) == 10
 
 
+@pytest.mark.subprocess
 def test_store_content(built):
     store, report = built
     total = sum(len(Store(store, s)) for s in ("train", "valid", "test"))
@@ -53,6 +55,7 @@ def test_store_content(built):
     assert Store(store, "train").num_tokens() > 0
 
 
+@pytest.mark.subprocess
 def test_split_is_deterministic_by_content(source, built, tmp_path):
     store, report = built
     other = tmp_path / "store"
@@ -66,6 +69,7 @@ def test_split_is_deterministic_by_content(source, built, tmp_path):
     assert split_of("f" * 32, 0.05, 0.05) == "train"
 
 
+@pytest.mark.subprocess
 def test_rerun_after_interruption_redoes_only_missing_shards(source, built, tmp_path):
     store, _ = built
     copy = tmp_path / "store"
@@ -89,6 +93,7 @@ def test_rerun_after_interruption_redoes_only_missing_shards(source, built, tmp_
     assert not list(copy.glob("shards/.0000[12].*"))  # a redone shard's leftovers are removed
 
 
+@pytest.mark.subprocess
 def test_changed_settings_refuse_to_mix_into_a_store(source, built):
     store, _ = built
     with pytest.raises(
@@ -114,6 +119,7 @@ def test_bad_config_fails_before_work(source, tmp_path):
     assert not (tmp_path / "s").exists() and not (tmp_path / "s2").exists()
 
 
+@pytest.mark.subprocess
 def test_parallel_workers_give_the_same_store(source, built, tmp_path):
     store, _ = built
     parallel = tmp_path / "store"
@@ -121,6 +127,7 @@ def test_parallel_workers_give_the_same_store(source, built, tmp_path):
     assert store_rows(parallel) == store_rows(store)
 
 
+@pytest.mark.subprocess
 def test_arrow_shards_are_memory_mappable(built):
     store, _ = built
     with pa.memory_map(str(shard_paths(store, 0)[0]), "r") as f:
@@ -128,6 +135,7 @@ def test_arrow_shards_are_memory_mappable(built):
     assert table.num_rows > 0 and "bars" in table.column_names
 
 
+@pytest.mark.subprocess
 def test_entry_point_on_shared_midi_reports_every_invalid_file(midi_dir, tmp_path):
     """`python -m mmm.preprocess data=folder data.path=<shared midi>` as the README shows it."""
     env = {**os.environ, "MMM_DATA_DIR": str(tmp_path / "data"), "MMM_RUNS_DIR": str(tmp_path / "runs")}

@@ -16,11 +16,13 @@ import sys
 import time
 from pathlib import Path
 
+import fault_injection
 import pytest
 from conftest import REPO, corpus_with_bad_files, data_cfg, tok_cfg
+from fault_injection import marked
 
 from mmm.data.store import done_shards, shard_paths
-from mmm.data.store_writer import TEST_FAULTS_ENV, TEST_PAUSE_ENV, array_task, preprocess
+from mmm.data.store_writer import array_task, preprocess
 from mmm.files.locks import LockHeld
 
 TIMEOUT = 3  # file_timeout of every run here (it is part of the store's settings)
@@ -39,16 +41,28 @@ def overrides(source: Path, store: Path) -> list[str]:
     ]
 
 
-def start(source: Path, store: Path, tmp_path: Path, task: int | None = None, count: int = 2) -> subprocess.Popen:
-    """`python -m mmm.preprocess ...` as a Slurm array task (or a whole run), in its own session."""
+# `python -m mmm.preprocess` with the faults of `fault_injection` installed.
+PREPROCESS = ["-c", "import fault_injection; fault_injection.preprocess_main()"]
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The environment of an unrelated process, importing the tests' modules."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MMM_JOB"))}
-    env.update({"MMM_RUNS_DIR": str(tmp_path / "runs"), TEST_FAULTS_ENV: "1"})
+    return {**env, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO)]), **extra}
+
+
+def start(
+    source: Path, store: Path, tmp_path: Path, task: int | None = None, count: int = 2, env: dict | None = None
+) -> subprocess.Popen:
+    """`python -m mmm.preprocess ...` as a Slurm array task (or a whole run, or with the
+    variables `env`), in its own session."""
+    env = clean_env(MMM_RUNS_DIR=str(tmp_path / "runs"), **(env or {}))
     if task is not None:
         env.update(
             {"SLURM_ARRAY_TASK_ID": str(task), "SLURM_ARRAY_TASK_COUNT": str(count), "SLURM_ARRAY_TASK_MIN": "0"}
         )
     return subprocess.Popen(
-        [sys.executable, "-m", "mmm.preprocess", *overrides(source, store)],
+        [sys.executable, *PREPROCESS, *overrides(source, store)],
         cwd=REPO,
         env=env,
         stdout=subprocess.PIPE,
@@ -72,7 +86,7 @@ def files(store: Path) -> dict[str, bytes]:
 def source(tmp_path_factory) -> Path:
     root = corpus_with_bad_files(tmp_path_factory.mktemp("array"), n=6)  # 9 files, 9 shards of one file
     # Sorted last, so it is the last shard (shard 9) of task 1 of 2: it hangs until file_timeout.
-    (root / "zz_hang.mid").write_bytes(b"MMM-TEST-HANG" + b"\0" * 64)
+    (root / "zz_hang.mid").write_bytes(marked("HANG"))
     return root
 
 
@@ -80,15 +94,15 @@ def source(tmp_path_factory) -> Path:
 def single(source, tmp_path_factory):
     """The reference: one whole run, in this process."""
     store = tmp_path_factory.mktemp("single") / "store"
-    os.environ[TEST_FAULTS_ENV] = "1"
-    try:
+    with pytest.MonkeyPatch.context() as patch:
+        fault_injection.install(setattr=patch.setattr)
         report = preprocess(data_cfg(source, store, shard_size=1, file_timeout=TIMEOUT), tok_cfg())
-    finally:
-        del os.environ[TEST_FAULTS_ENV]
     assert report["rejected_by_reason"]["timeout"] == 1
     return store
 
 
+@pytest.mark.subprocess
+@pytest.mark.multiprocess
 def test_two_tasks_write_the_single_run_store(source, single, tmp_path):
     store = tmp_path / "store"
     procs = [start(source, store, tmp_path, task) for task in (0, 1)]  # at the same time, on one store
@@ -98,6 +112,24 @@ def test_two_tasks_write_the_single_run_store(source, single, tmp_path):
     assert not list(store.rglob("*.lock"))
 
 
+@pytest.mark.subprocess
+@pytest.mark.multiprocess
+def test_the_tasks_of_one_srun_step_share_the_shards(source, single, tmp_path):
+    """`srun -n 2 python -m mmm.preprocess`: the two tasks of one job step (same SLURM_JOB_ID
+    and SLURM_STEP_ID, SLURM_PROCID 0 and 1) share the shards as array tasks do, instead of the
+    second stopping at once on the first one's lock; together they write the single run's store."""
+    store = tmp_path / "store"
+    step = {"SLURM_JOB_ID": "4242", "SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "2", "SLURM_NTASKS": "2"}
+    procs = [start(source, store, tmp_path, env={**step, "SLURM_PROCID": str(rank)}) for rank in (0, 1)]
+    outputs = [finish(p) for p in procs]
+    for rank, output in enumerate(outputs):
+        assert f"(task {rank} of 2: 5 shards)" in output
+    assert files(store) == files(single)
+    assert not list(store.rglob("*.lock"))
+
+
+@pytest.mark.subprocess
+@pytest.mark.multiprocess
 def test_killed_task_rerun_redoes_only_its_missing_shards(source, single, tmp_path, monkeypatch, caplog):
     store = tmp_path / "store"
     report = preprocess(data_cfg(source, store, shard_size=1, file_timeout=TIMEOUT), tok_cfg(), task=(0, 2))
@@ -115,7 +147,7 @@ def test_killed_task_rerun_redoes_only_its_missing_shards(source, single, tmp_pa
     assert hanging_lock.exists()  # left behind by the killed task
     kept_mtime = shard_paths(store, 1)[0].stat().st_mtime_ns
 
-    monkeypatch.setenv(TEST_FAULTS_ENV, "1")
+    fault_injection.install(setattr=monkeypatch.setattr)
     cfg = data_cfg(source, store, shard_size=1, file_timeout=TIMEOUT)
     report = preprocess(cfg, tok_cfg(), task=(1, 2))  # re-run here; the stale locks are taken over
     assert "taking over a stale lock" in caplog.text
@@ -125,6 +157,8 @@ def test_killed_task_rerun_redoes_only_its_missing_shards(source, single, tmp_pa
     assert preprocess(cfg, tok_cfg())["files_processed_this_run"] == 0  # complete: nothing to do
 
 
+@pytest.mark.subprocess
+@pytest.mark.multiprocess
 def test_second_run_on_a_store_in_use_fails_at_once(source, single, tmp_path, monkeypatch):
     """The first run is another process; this test's process makes the second."""
     store = tmp_path / "store"
@@ -134,7 +168,7 @@ def test_second_run_on_a_store_in_use_fails_at_once(source, single, tmp_path, mo
         assert first.poll() is None and time.monotonic() < deadline, first.communicate()[0][-3000:]
         time.sleep(0.02)
     os.killpg(first.pid, signal.SIGSTOP)  # frozen mid-run, holding its locks, alive
-    monkeypatch.setenv(TEST_FAULTS_ENV, "1")
+    fault_injection.install(setattr=monkeypatch.setattr)
     cfg = data_cfg(source, store, shard_size=1, file_timeout=TIMEOUT)
     holder = rf"is in use by another run \(pid {first.pid} on host {socket.gethostname()}, started "
     try:
@@ -155,7 +189,9 @@ def test_second_run_on_a_store_in_use_fails_at_once(source, single, tmp_path, mo
 # What `python -m mmm.train` does before training, in one rank: `prepare_data(data, tokenizer)`.
 # The configs come pickled: JSON would turn the tokenizer's integer keys into strings.
 PREPARE = """
-import logging, pickle, sys
+import logging, os, pickle, sys
+import fault_injection
+fault_injection.install(os.environ[fault_injection.PAUSE_ENV])
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 from mmm.data.prepare import prepare_data
 with open(sys.argv[1], "rb") as f:
@@ -164,11 +200,13 @@ print("prepared", prepare_data(data, tokenizer), flush=True)
 """
 
 
+@pytest.mark.subprocess
+@pytest.mark.multiprocess
 def test_ranks_of_one_job_prepare_the_data_once(tmp_path):
     """Two ranks of one Slurm job step (same SLURM_JOB_ID and SLURM_STEP_ID) prepare the same
     fresh data folder: rank 0 preprocesses; rank 1 waits for it, then finds the store done.
-    Rank 0's worker is held at its first shard (the test hook `_test_pause`) until rank 1 is
-    seen waiting."""
+    Rank 0's worker is held at its first shard (`fault_injection.pause`) until rank 1 is seen
+    waiting."""
     source = corpus_with_bad_files(tmp_path / "corpus", n=4)  # 7 files, 7 shards of one file
     data = data_cfg(source, tmp_path / "data" / "store", shard_size=1, file_timeout=600)
     data["dir"] = str(tmp_path / "data")
@@ -178,8 +216,7 @@ def test_ranks_of_one_job_prepare_the_data_once(tmp_path):
     pause = tmp_path / "pause"
     pause.mkdir()
     (pause / "writing").touch()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MMM_JOB"))}
-    env.update({"SLURM_JOB_ID": "4242", "SLURM_STEP_ID": "0", TEST_FAULTS_ENV: "1", TEST_PAUSE_ENV: str(pause)})
+    env = clean_env(SLURM_JOB_ID="4242", SLURM_STEP_ID="0", **{fault_injection.PAUSE_ENV: str(pause)})
 
     def rank(r: int) -> subprocess.Popen:
         return subprocess.Popen(
@@ -236,3 +273,14 @@ def test_array_task_from_config_or_slurm():
         array_task(2, 2, env={})
     with pytest.raises(ValueError, match="both must be set"):
         array_task(1, None, env={})
+    # The tasks of one srun step share the shards; inside an array task they share its share.
+    step = {"SLURM_JOB_ID": "7", "SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "2", "SLURM_NTASKS": "2"}
+    assert array_task(env={**step, "SLURM_PROCID": "1"}) == (1, 2)
+    array = {"SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_TASK_COUNT": "3", "SLURM_ARRAY_TASK_MIN": "0"}
+    assert array_task(env={**step, **array, "SLURM_PROCID": "1"}) == (3, 6)
+    assert array_task(1, 3, env={**step, "SLURM_PROCID": "0"}) == (2, 6)
+    assert array_task(env={**step, "SLURM_STEP_NUM_TASKS": "1", "SLURM_PROCID": "0"}) is None  # srun -n 1
+    # A batch script's own process is no step task, whatever its allocation's SLURM_NTASKS.
+    assert array_task(env={"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4", "SLURM_PROCID": "0"}) is None
+    with pytest.raises(ValueError, match="SLURM_PROCID=2 is not in"):
+        array_task(env={**step, "SLURM_PROCID": "2"})

@@ -12,10 +12,17 @@ import threading
 import time
 from pathlib import Path
 
+import fault_injection
 import pytest
 from conftest import corpus_with_bad_files, data_cfg, store_rows, tok_cfg
+from fault_injection import marked
 
-from mmm.data.store_writer import MAX_SHARD_TRIES, TEST_FAULTS_ENV, TEST_PAUSE_ENV, preprocess
+from mmm.data.store_writer import preprocess
+from mmm.data.workers import MAX_SHARD_TRIES
+
+# Every test runs preprocessing's worker processes; the faults are injected by the tests
+# (`fault_injection`), never by a hook of the production code.
+pytestmark = pytest.mark.subprocess
 
 
 @pytest.fixture(scope="module")
@@ -31,13 +38,13 @@ def test_hang_in_c_code_and_deaths_by_signal_are_isolated(clean, tmp_path, monke
     root, clean_store = clean
     songs = tmp_path / "songs"
     shutil.copytree(root / "songs", songs)
-    # Marked files (the test hook of mmm.preprocess): one blocks every signal then calls
-    # pause() (no in-process timer can end that), one reads address 0, ...
-    (songs / "song_03b_hang.mid").write_bytes(b"MMM-TEST-HANG" + b"\0" * 64)
-    (songs / "song_05b_segv.mid").write_bytes(b"MMM-TEST-SEGV" + b"\0" * 64)
-    (songs / "song_06b_abort.mid").write_bytes(b"MMM-TEST-ABRT" + b"\0" * 64)  # abort() in C
-    (songs / "song_07b_oom.mid").write_bytes(b"MMM-TEST-KILL" + b"\0" * 64)  # SIGKILL, as the OOM killer
-    monkeypatch.setenv(TEST_FAULTS_ENV, "1")
+    # Marked files (faults injected into the workers by fault_injection): one blocks every
+    # signal then calls pause() (no in-process timer can end that), one reads address 0, ...
+    (songs / "song_03b_hang.mid").write_bytes(marked("HANG"))
+    (songs / "song_05b_segv.mid").write_bytes(marked("SEGV"))
+    (songs / "song_06b_abort.mid").write_bytes(marked("ABRT"))  # abort() in C
+    (songs / "song_07b_oom.mid").write_bytes(marked("KILL"))  # SIGKILL, as the OOM killer
+    fault_injection.install(setattr=monkeypatch.setattr)
     store = tmp_path / "store"
     report = preprocess(data_cfg(songs, store, shard_size=3, num_workers=2, file_timeout=3), tok_cfg())
 
@@ -59,21 +66,23 @@ def test_the_timeout_counts_the_workers_cpu_not_the_wall_clock(tmp_path, monkeyp
     """A file whose loading spins for ever is rejected as a timeout; one that takes twice the
     timeout in wall time while using a tenth of a core (a worker waiting for CPU on a busy
     node) is not: which files a store keeps must not depend on the machine's load."""
-    monkeypatch.setenv(TEST_FAULTS_ENV, "1")
+    fault_injection.install(setattr=monkeypatch.setattr)
     songs = tmp_path / "songs"
     songs.mkdir()
-    (songs / "spin.mid").write_bytes(b"MMM-TEST-SPIN" + b"\0" * 64)
-    (songs / "slow.mid").write_bytes(b"MMM-TEST-SLOW" + b"\0" * 64)  # 6 s of wall time, ~0.6 s of CPU
+    (songs / "spin.mid").write_bytes(marked("SPIN"))
+    (songs / "slow.mid").write_bytes(marked("SLOW"))  # 6 s of wall time, ~0.6 s of CPU
     report = preprocess(data_cfg(songs, tmp_path / "store", num_workers=2, file_timeout=3), tok_cfg())
     rejected = {r["name"]: r["reason"] for r in report["rejected_files"]}
     assert rejected == {"spin.mid": "timeout", "slow.mid": "not_midi"}  # slow.mid got through to the checks
 
 
-def test_fault_hook_is_off_without_the_variable(tmp_path, monkeypatch):
-    monkeypatch.delenv(TEST_FAULTS_ENV, raising=False)
+def test_production_code_has_no_fault_hook(tmp_path, monkeypatch):
+    """Without `fault_injection`, a marked file is an ordinary file that is not MIDI, whatever
+    the environment says (the variable of the hook production code used to carry included)."""
+    monkeypatch.setenv("MMM_TEST_FAULTS", "1")
     songs = tmp_path / "songs"
     songs.mkdir()
-    (songs / "hang.mid").write_bytes(b"MMM-TEST-HANG" + b"\0" * 64)
+    (songs / "hang.mid").write_bytes(marked("HANG"))
     report = preprocess(data_cfg(songs, tmp_path / "store"), tok_cfg())
     assert report["rejected_files"][0]["reason"] == "not_midi"
 
@@ -86,7 +95,7 @@ def files(store: Path) -> dict[str, bytes]:
 
 
 def paused(folder: Path, point: str, stop: threading.Event) -> tuple[int, Path] | None:
-    """The pid of the worker paused at `point` (the test hook `_test_pause`) and its claim file
+    """The pid of the worker paused at `point` (`fault_injection.pause`) and its claim file
     (deleting it lets the worker go on); None once `stop` is set."""
     while not stop.is_set():
         claims = list(folder.glob(f"{point}.*"))
@@ -108,11 +117,11 @@ def kill_and_wait(pid: int) -> None:
 @pytest.fixture
 def killer(tmp_path, monkeypatch):
     """Runs a function in a thread beside the run (in this process, whose forked children the
-    workers are) with the pause folder armed by the test hook; joined at the end."""
+    workers are) with workers that pause where the function arms `fault_injection`'s pause
+    points; joined at the end."""
     folder = tmp_path / "pause"
     folder.mkdir()
-    monkeypatch.setenv(TEST_FAULTS_ENV, "1")
-    monkeypatch.setenv(TEST_PAUSE_ENV, str(folder))
+    fault_injection.install(folder, setattr=monkeypatch.setattr)
     stop, threads = threading.Event(), []
 
     def run(target) -> None:
@@ -132,7 +141,7 @@ def undisturbed(root: Path, tmp_path: Path, **settings) -> Path:
     return store
 
 
-def test_a_worker_killed_while_writing_its_shard_is_replaced_and_the_shard_redone(clean, tmp_path, killer):
+def test_a_worker_killed_while_writing_its_shard_is_replaced_and_the_shard_redone(clean, tmp_path, killer, monkeypatch):
     root, _ = clean
     killed = []
 
@@ -146,13 +155,13 @@ def test_a_worker_killed_while_writing_its_shard_is_replaced_and_the_shard_redon
     store = tmp_path / "store"
     report = preprocess(data_cfg(root / "songs", store, shard_size=3), tok_cfg())
     assert killed and report["kept"] == 8 and report["rejected"] == 0  # no file blamed
-    os.environ.pop(TEST_PAUSE_ENV)
+    monkeypatch.undo()  # the reference run has no injected pauses
     assert files(store) == files(undisturbed(root, tmp_path, shard_size=3))
     assert not list(store.rglob("*.lock")) and not list(store.rglob(".*tmp*"))
 
 
 @pytest.mark.parametrize("shard_size", [4, 3], ids=["after-the-last-shard", "between-shards"])
-def test_a_worker_killed_while_idle_is_replaced(clean, tmp_path, killer, shard_size):
+def test_a_worker_killed_while_idle_is_replaced(clean, tmp_path, killer, shard_size, monkeypatch):
     """Two workers; one pauses writing its shard, so the other finishes first and idles: it is
     killed there. With 2 shards the run is then done and only tells the workers to stop; with 3
     the third shard goes to the dead worker."""
@@ -172,7 +181,7 @@ def test_a_worker_killed_while_idle_is_replaced(clean, tmp_path, killer, shard_s
     store = tmp_path / "store"
     report = preprocess(data_cfg(root / "songs", store, shard_size=shard_size, num_workers=2), tok_cfg())
     assert killed and report["kept"] == 8 and report["rejected"] == 0
-    os.environ.pop(TEST_PAUSE_ENV)
+    monkeypatch.undo()  # the reference run has no injected pauses
     assert files(store) == files(undisturbed(root, tmp_path, shard_size=shard_size))
     assert not list(store.rglob("*.lock"))
 

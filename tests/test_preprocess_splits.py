@@ -15,6 +15,9 @@ from conftest import LAYOUTS, SCHEMA, data_cfg, make_gigamidi, midi_bytes, store
 from mmm.data.store import Store
 from mmm.data.store_writer import preprocess, split_of
 
+# Every test preprocesses, in worker processes.
+pytestmark = pytest.mark.subprocess
+
 SMALL = {"min_bars": 1, "min_notes": 1, "chunk_min_bars": 1}  # midi_bytes pieces are one bar long
 
 

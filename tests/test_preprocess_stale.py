@@ -20,6 +20,9 @@ from mmm.data.store_writer import preprocess
 from mmm.files.locks import acquire_lock
 from mmm.tokenizer import build_tokenizer, save_tokenizer
 
+# Every test uses a store preprocessed in worker processes (the `built` fixture).
+pytestmark = pytest.mark.subprocess
+
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
@@ -103,6 +106,7 @@ def test_a_store_of_an_older_format_is_refused(built, tmp_path):
         preprocess(data_cfg(root / "songs", old), tok_cfg())
 
 
+@pytest.mark.multiprocess
 def test_second_tokenizer_training_fails_at_once_naming_the_holder(built, tmp_path):
     root, store = built
     path = tmp_path / "tok.json"

@@ -48,6 +48,8 @@ def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=f"{k} differs after resume")
 
 
+@pytest.mark.subprocess
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_resume_is_exact(corpus, tmp_path, uninterrupted):
     """SIGTERM (Slurm preemption) mid-epoch: last.ckpt is written after the current step, and
     the resumed run ends with exactly the weights of an uninterrupted run: same step count,
@@ -63,6 +65,8 @@ def test_sigterm_saves_a_checkpoint_and_resume_is_exact(corpus, tmp_path, uninte
     assert_same_weights(final_weights(tmp_path), uninterrupted)
 
 
+@pytest.mark.subprocess
+@pytest.mark.slow
 def test_sigkill_resumes_from_the_last_periodic_checkpoint(corpus, tmp_path, uninterrupted):
     """SIGKILL gives no chance to save: the run resumes from the last periodic checkpoint
     (every 3 steps) and still ends with the uninterrupted weights."""
@@ -139,6 +143,7 @@ def bad_files(root: Path) -> dict[str, str]:
     return {name: reason for name, (_, reason) in files.items()}
 
 
+@pytest.mark.subprocess
 def test_every_kind_of_bad_midi_is_skipped_with_its_reason(tmp_path):
     from conftest import data_cfg, tok_cfg
 
@@ -152,6 +157,7 @@ def test_every_kind_of_bad_midi_is_skipped_with_its_reason(tmp_path):
     assert report["kept"] == 1
 
 
+@pytest.mark.subprocess
 @pytest.mark.slow
 def test_fuzzed_midi_never_crashes_or_hangs_preprocessing(tmp_path, request):
     """Hundreds of mutated real files (byte flips, truncations, splices) through preprocessing
@@ -288,6 +294,113 @@ def test_lightning_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     assert torch.load(target, weights_only=False)["step"] == 1
 
 
+# -- a folder swap killed between its two renames --------------------------------------------
+# A child writes `argv[1]` with `atomic_write_folder` (`argv[2]` into a file `latest` and a
+# tag folder, as DeepSpeed writes a checkpoint) and is SIGKILLed at the swap's second rename:
+# the previous folder has been renamed aside, the new one is not in place yet.
+KILLED_MID_SWAP = """
+import os, signal, sys
+from mmm.files.atomic import atomic_write_folder
+def fill(folder, version):
+    (folder / "latest").write_text(version)
+    (folder / version).mkdir()
+    (folder / version / "mp_rank_00_model_states.pt").write_bytes(version.encode() * 100)
+rename = os.replace
+renames = []
+def replace(src, dst):
+    renames.append(dst)
+    if len(renames) == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+    rename(src, dst)
+os.replace = replace
+atomic_write_folder(sys.argv[1], lambda tmp: fill(tmp, sys.argv[2]))
+"""
+
+
+def fill_checkpoint(folder: Path, version: str) -> None:
+    """What the child's `fill` writes."""
+    (folder / "latest").write_text(version)
+    (folder / version).mkdir()
+    (folder / version / "mp_rank_00_model_states.pt").write_bytes(version.encode() * 100)
+
+
+def kill_mid_swap(folder: Path, version: str) -> int:
+    """Write `version` into `folder` in a child killed between the swap's renames; its pid."""
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_MID_SWAP, str(folder), version], cwd=REPO)
+    assert proc.wait(timeout=300) == -signal.SIGKILL
+    return proc.pid
+
+
+def contents(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.subprocess
+def test_a_checkpoint_folder_swap_killed_between_its_renames_is_finished_on_resume(tmp_path):
+    """`checkpoints/last.ckpt` (a DeepSpeed folder) killed mid-swap: `ckpt_path=last` finds
+    the new checkpoint, complete, instead of starting afresh; nothing is left beside it."""
+    from omegaconf import OmegaConf
+
+    from mmm.files.atomic import atomic_write_folder
+    from mmm.train import resume_path
+
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    atomic_write_folder(last, lambda tmp: fill_checkpoint(tmp, "step9"))
+    pid = kill_mid_swap(last, "step12")
+    assert not last.exists() and (last.parent / f".last.ckpt.old{pid}").is_dir()  # what the kill leaves
+    cfg = OmegaConf.create({"ckpt_path": "last", "run_dir": str(tmp_path / "run")})
+    assert resume_path(cfg) == str(last)
+    assert (last / "latest").read_text() == "step12"
+    assert contents(last)["step12/mp_rank_00_model_states.pt"] == b"step12" * 100
+    assert sorted(p.name for p in last.parent.iterdir()) == ["last.ckpt"]
+
+
+@pytest.mark.subprocess
+def test_a_model_folder_swap_killed_between_its_renames_loads_and_the_next_write_cleans_up(tmp_path):
+    """`model/` killed mid-swap: `load_pretrained` (and so `python -m mmm.checkpoint`, the
+    sampler, the server) finds it; the next write of a folder leaves no leftover of a killed one."""
+    from conftest import tokenizer_params
+
+    from mmm.files.atomic import atomic_write_folder
+    from mmm.model import MMMTransformer, model_config_from_preset
+    from mmm.model.pretrained import load_pretrained, save_pretrained
+    from mmm.tokenizer import build_tokenizer
+
+    tokenizer = build_tokenizer(tokenizer_params())
+    model = MMMTransformer(model_config_from_preset("tiny", vocab_size=len(tokenizer), max_seq_len=64))
+    folder = save_pretrained(model, tokenizer, tmp_path / "model")
+    before = contents(folder)
+    # The child swaps in a folder that is no model; the swap is finished only if it was complete.
+    kill_mid_swap(folder, "step12")
+    os.rename(next(tmp_path.glob(".model.tmp*")), tmp_path / "new")  # as if killed before the new one was written
+    load_pretrained(folder)  # the previous folder is put back
+    assert contents(folder) == before and sorted(p.name for p in tmp_path.iterdir()) == ["model", "new"]
+
+    other = tmp_path / "other"
+    atomic_write_folder(other, lambda tmp: fill_checkpoint(tmp, "a"))
+    kill_mid_swap(other, "b")
+    atomic_write_folder(other, lambda tmp: fill_checkpoint(tmp, "c"))
+    assert contents(other) == {"latest": b"c", "c/mp_rank_00_model_states.pt": b"c" * 100}
+    assert not list(tmp_path.glob(".other*"))
+
+
+@pytest.mark.subprocess
+def test_the_leftovers_of_a_live_writer_are_left_alone(tmp_path):
+    """Another process in the middle of its swap (alive) is not undone under its feet."""
+    from mmm.files.atomic import recover_folder
+
+    writer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        aside = tmp_path / f".last.ckpt.old{writer.pid}"
+        aside.mkdir()
+        assert recover_folder(tmp_path / "last.ckpt") is None and aside.is_dir()
+    finally:
+        writer.kill()
+        writer.wait()
+    assert recover_folder(tmp_path / "last.ckpt") == tmp_path / "last.ckpt"  # its writer is gone: put back
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+
+
 # -- unsafe checkpoints --------------------------------------------------------------------
 class Trap:
     """Unpickled, it runs a shell command: what a booby-trapped checkpoint carries."""
@@ -322,6 +435,7 @@ def mmm_ckpt(path: Path, **extra) -> Path:
     return path
 
 
+@pytest.mark.subprocess
 def test_a_checkpoint_carrying_code_is_refused_and_the_code_never_runs(tmp_path):
     from mmm import MMM
     from mmm.model.pretrained import UnsafeCheckpoint, load_checkpoint_file, load_pretrained
@@ -378,6 +492,7 @@ def test_a_deepspeed_checkpoint_carrying_code_is_refused_before_deepspeed_unpick
     assert not marker.exists()
 
 
+@pytest.mark.subprocess
 def test_resuming_from_a_checkpoint_carrying_code_is_refused(corpus, tmp_path):
     """Lightning's own resume path (`Trainer.fit(ckpt_path=...)`) goes through the same check."""
     from mmm.model.pretrained import UnsafeCheckpoint
@@ -390,6 +505,7 @@ def test_resuming_from_a_checkpoint_carrying_code_is_refused(corpus, tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.subprocess
 def test_resuming_deepspeed_from_a_checkpoint_carrying_code_is_refused(corpus, tmp_path):
     """`trainer=deepspeed ckpt_path=<dir>`: DeepSpeed's own resume unpickles its state files
     in full; MMMDeepSpeedStrategy scans them first (run as the command, on one CPU process)."""
@@ -484,6 +600,8 @@ def test_unknown_key_is_refused_by_hydra(corpus, tmp_path):
         compose_config("train", small_overrides(corpus, tmp_path) + ["trainer.max_step=3"])
 
 
+@pytest.mark.subprocess
+@pytest.mark.slow
 def test_tokenizer_vocab_size_mismatch_fails_before_training(corpus, tmp_path):
     cfg = compose_config(
         "train", small_overrides(corpus, tmp_path) + ["trainer.max_steps=1", "validate_before_training=false"]

@@ -42,6 +42,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from mmm.files.atomic import DiskFull, space_errno
+
 log = logging.getLogger(__name__)
 
 DEFAULT_STALE_AFTER = 600.0  # seconds without a heartbeat before a lock from another host is stale
@@ -157,8 +159,28 @@ def _requeued(holder: dict[str, Any], record: dict[str, Any]) -> bool:
 
 
 def _create(path: Path, record: dict[str, Any]) -> bool:
-    """Create the lock holding `record`, atomically and only if there is none."""
+    """Create the lock holding `record`, atomically and only if there is none. A full disk
+    raises `DiskFull` naming the lock, with nothing left behind."""
     tmp = path.with_name(f".{path.name}.{record['token']}")
+    try:
+        return _link_into_place(tmp, path, record)
+    except OSError as e:
+        if code := space_errno(e):
+            raise _no_space(path, code) from e
+        raise
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _no_space(path: Path, code: int) -> DiskFull:
+    return DiskFull(
+        code,
+        f"could not create the lock {path}: {os.strerror(code)} (disk full, quota or file-size limit). "
+        "No partial lock file was left: free space and run again",
+    )
+
+
+def _link_into_place(tmp: Path, path: Path, record: dict[str, Any]) -> bool:
     tmp.write_text(json.dumps(record, indent=1))
     try:
         os.link(tmp, path)
@@ -172,11 +194,13 @@ def _create(path: Path, record: dict[str, Any]) -> bool:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError:
             return False
-        with os.fdopen(fd, "w") as f:
-            f.write(tmp.read_text())
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(tmp.read_text())
+        except BaseException:  # a partial lock would read as unreadable to every later run
+            path.unlink(missing_ok=True)
+            raise
         return True
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _take_over(path: Path, stale: dict[str, Any], record: dict[str, Any]) -> bool:
@@ -185,7 +209,11 @@ def _take_over(path: Path, stale: dict[str, Any], record: dict[str, Any]) -> boo
     guard = path.with_name(path.name + ".takeover")
     try:
         fd = os.open(guard, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    except FileExistsError:
+    except OSError as e:
+        if code := space_errno(e):
+            raise _no_space(path, code) from e
+        if not isinstance(e, FileExistsError):
+            raise
         with contextlib.suppress(FileNotFoundError):
             if time.time() - guard.stat().st_mtime > _GUARD_STALE:
                 guard.unlink()
@@ -240,8 +268,13 @@ def acquire_lock(
     `folder` is created if missing.
     """
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.lock"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        if code := space_errno(e):
+            raise _no_space(path, code) from e
+        raise
     record = {
         "pid": os.getpid(),
         "host": socket.gethostname(),

@@ -18,7 +18,7 @@ import torch
 from miditok import MMM as MMMTokenizer
 from safetensors.torch import load_file, save_file
 
-from mmm.files.atomic import atomic_write_folder
+from mmm.files.atomic import atomic_write_folder, recover_folder
 from mmm.model.config import ModelConfig
 from mmm.model.transformer import MMMTransformer
 from mmm.tokenizer import TOKENIZER_FILE, load_tokenizer
@@ -187,6 +187,8 @@ def load_pretrained(path: str | Path, trusted: bool = False) -> tuple[MMMTransfo
     A `.ckpt` or DeepSpeed dir is read without running code from it unless `trusted`
     (`load_checkpoint_file`)."""
     path = Path(path)
+    if not path.exists():  # a folder whose save was killed mid-swap is beside it, complete
+        recover_folder(path)
     if path.is_file() and path.suffix == ".ckpt":
         return _from_lightning_ckpt(path, trusted)
     if path.is_dir() and (path / CONFIG_FILE).is_file():
