@@ -3,7 +3,7 @@
 # packed) on a 2,000-step schedule, the same seed and data order in every arm, one alignment
 # design per arm; each arm's checkpoint at EVAL_STEP (default 1000: the arms of the recorded run
 # were stopped there, at equal compute) evaluated by mmm.evaluate on the test split (likelihood,
-# the fill under four prompts, the listening benchmark). A re-run skips what is done; arms train
+# the fill under four prompts, the listening benchmark; no control requests: num_requests=0). A re-run skips what is done; arms train
 # two at a time, one thread each.
 #   bash experiments/alignment/run.sh [OUT] [train|evaluate|all]
 set -euo pipefail
@@ -14,14 +14,8 @@ EVAL_STEP=${EVAL_STEP:-1000}
 PY=$(pwd)/.venv/bin/python
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 mkdir -p "$OUT"
-declare -A ARMS=(
-  [A_baseline]=""
-  [B_bar_flag]="+model.overrides.time_rope=bar +model.overrides.time_rope_theta=100 +model.overrides.target_embedding=true"
-  [C_onset_flag]="+model.overrides.time_rope=onset +model.overrides.target_embedding=true"
-  [D_onset_flag_all_tracks]="+model.overrides.time_rope=onset +model.overrides.target_embedding=true data.sequences.all_tracks_ratio=0.5"
-  [E_onset_flag_program]="+model.overrides.time_rope=onset +model.overrides.target_embedding=true +model.overrides.fill_program=true"
-)
-ORDER=(A_baseline B_bar_flag C_onset_flag D_onset_flag_all_tracks E_onset_flag_program)
+source experiments/alignment/arms.sh
+ORDER=(A_baseline B_bar_flag C_onset_flag D_onset_flag_all_tracks E_onset_flag_program F_onset_flag_program_all_tracks)
 checkpoint() { printf '%s/%s/checkpoints/step%07d.ckpt' "$OUT" "$1" "$EVAL_STEP"; }
 
 train() {  # name
@@ -35,7 +29,7 @@ train() {  # name
 
 evaluate() {  # name
   local name=$1 out="$OUT/eval/$1"
-  [ -f "$out/metrics.json" ] || nice -n 10 "$PY" -m mmm.evaluate ckpt="$(checkpoint "$name")" out_dir="$out" \
+  [ -f "$out/metrics.json" ] || nice -n 10 "$PY" -m mmm.evaluate ckpt="$(checkpoint "$name")" out_dir="$out" num_requests=0 \
     > "$OUT/eval_$name.log" 2>&1
 }
 

@@ -23,12 +23,8 @@ for ckpt in "${CKPTS[@]}"; do
 done
 
 [ -d "$OUT/probe_midi" ] || "$PY" experiments/context/probe_corpus.py "$OUT/probe_midi" --pieces 400
-declare -A ARMS=(
-  [A_baseline]=""
-  [B_bar_flag]="+model.overrides.time_rope=bar +model.overrides.time_rope_theta=100 +model.overrides.target_embedding=true"
-  [C_onset_flag]="+model.overrides.time_rope=onset +model.overrides.target_embedding=true"
-)
-for arm in A_baseline B_bar_flag C_onset_flag; do
+source experiments/alignment/arms.sh
+for arm in A_baseline B_bar_flag C_onset_flag E_onset_flag_program D_onset_flag_all_tracks; do
   run="$OUT/probe/$arm"
   # shellcheck disable=SC2086
   [ -f "$run/model/config.json" ] || "$PY" -m mmm.train +experiment=demo data=folder data.path="$OUT/probe_midi" \
