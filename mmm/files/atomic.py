@@ -99,18 +99,21 @@ def atomic_write_json(path: str | Path, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True))
 
 
-def _dead(pid: int) -> bool:
-    """Whether the writer with this pid is gone (so its leftovers are no one's work in
-    progress); this process counts as gone: it is not mid-swap while it recovers."""
-    if pid == os.getpid():
-        return True
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (another user's live process counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
-        return True
-    except PermissionError:  # another user's live process
         return False
-    return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def _dead(pid: int) -> bool:
+    """Whether the writer with this pid is gone (so its leftovers are no one's work in
+    progress); this process counts as gone: it is not mid-swap while it recovers."""
+    return pid == os.getpid() or not pid_alive(pid)
 
 
 def _leftovers(folder: Path) -> dict[int, dict[str, Path]]:

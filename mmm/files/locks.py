@@ -42,7 +42,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from mmm.files.atomic import DiskFull, space_errno
+from mmm.files.atomic import DiskFull, pid_alive, space_errno
 
 log = logging.getLogger(__name__)
 
@@ -110,13 +110,7 @@ def _alive(pid: int, start: str | None) -> bool:
     if Path("/proc/self/stat").exists():
         now = _proc_start(pid)
         return now is not None and (start is None or now == start)
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's live process
-        return True
-    return True
+    return pid_alive(pid)
 
 
 def _record(path: Path) -> dict[str, Any] | None:
