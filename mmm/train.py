@@ -130,6 +130,7 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
         str(tokenizer_path),
         cfg.seed,
         fill_program=model_config.fill_program,
+        target_last=model_config.target_last,
         timing=model_config.timing,
     )
     module = MMMLitModule(

@@ -1,5 +1,5 @@
 """The alignment signals: musical time and target flags of a sequence (`mmm.data.timing`), and the
-model that reads them (`ModelConfig.time_rope`, `target_embedding`, `fill_program`) through every
+model that reads them (`ModelConfig.time_rope`, `target_embedding`, `fill_program`, `target_last`) through every
 path: training rows packed or padded, the KV cache, the static decode step (eager and compiled),
 the generation API."""
 
@@ -119,6 +119,39 @@ def test_fill_program_heads_the_fill_section_and_is_never_a_target(synthetic_chu
         assert labels_p[fill + 1] == IGNORE_INDEX and generated_start(ids_p, vocab) == fill + 2
         # The same sample without it: one id fewer, the rest identical.
         assert np.array_equal(np.delete(ids_p, fill + 1), ids) and np.array_equal(np.delete(labels_p, fill + 1), labels)
+
+
+def _block_with_infill_is_last(ids, vocab) -> bool:
+    """Whether the track block that holds the Infill_Bars is the last one before the fill section."""
+    fill = int(np.flatnonzero(ids == vocab.fill_start)[0])
+    starts = np.flatnonzero(ids[:fill] == vocab.track_start)
+    infills = np.flatnonzero(ids[:fill] == vocab.infill_bar)
+    return len(infills) > 0 and bool((infills > starts[-1]).all())
+
+
+def test_target_last_lists_the_target_after_every_other_track(synthetic_chunks, vocab):
+    chunk = next(chunk_dict(c) for _, _, cs in synthetic_chunks for c in cs if len(c.programs) >= 3)
+    cfg = sequences_config(infill_ratio=1.0, all_tracks_ratio=1.0)
+    last = SequenceBuilder(vocab, cfg, 10**6, target_last=True)
+    shuffled = SequenceBuilder(vocab, cfg, 10**6)
+    ends = []
+    for seed in range(12):
+        spec = last.draw_spec(chunk, random.Random(seed))
+        assert spec.tracks[-1] == spec.target and sorted(spec.tracks) == list(range(len(chunk["programs"])))
+        ids, _ = last.build(chunk, spec, random.Random(seed))
+        assert _block_with_infill_is_last(ids, vocab)
+        other = shuffled.draw_spec(chunk, random.Random(seed))
+        ends.append(other.tracks[-1] == other.target)
+    assert not all(ends)  # without it, the target sits anywhere
+
+
+def test_the_api_prompt_lists_the_target_last_for_a_target_last_model(bpe_tokenizer, bpe_vocab):
+    score = synthetic_score(3, 8)
+    for target_last in (False, True):
+        model = tiny_model(bpe_vocab.size, max_seq_len=1024, target_last=target_last)
+        mmm = MMM(model, bpe_tokenizer, max_bar_tokens=24, num_threads=1)
+        step = mmm.run(Request("infill", track=0, bars=(2, 4), seed=0), score).report.steps[0]
+        assert _block_with_infill_is_last(np.array(step.prompt), bpe_vocab) == target_last
 
 
 def test_all_tracks_ratio_keeps_every_track(synthetic_chunks, vocab):

@@ -15,7 +15,7 @@ PY=$(pwd)/.venv/bin/python
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 mkdir -p "$OUT"
 source experiments/alignment/arms.sh
-ORDER=(A_baseline B_bar_flag C_onset_flag D_onset_flag_all_tracks E_onset_flag_program F_onset_flag_program_all_tracks)
+ORDER=(A_baseline B_bar_flag C_onset_flag D_onset_flag_all_tracks E_onset_flag_program F_onset_flag_program_all_tracks G_onset_flag_program_all_tracks_target_last)
 checkpoint() { printf '%s/%s/checkpoints/step%07d.ckpt' "$OUT" "$1" "$EVAL_STEP"; }
 
 train() {  # name

@@ -45,7 +45,9 @@ def main() -> None:
         "pitch_shift": 0,
         "velocity_shift": 0,
     }
-    builder = SequenceBuilder(vocab, sequences, model.config.max_seq_len, model.config.fill_program)
+    builder = SequenceBuilder(
+        vocab, sequences, model.config.max_seq_len, model.config.fill_program, model.config.target_last
+    )
     store = Store(args.store, args.split)
     counter = TargetCounts(vocab)
     results = {}
@@ -57,6 +59,9 @@ def main() -> None:
             target = chunk["programs"].index(program)
             order = list(range(len(chunk["programs"])))
             random.Random(i).shuffle(order)
+            if model.config.target_last:  # as the model was trained: the target's block last
+                order.remove(target)
+                order.append(target)
             a = (n - args.bars) // 2
             spec = SampleSpec(task="infill", tracks=order, target=target, span=(a, a + args.bars))
             real = builder.build(chunk, spec, random.Random(0))

@@ -54,7 +54,7 @@ class SequenceDataset(Dataset):
     """Item i of epoch e is a sample of chunk i drawn with a seed of (seed, e, i): runs are
     reproducible, every epoch sees new samples, and a resumed run draws what it would have.
 
-    `fill_program` and `timing` follow the model (`ModelConfig.fill_program`, `.timing`): with
+    `fill_program`, `target_last` and `timing` follow the model (`ModelConfig`'s fields, `.timing`): with
     `timing`, each item also carries its ids' musical times and target flags."""
 
     def __init__(
@@ -68,9 +68,10 @@ class SequenceDataset(Dataset):
         vary_per_epoch: bool,
         length: int | None = None,
         fill_program: bool = False,
+        target_last: bool = False,
         timing: str | None = None,
     ) -> None:
-        self.fill_program, self.timing = fill_program, timing
+        self.fill_program, self.target_last, self.timing = fill_program, target_last, timing
         self.store_path, self.split = Path(store_path), split
         self.tokenizer_path = Path(tokenizer_path)
         self.sequences, self.max_seq_len = sequences, max_seq_len
@@ -86,7 +87,7 @@ class SequenceDataset(Dataset):
     def _open(self) -> None:
         # Opened lazily so that each loader worker memory-maps the store itself.
         vocab = Vocab(load_tokenizer(self.tokenizer_path))
-        self._builder = SequenceBuilder(vocab, self.sequences, self.max_seq_len, self.fill_program)
+        self._builder = SequenceBuilder(vocab, self.sequences, self.max_seq_len, self.fill_program, self.target_last)
         self._store = Store(self.store_path, self.split)
 
     def set_epoch(self, epoch: int) -> None:
@@ -220,7 +221,7 @@ class _Collate:
 
 class MIDIDataModule(L.LightningDataModule):
     """Train/valid/test loaders over a preprocessed store (see `mmm.preprocess`), sequences in
-    the format the model reads (`fill_program`, `timing`: see `SequenceDataset`)."""
+    the format the model reads (`fill_program`, `target_last`, `timing`: see `SequenceDataset`)."""
 
     def __init__(
         self,
@@ -233,10 +234,11 @@ class MIDIDataModule(L.LightningDataModule):
         samples_per_epoch: int | None = None,
         seed: int = 0,
         fill_program: bool = False,
+        target_last: bool = False,
         timing: str | None = None,
     ) -> None:
         super().__init__()
-        self.fill_program, self.timing = fill_program, timing
+        self.fill_program, self.target_last, self.timing = fill_program, target_last, timing
         self.store = store
         self.max_seq_len = max_seq_len
         self.sequences = check_section("data.sequences", sequences, SequenceConfig)
@@ -263,6 +265,7 @@ class MIDIDataModule(L.LightningDataModule):
                     vary_per_epoch=split == "train",
                     length=self.samples_per_epoch if split == "train" else None,
                     fill_program=self.fill_program,
+                    target_last=self.target_last,
                     timing=self.timing,
                 )
         if len(self.datasets["train"]) == 0:
@@ -270,10 +273,17 @@ class MIDIDataModule(L.LightningDataModule):
 
     @classmethod
     def from_config(
-        cls, data: DataConfig, tokenizer_path: str, seed: int, fill_program: bool = False, timing: str | None = None
+        cls,
+        data: DataConfig,
+        tokenizer_path: str,
+        seed: int,
+        fill_program: bool = False,
+        target_last: bool = False,
+        timing: str | None = None,
     ) -> MIDIDataModule:
         return cls(
             fill_program=fill_program,
+            target_last=target_last,
             timing=timing,
             store=data.store,
             max_seq_len=data.max_seq_len,

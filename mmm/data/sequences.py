@@ -147,13 +147,18 @@ class SequenceBuilder:
     """Draws a `SampleSpec` for a stored chunk and builds its sequence from token ids."""
 
     def __init__(
-        self, vocab: Vocab, cfg: SequenceConfig | Mapping, max_seq_len: int, fill_program: bool = False
+        self,
+        vocab: Vocab,
+        cfg: SequenceConfig | Mapping,
+        max_seq_len: int,
+        fill_program: bool = False,
+        target_last: bool = False,
     ) -> None:
-        """`fill_program`: the model's `ModelConfig.fill_program` (the fill section opens with the
-        target's program)."""
+        """`fill_program`, `target_last`: the model's `ModelConfig` settings of the same names (the
+        fill section opens with the target's program; an infill sample lists the target last)."""
         self.vocab = vocab
         self.cfg = check_section("data.sequences", cfg, SequenceConfig)
-        self.fill_program = fill_program
+        self.fill_program, self.target_last = fill_program, target_last
         self.empty_marker = empty_bar_marker(vocab)
         self.max_seq_len = max_seq_len
         self.rotation = pitch_class_rotation(vocab)
@@ -180,6 +185,9 @@ class SequenceBuilder:
         spec.tracks = context + [target]
         if task == "infill":
             rng.shuffle(spec.tracks)
+            if self.target_last:
+                spec.tracks.remove(target)
+                spec.tracks.append(target)
             n = min(num_bars, max(1, round(rng.uniform(*cfg.infill_bars_ratio) * num_bars)))
             a = rng.randrange(0, num_bars - n + 1)
             spec.span = (a, a + n)

@@ -165,10 +165,10 @@ def _evaluate(cfg: DictConfig) -> dict[str, Any]:
     # sequences: the pieces as they are, unless `augment`. Without `augment`, both are also
     # measured on the training augmentation (what the model was trained on).
     train_cfg = dict(plain(cfg.data.sequences))
-    fill_program = model.config.fill_program
-    augmenting = SequenceBuilder(vocab, train_cfg, max_seq_len, fill_program)
+    layout = model.config.fill_program, model.config.target_last
+    augmenting = SequenceBuilder(vocab, train_cfg, max_seq_len, *layout)
     plain_cfg = {**train_cfg, "pitch_shift": 0, "velocity_shift": 0}
-    builder = augmenting if cfg.augment else SequenceBuilder(vocab, plain_cfg, max_seq_len, fill_program)
+    builder = augmenting if cfg.augment else SequenceBuilder(vocab, plain_cfg, max_seq_len, *layout)
     chunks = _subset(len(store), cfg.max_chunks, f"{cfg.seed}-chunks")
     train_store = Store(store.path, "train")
     if len(train_store) == 0:

@@ -633,7 +633,10 @@ class _Run:
                 carry_tempo(piece.bars[k][:lo], bars[0], self.vocab)
             return bars
 
-        order = sorted(context + [t]) if task == "infill" else sorted(context) + [t]
+        # The target comes last as in training: always for a new track, for an infill when the
+        # model was trained so (`ModelConfig.target_last`), otherwise the piece's order.
+        target_last = task != "infill" or self.mmm.model.config.target_last
+        order = sorted(context) + [t] if target_last else sorted(context + [t])
         parts = {
             k: TrackPart(program=piece.programs[k], bars=window(k) if (k != t or task == "infill") else [])
             for k in order

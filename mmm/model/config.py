@@ -32,6 +32,10 @@ class ModelConfig:
     - ``fill_program``: the fill section opens with the target track's ``Program`` token
       (``FillBar_Start Program_p``), naming what it writes where it writes it. A sequence format
       setting: the data pipeline and the generation prompt follow it.
+    - ``target_last``: in an infill sample the target track's block comes last among the tracks,
+      right before the fill section, so its own bars (the closest context of what is written)
+      sit next to it whatever the number of other tracks; otherwise the tracks are in random
+      order (training) or the piece's order (prompts). A sequence format setting too.
     """
 
     vocab_size: int
@@ -51,6 +55,7 @@ class ModelConfig:
     time_rope_theta: float = 10000.0
     target_embedding: bool = False
     fill_program: bool = False
+    target_last: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -104,7 +109,7 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.attention must be one of {ATTENTION_CHOICES}, got {self.attention!r}")
         if self.time_rope not in TIME_ROPE_CHOICES:
             raise ValueError(f"ModelConfig.time_rope must be one of {TIME_ROPE_CHOICES}, got {self.time_rope!r}")
-        for name in ("target_embedding", "fill_program"):
+        for name in ("target_embedding", "fill_program", "target_last"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"ModelConfig.{name} must be true or false, got {getattr(self, name)!r}")
         window = self.sliding_window
