@@ -364,9 +364,10 @@ def assert_infill_ok(
         expected = Counter()  # the generated tokens, decoded independently, cut at the span's end
         piece_end = round(piece.end_tick(v) * score.tpq / piece.tpq)
         clip = (end if end is not None else piece_end) if clip_notes else None
-        # a monophonic track (more than one note, no two starting together) stays one: each new
-        # note ends where the next one starts
-        monophonic = old.program >= 0 and not old.is_drum and len(o) > 1 and len(np.unique(o[:, 0])) == len(o)
+        # a monophonic track (its notes outside the span: more than one, no two starting
+        # together) stays one: each new note ends where the next one starts
+        kept = o[~inside_o]
+        monophonic = not old.is_drum and len(kept) > 1 and len(np.unique(kept[:, 0])) == len(kept)
         for (s_a, _s_b), tokens in generated:
             body = [i for i in tokens[:-1] if not v.is_ac[i]]
             dec = mmm.tokenizer.decode([v.track_start, v.program_id[piece.programs[t]], *body, v.track_end])

@@ -24,7 +24,7 @@ done
 
 [ -d "$OUT/probe_midi" ] || "$PY" experiments/context/probe_corpus.py "$OUT/probe_midi" --pieces 400
 source experiments/alignment/arms.sh
-for arm in A_baseline B_bar_flag C_onset_flag E_onset_flag_program D_onset_flag_all_tracks; do
+for arm in A_baseline B_bar_flag C_onset_flag E_onset_flag_program D_onset_flag_all_tracks G_onset_flag_program_all_tracks_target_last; do
   run="$OUT/probe/$arm"
   # shellcheck disable=SC2086
   [ -f "$run/model/config.json" ] || "$PY" -m mmm.train +experiment=demo data=folder data.path="$OUT/probe_midi" \
