@@ -81,8 +81,10 @@ def check_config(cfg: DictConfig) -> None:
 
 
 def resume_path(cfg: DictConfig) -> str | None:
-    """`ckpt_path=last`: the newest of checkpoints/last.ckpt and the hpc_ckpt_*.ckpt that
-    Lightning writes when Slurm signals a requeue; None (a fresh start) when there is none.
+    """`ckpt_path=last`: the newest of checkpoints/last.ckpt, its versions last-v<N>.ckpt and
+    the hpc_ckpt_*.ckpt that Lightning writes when Slurm signals a requeue; None (a fresh start)
+    when there is none. (ModelCheckpoint writes last-v1.ckpt beside a last.ckpt it did not write
+    itself, e.g. one saved on an interrupt before its first save: last.ckpt then stays old.)
     A checkpoint folder (DeepSpeed) whose save was killed between the two renames of its swap
     is put in place first (`mmm.files.atomic.recover_folders`): it would look absent."""
     if cfg.ckpt_path != "last":
@@ -92,7 +94,11 @@ def resume_path(cfg: DictConfig) -> str | None:
         recover_folders(folder)
     candidates = [
         p
-        for p in [run_dir / "checkpoints" / "last.ckpt", *run_dir.glob("hpc_ckpt_*.ckpt")]
+        for p in [
+            run_dir / "checkpoints" / "last.ckpt",
+            *(run_dir / "checkpoints").glob("last-v*.ckpt"),
+            *run_dir.glob("hpc_ckpt_*.ckpt"),
+        ]
         if p.is_file() or (p / "latest").is_file()
     ]
     return str(max(candidates, key=_saved_at)) if candidates else None

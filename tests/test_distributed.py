@@ -147,6 +147,20 @@ def test_newest_hpc_checkpoint_wins_over_last_ckpt(tmp_path):
     assert resume_path(cfg) is None
 
 
+def test_a_versioned_last_checkpoint_newer_than_last_ckpt_wins(tmp_path):
+    """A last.ckpt saved on an interrupt before ModelCheckpoint's first save makes it write
+    last-v1.ckpt from then on: resuming from the stale last.ckpt would lose those steps."""
+    cfg = OmegaConf.create({"ckpt_path": "last", "run_dir": str(tmp_path)})
+    (tmp_path / "checkpoints").mkdir()
+    last, versioned = tmp_path / "checkpoints" / "last.ckpt", tmp_path / "checkpoints" / "last-v1.ckpt"
+    for path, at in ((last, 10**18), (versioned, 2 * 10**18)):
+        path.write_bytes(b"x")
+        os.utime(path, ns=(at, at))
+    assert resume_path(cfg) == str(versioned)
+    os.utime(last, ns=(3 * 10**18, 3 * 10**18))  # a later interrupt rewrote last.ckpt
+    assert resume_path(cfg) == str(last)
+
+
 def test_deepspeed_cpu_config_is_the_gpu_config_but_the_accelerator(tmp_path):
     from hydra.utils import instantiate
 
