@@ -2,10 +2,11 @@
 # A one-node Slurm cluster on this machine, to try slurm/*.sbatch and the Slurm sweep launcher
 # before a real cluster (tests/test_slurm.py runs against it too):
 #
-#   sudo bash slurm/local_cluster.sh start /tmp/mmm-slurm
-#   export SLURM_CONF=/tmp/mmm-slurm/slurm.conf      # sbatch, srun, squeue, scancel... read it
-#   sudo bash slurm/local_cluster.sh status /tmp/mmm-slurm
-#   sudo bash slurm/local_cluster.sh stop /tmp/mmm-slurm
+#   cluster=$(mktemp -d)   # any short folder every user can reach
+#   sudo bash slurm/local_cluster.sh start "$cluster"
+#   export SLURM_CONF="$cluster/slurm.conf"      # sbatch, srun, squeue, scancel... read it
+#   sudo bash slurm/local_cluster.sh status "$cluster"
+#   sudo bash slurm/local_cluster.sh stop "$cluster"
 #
 # Needs root (slurmd starts jobs as their users) and Slurm and munge (Debian/Ubuntu: sudo apt-get
 # install slurm-wlm munge); it installs nothing. Everything it writes (slurm.conf, a munge key and
@@ -74,11 +75,11 @@ check_prerequisites() {
   [ "$(id -u)" -eq 0 ] || fail "slurmd must run as root to start jobs: run this script with sudo"
   # munged's socket goes in the folder: a Unix socket path has at most 107 bytes, and munged
   # wants every folder above it open to all (o+x), as sbatch of any user must reach it.
-  [ ${#dir} -le 85 ] || fail "the folder path $dir is too long for munge's socket: use a shorter one (e.g. /tmp/mmm-slurm)"
+  [ ${#dir} -le 85 ] || fail "the folder path $dir is too long for munge's socket: use a shorter one (e.g. one made by mktemp -d)"
   local up=$dir
   while up=$(dirname "$up") && [ "$up" != / ]; do
     [ $(( 0$(stat -c %a "$up") & 1 )) -eq 1 ] \
-      || fail "$up is not searchable by all users (o+x), which munged needs above its socket: use a folder elsewhere (e.g. /tmp/mmm-slurm)"
+      || fail "$up is not searchable by all users (o+x), which munged needs above its socket: use a folder elsewhere (e.g. one made by mktemp -d)"
   done
   for p in "$port" $((port + 1)); do
     if (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
