@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import CONFIGS, REPO, compose_config, write_synthetic_midi
+from conftest import CONFIGS, REPO, compose_config, synthetic_score, write_synthetic_midi
 
 from mmm.data.prepare import train_tokenizer
 from mmm.data.sequences import IGNORE_INDEX
@@ -369,6 +369,32 @@ def test_pitch_in_range_counts_generated_notes_against_the_track_around_the_span
     assert pitch_in_range(real, generated, 100, 200) == (2, 4)  # 57 and 70 in [57, 70]; 56 and 71 out
     assert pitch_in_range(None, generated, 100, 200) == (0, 0)
     assert pitch_in_range(track([(150, 60)]), generated, 100, 200) == (0, 0)  # no context note
+
+
+@pytest.mark.slow
+def test_listening_judges_a_score_that_is_not_in_a_store(setup):
+    """Music from a file (outside any store) is judged as the store's pieces are: every pitched
+    track's middle bars under every row; a lone track or a piece too short is refused."""
+    from mmm import MMM
+    from mmm.evaluate.listening import MODEL_ROWS, REAL_ROW, Listening, ListeningConfig
+    from mmm.generation.request import SamplingConfig
+
+    root, _ = setup
+    mmm = MMM.from_pretrained(root / "model", num_threads=1)
+    listening = Listening(mmm, None, [], ListeningConfig(None, 8, 2, [0]), SamplingConfig())
+    score = synthetic_score(3, 10)
+    alone = score.copy()
+    alone.tracks = [alone.tracks[0]]
+    assert not listening.judge(alone)
+    assert not listening.judge(score, num_bars=3)  # 2 bars need one before and one after them
+    assert all(t.spans == 0 for t in listening.tallies.values())
+    assert listening.judge(score, num_bars=8)
+    rows = listening.results(1)["rows"]
+    judged = rows[REAL_ROW]["spans"]
+    assert judged >= 3  # the pitched tracks with notes in bars 3-4
+    assert rows[REAL_ROW]["onset_pitch_f1"] == 1.0
+    for row in MODEL_ROWS:
+        assert rows[row]["spans"] + len(listening.failures) >= judged
 
 
 def test_two_runs_give_identical_metrics(evaluated):

@@ -1,11 +1,15 @@
 """Infills and new tracks on music outside the training corpus (a folder of MIDI files, e.g. the
-shared test files), measured as a user would check them: silence, pitch range, exact structure.
+shared test files), measured as a user would check them: silence, pitch range, exact structure;
+then whether the model listens there, as `python -m mmm.evaluate` measures it on the test split.
 
     python experiments/shipped_model/outside_music.py models/mmm-music21-small ../shared/midi/multitrack
 
 For each file: a 4-bar infill of the busiest pitched track in the middle of the piece, and a
 new track (that track's program) over those bars and the 4 before them; seeds 0, 1, ... .
-Prints a Markdown table and the totals.
+Prints a Markdown table and the totals. Then the listening benchmark on a window of
+`--window-bars` bars in the middle of each file: 2 bars in the middle of every pitched track
+infilled by the model under each prompt and by the naive baselines, judged against the real
+piece (`mmm.evaluate.listening`); `--parts listening` runs that part alone.
 """
 
 from __future__ import annotations
@@ -18,6 +22,9 @@ import numpy as np
 from symusic import Score
 
 from mmm import MMM
+from mmm.evaluate.listening import Listening, ListeningConfig
+from mmm.evaluate.report import listening_section
+from mmm.generation.request import SamplingConfig
 from mmm.generation.scores import count_bars
 
 
@@ -39,22 +46,49 @@ def main() -> None:
     p.add_argument("model")
     p.add_argument("folder", type=Path)
     p.add_argument("--bars", type=int, default=4)
+    p.add_argument("--window-bars", type=int, default=16)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--parts", nargs="+", choices=("table", "listening"), default=["table", "listening"])
+    p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
-    model = MMM.from_pretrained(args.model, num_threads=2)
+    model = MMM.from_pretrained(args.model, num_threads=args.threads)
+    files = sorted(args.folder.glob("*.mid"))
+    if "table" in args.parts:
+        user_checks(model, files, args.bars)
+    if "listening" in args.parts:
+        print("\n".join(listening_outside(model, files, args.window_bars, args.seeds)))
+
+
+def listening_outside(model: MMM, files: list[Path], window_bars: int, seeds: list[int]) -> list[str]:
+    """The listening benchmark's table for a window of `window_bars` bars in the middle of each file."""
+    listening = Listening(model, None, [], ListeningConfig(None, window_bars, 2, seeds), SamplingConfig())
+    judged = 0
+    for path in files:
+        score = Score(str(path))
+        grid = model.bar_grid(score)
+        n = len(grid.starts) - 1
+        first = max(0, n // 2 - window_bars // 2)
+        last = min(n, first + window_bars)
+        window = score.clip(grid.starts[first], grid.starts[last], clip_end=True).shift_time(-grid.starts[first])
+        judged += listening.judge(window)
+    return listening_section(listening.results(judged))
+
+
+def user_checks(model: MMM, files: list[Path], bars: int) -> None:
     print(
         "| file | infilled track | empty beats (original / generated) | notes in range ±3 | exact bars | new track: notes, empty beats |"
     )
     print("|---|---|---|---|---|---|")
     totals = {"in_range": 0, "notes": 0, "exact": 0, "requests": 0, "gen_empty": [], "real_empty": []}
-    for seed, path in enumerate(sorted(args.folder.glob("*.mid"))):
+    for seed, path in enumerate(files):
         score = Score(str(path))
         pitched = [i for i, t in enumerate(score.tracks) if not t.is_drum and len(t.notes)]
         if not pitched:
             continue
         t = max(pitched, key=lambda i: len(score.tracks[i].notes))
         n = count_bars(score, model.tokenizer)
-        a = max(0, n // 2 - args.bars // 2)
-        b = min(n, a + args.bars)
+        a = max(0, n // 2 - bars // 2)
+        b = min(n, a + bars)
         out = model.infill(score, track=t, bars=(a, b), seed=seed)
         grid = model.bar_grid(score)
         start, end = grid.starts[a], grid.starts[b]

@@ -210,9 +210,13 @@ class Listening:
             return None
         for i in self.chunks:
             self._piece(self.store[i])
+        return self.results(len(self.chunks))
+
+    def results(self, pieces: int) -> dict:
+        """Every row's pooled measures so far."""
         return {
             "settings": {
-                "pieces": len(self.chunks),
+                "pieces": pieces,
                 "window_bars": self.cfg.window_bars,
                 "bars": self.cfg.bars,
                 "seeds": list(self.cfg.seeds),
@@ -222,16 +226,24 @@ class Listening:
         }
 
     def _piece(self, chunk) -> None:
-        tokenizer, vocab = self.mmm.tokenizer, self.mmm.vocab
         n = min(self.cfg.window_bars, len(chunk["bars"][0]))
-        score, kept = window_score(chunk, 0, n, tokenizer, vocab)
-        n = min(n, count_bars(score, tokenizer))
+        score, kept = window_score(chunk, 0, n, self.mmm.tokenizer, self.mmm.vocab)
+        if len(kept) >= 2:
+            self.judge(score, n)
+
+    def judge(self, score: Score, num_bars: int | None = None) -> bool:
+        """Infills bars in the middle of every pitched track of `score` (its first `num_bars` bars,
+        all when None) under every row and adds them to the tallies. False when the piece is too
+        short for the span or has fewer than two tracks with notes."""
+        tokenizer = self.mmm.tokenizer
+        n = count_bars(score, tokenizer)
+        n = n if num_bars is None else min(n, num_bars)
         k = self.cfg.bars
-        if len(kept) < 2 or n < k + 2:
-            return
+        real = input_tracks(score, tokenizer)
+        if len(real.tracks) < 2 or n < k + 2:
+            return False
         a = (n - k) // 2
         b = a + k
-        real = input_tracks(score, tokenizer)
         ticks = bar_ticks_of(real.score, n)
         notes = {j: note_arrays(t) for j, t in real.tracks.items()}
         span = (ticks[a], ticks[b])
@@ -239,6 +251,7 @@ class Listening:
         for target in range(len(score.tracks)):
             if not score.tracks[target].is_drum and target in notes:
                 self._track(score, notes, target, ticks, a, b, span, bar_ticks)
+        return True
 
     def _track(self, score: Score, notes: dict[int, Notes], target: int, ticks, a: int, b: int, span, bar_ticks: int):
         """Every row's infill of bars [a, b) of one track, judged."""

@@ -162,7 +162,7 @@ def report_markdown(metrics: dict, plots: list[str]) -> str:
         "",
         *_likelihood_section(metrics["likelihood"]),
         *_context_section(metrics["likelihood"]["infill_context"]),
-        *_listening_section(metrics.get("listening")),
+        *listening_section(metrics.get("listening")),
         *_structure_section(metrics["structure"]),
         *_controls_section(metrics["controls"]),
         *_musical_section(metrics),
@@ -238,7 +238,7 @@ LISTENING_COLUMNS = {
 }
 
 
-def _listening_section(listening: dict | None) -> list[str]:
+def listening_section(listening: dict | None) -> list[str]:
     if not listening:
         return []
     s = listening["settings"]
