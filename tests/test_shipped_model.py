@@ -79,3 +79,41 @@ def test_an_uncontrolled_infill_bar_is_rarely_expected_empty(shipped):
             expected_empty.append(empty)
             ids += vocab.encode_words([list(bar)])
     assert max(expected_empty) < 0.2, expected_empty
+
+
+@pytest.mark.slow
+def test_the_cards_scripts_run_on_the_shipped_model(tmp_path):
+    """The commands the card gives for its outside-corpus table and its gallery run on the
+    shipped folder (a folder of MIDI files; a data folder whose store lists held-out chorales)."""
+    import subprocess
+    import sys
+
+    from conftest import write_synthetic_midi
+
+    for seed in (0, 1):
+        write_synthetic_midi(tmp_path / "songs" / f"song_{seed}.mid", seed, 12)
+    script = REPO / "experiments" / "shipped_model" / "outside_music.py"
+    args = [sys.executable, str(script), str(SHIPPED), str(tmp_path / "songs"), "--window-bars", "8", "--threads", "1"]
+    out = subprocess.run(args, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.count("| song_") == 2 and "2 infills: exact bars 2/2" in out.stdout
+    listening = out.stdout[out.stdout.index("## Listening") :]
+    assert "| the original bars | " in listening and "of 2 test pieces" in listening
+
+    data = tmp_path / "data"
+    kept = []
+    for seed in range(3):
+        name = f"bach/chorale_{seed}.mid"
+        write_synthetic_midi(data / "music21_midi" / name, seed, 8)
+        kept.append({"name": name, "split": "test", "notes": 100 - seed})
+    (data / "corpus" / "store").mkdir(parents=True)
+    (data / "corpus" / "store" / "report.json").write_text(json.dumps({"kept_files": kept}))
+    script = REPO / "experiments" / "gallery" / "make_gallery.py"
+    gallery = tmp_path / "gallery"
+    args = [sys.executable, str(script), "--model", str(SHIPPED), "--data-dir", str(data), "--data-name", "corpus"]
+    out = subprocess.run([*args, "--out", str(gallery), "--no-train"], capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    items = json.loads((gallery / "gallery.json").read_text())["items"]
+    assert [i["id"] for i in items] == ["infill_soprano", "infill_bass", "new_track", "from_scratch"]
+    for item in items:
+        assert all((gallery / m["file"]).stat().st_size > 0 for m in item["media"])

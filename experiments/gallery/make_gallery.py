@@ -112,9 +112,9 @@ class Gallery:
         plot_pianoroll(score, self.out / f"{name}.png", regions, title=title)
         return f"{name}.png"
 
-    def add(self, item_id: str, title: str, description: str, command: str, original, generated) -> None:
-        report = self.model.last_report
-        regions = report.regions[0] if report is not None else []
+    def add(self, item_id: str, title: str, description: str, command: str, original, generation) -> None:
+        generated, report = generation.output, generation.report
+        regions = report.regions[0]
         media = []
         if original is not None:
             media += [
@@ -137,32 +137,30 @@ class Gallery:
                 "description": description,
                 "command": command,
                 "media": media,
-                "tokens_per_s": report.summary()["tokens_per_s"] if report is not None else None,
+                "tokens_per_s": report.summary()["tokens_per_s"],
             }
         )
-        print(f"{item_id}: {report.summary() if report is not None else ''}", flush=True)
+        print(f"{item_id}: {report.summary()}", flush=True)
 
 
 def main() -> None:
     args = parse_args()
     ensure_model(args)
     from mmm import MMM
-    from mmm.generation.request import describe_tracks
+    from mmm.generation.request import Request, describe_tracks
 
     model = MMM.from_pretrained(args.model)
-    args.out.mkdir(parents=True, exist_ok=True)
-    for old in args.out.iterdir():
-        if old.suffix in MADE_HERE or old.name == "gallery.json":
-            old.unlink()
     chorales = held_out_chorales(args.data_dir, args.data_name)
-    gallery = Gallery(args.out, model, args.seed)
+    # Made in a folder of its own, which replaces the old gallery's files only once complete.
+    new = Path(tempfile.mkdtemp(prefix="new-gallery-"))
+    gallery = Gallery(new, model, args.seed)
     seed, n = args.seed, args.bars
     start = time.perf_counter()
 
     # 1. Rewrite two bars of the soprano (the top voice).
     first = excerpt(chorales[0], n)
     soprano = _voice(first, "Soprano", default=0)
-    out = model.infill(first, track=soprano, bars=(2, 4), seed=seed)
+    out = model.run(Request("infill", track=soprano, bars=(2, 4), seed=seed), first)
     gallery.add(
         "infill_soprano",
         f"Infill: soprano, bars 2–3 of {chorales[0].stem}",
@@ -177,7 +175,7 @@ def main() -> None:
     # 2. Rewrite the bass line of the second half, with a note-density control.
     second = excerpt(chorales[1], n)
     bass = _voice(second, "Bass", default=len(second.tracks) - 1)
-    out = model.infill(second, track=bass, bars=(n // 2, n), controls={"note_density": 4}, seed=seed)
+    out = model.run(Request("infill", track=bass, bars=(n // 2, n), controls={"note_density": 4}, seed=seed), second)
     gallery.add(
         "infill_bass",
         f"Infill with a control: bass, bars {n // 2}–{n - 1} of {chorales[1].stem}",
@@ -194,7 +192,7 @@ def main() -> None:
     program = int(third.tracks[top].program)
     lower = third.copy()
     lower.tracks = [t for i, t in enumerate(third.tracks) if i != top]
-    out = model.add_track(lower, program=program, seed=seed)
+    out = model.run(Request("add_track", program=program, seed=seed), lower)
     gallery.add(
         "new_track",
         f"New track: a melody over the lower voices of {chorales[2].stem}",
@@ -207,7 +205,7 @@ def main() -> None:
 
     # 4. From scratch: four string voices, as the chorales were converted.
     programs = [int(t.program) for t in first.tracks if not t.is_drum][:4]
-    out = model.generate(programs=programs, num_bars=n, tempo=76.0, seed=seed)
+    out = model.run(Request("generate", programs=programs, num_bars=n, tempo=76.0, seed=seed))
     gallery.add(
         "from_scratch",
         "From scratch: a four-voice piece",
@@ -234,8 +232,15 @@ def main() -> None:
         "from training.",
         "items": gallery.items,
     }
-    (args.out / "gallery.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    (new / "gallery.json").write_text(json.dumps(manifest, indent=2) + "\n")
     shutil.rmtree(gallery.tmp, ignore_errors=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    for old in args.out.iterdir():
+        if old.suffix in MADE_HERE or old.name == "gallery.json":
+            old.unlink()
+    for made in new.iterdir():
+        shutil.move(made, args.out / made.name)
+    new.rmdir()
     total = sum(p.stat().st_size for p in args.out.iterdir() if p.is_file())
     print(f"wrote {len(list(args.out.iterdir()))} files, {total / 1e6:.2f} MB, to {args.out}")
 

@@ -24,7 +24,7 @@ from symusic import Score
 from mmm import MMM
 from mmm.evaluate.listening import Listening, ListeningConfig
 from mmm.evaluate.report import listening_section
-from mmm.generation.request import SamplingConfig
+from mmm.generation.request import Request, SamplingConfig
 from mmm.generation.scores import count_bars
 
 
@@ -89,16 +89,14 @@ def user_checks(model: MMM, files: list[Path], bars: int) -> None:
         n = count_bars(score, model.tokenizer)
         a = max(0, n // 2 - bars // 2)
         b = min(n, a + bars)
-        out = model.infill(score, track=t, bars=(a, b), seed=seed)
+        generation = model.run(Request("infill", track=t, bars=(a, b), seed=seed), score)
+        out, steps = generation.output, generation.report.steps
         grid = model.bar_grid(score)
         start, end = grid.starts[a], grid.starts[b]
         real, gen = notes_in(score.tracks[t], start, end), notes_in(out.tracks[t], start, end)
         context = score.tracks[t].notes.numpy()["pitch"]
         inside = int(((gen[:, 2] >= context.min() - 3) & (gen[:, 2] <= context.max() + 3)).sum()) if len(gen) else 0
-        exact = (
-            all(len(s.tokens[0]) > 0 for s in model.last_report.steps)
-            and sum(s.bars[1] - s.bars[0] for s in model.last_report.steps) == b - a
-        )
+        exact = all(len(s.tokens[0]) > 0 for s in steps) and sum(s.bars[1] - s.bars[0] for s in steps) == b - a
         e_real, e_gen = empty_beats(real, start, end, score.tpq), empty_beats(gen, start, end, score.tpq)
         first = grid.starts[max(0, a - 4)]  # the 4 bars before the span and the span, from tick 0
         window = score.clip(first, end, clip_end=True).shift_time(-first)
