@@ -48,3 +48,25 @@ def test_freed_memory_that_glibc_keeps_is_handed_back():
     assert release_freed_memory()
     assert before - process_memory()["rss_mb"] > 100  # of the ~257 MB freed
     assert len([b for b in blocks if b is not None]) == 300
+
+
+def test_the_processes_a_run_started_include_grandchildren():
+    """Loader workers started by a fork server are its children, not the trainer's: the readings
+    count every process the trainer started."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from mmm.training.callbacks import _descendants
+
+    code = "import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); print(p.pid, flush=True); time.sleep(60)"
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        grandchild = int(child.stdout.readline())
+        time.sleep(0.2)
+        assert {child.pid, grandchild} <= set(_descendants(os.getpid()))
+    finally:
+        subprocess.run(["pkill", "-P", str(child.pid)])
+        child.kill()
+        child.wait()

@@ -165,6 +165,43 @@ def test_batches_mask_prompt_only_tokens(trained):
     assert (batch["num_notes"] > 0).all()
 
 
+def _worker_parent(_):
+    import os
+
+    return os.getppid()
+
+
+@pytest.mark.slow
+def test_loader_workers_start_apart_from_the_trainer_and_give_the_same_batches(trained):
+    """Workers started by a forkserver (the default) are not forks of the training process, so
+    they do not come to own a copy of its memory; they read the same samples as the main process."""
+    import os
+
+    from mmm.config import check_section
+    from mmm.data.datamodule import DataConfig, MIDIDataModule
+
+    root, cfg, _ = trained
+
+    def batches(**loader):
+        data = check_section("data", OmegaConf.merge(cfg.data, {"loader": loader}), DataConfig)
+        dm = MIDIDataModule.from_config(data, cfg.tokenizer.path, seed=0)
+        dm.setup("fit")
+        loader = dm.val_dataloader()
+        return loader, [b["input_ids"] for b in loader]
+
+    _, inline = batches(num_workers=0)
+    loader, forkserver = batches(num_workers=1)
+    assert loader.multiprocessing_context.get_start_method() == "forkserver"
+    assert len(inline) == len(forkserver) and all(torch.equal(a, b) for a, b in zip(inline, forkserver))
+    # The worker's parent is the fork server, not this process.
+    probe = torch.utils.data.DataLoader(
+        range(1), num_workers=1, collate_fn=_worker_parent, multiprocessing_context=loader.multiprocessing_context
+    )
+    assert next(iter(probe)) != os.getpid()
+    with pytest.raises(ValueError, match="start_method"):
+        batches(num_workers=1, start_method="thread")
+
+
 @pytest.mark.slow
 def test_wandb_logger_works_offline(corpus, tmp_path):
     pytest.importorskip("wandb")

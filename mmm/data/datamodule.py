@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import numpy as np
@@ -30,6 +31,11 @@ class LoaderConfig:
     # The batch's samples end to end in one row (`pack`) instead of one padded row each: no
     # compute on padding; attention stays within each sample.
     pack: bool = True
+    # How loader workers start. A worker forked from the training process inherits its whole
+    # heap, and every page the trainer then rewrites becomes the worker's own copy: each worker
+    # comes to hold as much memory as the trainer had when the epoch began (experiments/memory).
+    # "forkserver" forks them from a server process that is a new interpreter, not a copy of it.
+    start_method: Literal["forkserver", "spawn", "fork"] = "forkserver"
 
 
 @dataclass(frozen=True)
@@ -89,6 +95,11 @@ class SequenceDataset(Dataset):
         vocab = Vocab(load_tokenizer(self.tokenizer_path))
         self._builder = SequenceBuilder(vocab, self.sequences, self.max_seq_len, self.fill_program, self.target_last)
         self._store = Store(self.store_path, self.split)
+
+    def __getstate__(self) -> dict:
+        # A worker started by forkserver or spawn receives the dataset pickled: without the opened
+        # store (its memory-mapped tables would be copied whole), which the worker opens itself.
+        return {**self.__dict__, "_store": None, "_builder": None}
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -219,6 +230,15 @@ class _Collate:
         return pack(batch, self.pad_id) if self.packed else collate(batch, self.pad_id)
 
 
+def _worker_context(start_method: str) -> multiprocessing.context.BaseContext:
+    context = multiprocessing.get_context(start_method)
+    if start_method == "forkserver":
+        # The server imports what a worker runs (torch, the tokenizer, the store) once; workers
+        # forked from it share those pages instead of importing them each (set before it starts).
+        context.set_forkserver_preload([__name__])
+    return context
+
+
 class MIDIDataModule(L.LightningDataModule):
     """Train/valid/test loaders over a preprocessed store (see `mmm.preprocess`), sequences in
     the format the model reads (`fill_program`, `target_last`, `timing`: see `SequenceDataset`)."""
@@ -304,6 +324,7 @@ class MIDIDataModule(L.LightningDataModule):
             pin_memory=self.loader.pin_memory,
             persistent_workers=False,
             drop_last=False,
+            multiprocessing_context=_worker_context(self.loader.start_method) if self.loader.num_workers else None,
         )
 
     def train_dataloader(self) -> DataLoader:

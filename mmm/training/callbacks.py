@@ -75,11 +75,13 @@ def reset_peak_memory() -> None:
         Path("/proc/self/clear_refs").write_text("5")
 
 
-def _children(pid: int) -> list[int]:
+def _descendants(pid: int) -> list[int]:
+    """Children, their children, ...: loader workers started by a fork server are its children."""
     try:
-        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+        children = [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
     except (OSError, ValueError):
         return []
+    return [d for c in children for d in (c, *_descendants(c))]
 
 
 class _MallInfo2(ctypes.Structure):
@@ -160,10 +162,11 @@ class ReleaseFreedMemory(L.Callback):
 class MemoryMonitor(L.Callback):
     """Log the training process's resident memory every `every_n_steps` steps to the run's
     loggers (`memory/rss_mb`; `memory/peak_rss_mb`: its highest since the previous reading, what
-    an out-of-memory killer sees; `memory/anon_mb`; `memory/workers_rss_mb`: its child processes,
-    the data loader's workers, and in a local multi-process run the other ranks; their RSS counts
+    an out-of-memory killer sees; `memory/anon_mb`; `memory/workers_rss_mb`: the processes it
+    started (the data loader's workers and their fork server; in a local multi-process run the
+    other ranks); their RSS counts
     again the pages they share with this process; `memory/total_pss_mb`: the physical memory of
-    this process and its children together; `memory/heap_free_mb`: freed memory glibc still
+    this process and those together; `memory/heap_free_mb`: freed memory glibc still
     holds) and, with `csv`, one line per reading to that file, so a long run's memory curve is
     recorded as it goes, with the wall-clock time of each reading (`experiments/memory`)."""
 
@@ -177,7 +180,7 @@ class MemoryMonitor(L.Callback):
         """This process's memory now and at its peak since the last reading, its children's."""
         own = process_memory()
         reset_peak_memory()
-        children = _children(os.getpid())
+        children = _descendants(os.getpid())
         workers = [process_memory(c) for c in children]
         pss = [proportional_memory(p) for p in ["self", *children]]
         heap = glibc_heap() or {}
