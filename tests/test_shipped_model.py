@@ -53,6 +53,7 @@ def test_an_uncontrolled_infill_bar_is_rarely_expected_empty(shipped):
     an empty bar: the first infilled bar got a ~50% chance of silence (experiments/sparse_infills)."""
     import torch
 
+    from mmm.data.timing import sequence_timing
     from mmm.generation.grammar import GrammarTables
     from mmm.generation.request import Request
 
@@ -68,13 +69,22 @@ def test_an_uncontrolled_infill_bar_is_rarely_expected_empty(shipped):
     header_only = tables.opens_bar & (tables.first_pos < 0)
     ids = list(prompt)
     expected_empty = []
+
+    def next_id(ids: list[int]) -> torch.Tensor:
+        """The model's distribution after `ids`, with their musical times when it reads them."""
+        timing = {}
+        if model.config.timing is not None:
+            times, flags, _ = sequence_timing(ids, vocab, model.config.timing)
+            timing = {"times": torch.from_numpy(times)[None], "flags": torch.from_numpy(flags)[None]}
+        return model(torch.tensor([ids]), last_only=True, **timing)[0, -1].float().softmax(-1)
+
     with torch.inference_mode():
         for bar in piece.bars[track][a:b]:
             assert any(vocab.is_note_start[i] for i in bar)
-            p = model(torch.tensor([ids]), last_only=True)[0, -1].float().softmax(-1)
+            p = next_id(ids)
             empty = 0.0
             for h in np.flatnonzero(header_only & (p.numpy() > 0.005)):
-                q = model(torch.tensor([ids + [int(h)]]), last_only=True)[0, -1].float().softmax(-1)
+                q = next_id(ids + [int(h)])
                 empty += float(p[h]) * float(q[torch.from_numpy(closes)].sum())
             expected_empty.append(empty)
             ids += vocab.encode_words([list(bar)])
