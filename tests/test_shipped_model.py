@@ -108,7 +108,9 @@ def test_the_cards_scripts_run_on_the_shipped_model(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.count("| song_") == 2 and "2 infills: exact bars 2/2" in out.stdout
     listening = out.stdout[out.stdout.index("## Listening") :]
-    assert "| the original bars | " in listening and "of 2 test pieces" in listening
+    assert (
+        "| the original bars | " in listening and "of 2 files (a window of 8 bars in the middle of each)" in listening
+    )
 
     data = tmp_path / "data"
     kept = []

@@ -71,7 +71,7 @@ def listening_outside(model: MMM, files: list[Path], window_bars: int, seeds: li
         last = min(n, first + window_bars)
         window = score.clip(grid.starts[first], grid.starts[last], clip_end=True).shift_time(-grid.starts[first])
         judged += listening.judge(window)
-    return listening_section(listening.results(judged))
+    return listening_section(listening.results(judged, f"files (a window of {window_bars} bars in the middle of each)"))
 
 
 def user_checks(model: MMM, files: list[Path], bars: int) -> None:

@@ -212,11 +212,13 @@ class Listening:
             self._piece(self.store[i])
         return self.results(len(self.chunks))
 
-    def results(self, pieces: int) -> dict:
-        """Every row's pooled measures so far."""
+    def results(self, pieces: int, what: str | None = None) -> dict:
+        """Every row's pooled measures so far; `what` names the pieces judged (default: the
+        store's test pieces, their first `window_bars` bars)."""
         return {
             "settings": {
                 "pieces": pieces,
+                "what": what or f"test pieces (their first {self.cfg.window_bars} bars)",
                 "window_bars": self.cfg.window_bars,
                 "bars": self.cfg.bars,
                 "seeds": list(self.cfg.seeds),

@@ -245,8 +245,9 @@ def listening_section(listening: dict | None) -> list[str]:
     lines = [
         "## Listening: infills judged against the real piece",
         "",
-        f"{s['bars']} bars in the middle of every pitched track of {s['pieces']} test pieces (their first "
-        f"{s['window_bars']} bars), infilled without controls, seeds {s['seeds']}; F1 pooled over the spans; "
+        f"{s['bars']} bars in the middle of every pitched track of {s['pieces']} "
+        + s.get("what", f"test pieces (their first {s['window_bars']} bars)")
+        + f", infilled without controls, seeds {s['seeds']}; F1 pooled over the spans; "
         "consonance: share of (generated onset, note sounding in another real track) pairs a consonance "
         "(interval class 0, 3, 4, 5, 7, 8 or 9).",
         "",
