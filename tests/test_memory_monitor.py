@@ -58,14 +58,14 @@ def test_the_processes_a_run_started_include_grandchildren():
     import sys
     import time
 
-    from mmm.training.callbacks import _descendants
+    from mmm.training.callbacks import descendants
 
     code = "import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); print(p.pid, flush=True); time.sleep(60)"
     child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
         grandchild = int(child.stdout.readline())
         time.sleep(0.2)
-        assert {child.pid, grandchild} <= set(_descendants(os.getpid()))
+        assert {child.pid, grandchild} <= set(descendants(os.getpid()))
     finally:
         subprocess.run(["pkill", "-P", str(child.pid)])
         child.kill()

@@ -20,24 +20,13 @@ from omegaconf import OmegaConf
 REPO = Path(__file__).resolve().parents[2]
 
 
-def pss_mb(pid: int) -> float:
-    for line in open(f"/proc/{pid}/smaps_rollup"):
-        if line.startswith("Pss:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def descendants(pid: int) -> list[int]:
-    children = [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    return [d for c in children for d in (c, *descendants(c))]
-
-
 def main() -> None:
     sys.path.insert(0, str(REPO / "tests"))
     from conftest import compose_config
 
     from mmm.config import check_section
     from mmm.data.datamodule import DataConfig, MIDIDataModule
+    from mmm.training.callbacks import descendants, proportional_memory
 
     method, ballast_mb = sys.argv[1], int(sys.argv[2])
     ballast = bytearray(ballast_mb * 2**20)
@@ -53,9 +42,10 @@ def main() -> None:
     ballast[::4096] = b"\2" * len(ballast[::4096])
     next(batches)
     others = descendants(os.getpid())
+    pss = [proportional_memory(p) for p in others]
     print(
-        f"{method}: this process {pss_mb(os.getpid()):.0f} MB, the processes it started "
-        f"{', '.join(f'{pss_mb(p):.0f}' for p in others)} MB: {sum(map(pss_mb, others)):.0f} MB"
+        f"{method}: this process {proportional_memory():.0f} MB, the processes it started "
+        f"{', '.join(f'{m:.0f}' for m in pss)} MB: {sum(pss):.0f} MB"
     )
 
 

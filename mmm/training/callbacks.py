@@ -75,13 +75,13 @@ def reset_peak_memory() -> None:
         Path("/proc/self/clear_refs").write_text("5")
 
 
-def _descendants(pid: int) -> list[int]:
+def descendants(pid: int) -> list[int]:
     """Children, their children, ...: loader workers started by a fork server are its children."""
     try:
         children = [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
     except (OSError, ValueError):
         return []
-    return [d for c in children for d in (c, *_descendants(c))]
+    return [d for c in children for d in (c, *descendants(c))]
 
 
 class _MallInfo2(ctypes.Structure):
@@ -180,7 +180,7 @@ class MemoryMonitor(L.Callback):
         """This process's memory now and at its peak since the last reading, its children's."""
         own = process_memory()
         reset_peak_memory()
-        children = _descendants(os.getpid())
+        children = descendants(os.getpid())
         workers = [process_memory(c) for c in children]
         pss = [proportional_memory(p) for p in ["self", *children]]
         heap = glibc_heap() or {}
